@@ -1,0 +1,256 @@
+"""recsift configuration: one frozen settings tree, a section per package.
+
+Precedence (highest first): CLI overrides > environment (``RECSIFT_SECTION__KEY``) > YAML file
+(``--config``) > defaults. Unknown keys are errors, so a typo never silently falls back to a default.
+Secrets are ``SecretStr`` and print masked.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_DATA_DIR = Path("../shared/data")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SyntheticConfig(_Section):
+    """The deterministic synthetic stream (the default feed of the embedded broker)."""
+
+    seed: int = 0
+    users: int = Field(2_000, gt=0)
+    items: int = Field(1_000, gt=1)
+    events: int = Field(200_000, gt=0, description="stream length; the generator is lazy")
+    tastes: int = Field(8, gt=0, description="latent taste groups shared by users and items")
+    zipf_a: float = Field(1.1, gt=1.0, description="Zipf exponent of item popularity")
+    new_item_share: float = Field(0.2, ge=0.0, lt=1.0, description="share of items that appear mid-stream")
+    shift_at: float = Field(0.5, ge=0.0, le=1.0, description="stream fraction where popularity shifts")
+    events_per_second: float = Field(5.0, gt=0, description="event-time rate: seconds between events")
+    start_ts: float = 1_700_000_000.0
+
+
+class StreamConfig(_Section):
+    """Where events come from and how they are validated."""
+
+    source: Literal["embedded", "kafka", "file"] = "embedded"
+    # Kafka
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "interactions"
+    group_id: str = "recsift"
+    dead_letter_topic: str = "interactions.dlq"
+    catalog_topic: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int | None = Field(
+        None, ge=1000, description="None: 2000 on the embedded broker, 10000 on real Kafka"
+    )
+    heartbeat_interval_ms: int | None = Field(None, ge=100)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    poll_max_records: int = Field(2_000, gt=0)
+    poll_timeout_ms: int = Field(200, ge=0)
+    backpressure_high: int = Field(20_000, gt=0, description="pause partitions above this many pending samples")
+    backpressure_low: int = Field(5_000, ge=0, description="resume below this many")
+    stop_when_idle_s: float | None = Field(None, gt=0, description="exit after this long with no new records")
+    # embedded broker
+    partitions: int = Field(3, gt=0, description="partitions of the topic the embedded broker creates")
+    feed: str = Field("synthetic", description="embedded feed: synthetic, ml-100k, games, or a file path")
+    data_dir: Path = DEFAULT_DATA_DIR
+    synthetic: SyntheticConfig = SyntheticConfig()
+    # file source
+    file_path: Path | None = None
+    file_format: Literal["auto", "jsonl", "csv", "inter", "dealrec", "movielens"] = "auto"
+    dead_letter_path: Path = Path("state/dead_letter.jsonl")
+    # validation
+    catalog_path: Path | None = None
+    unknown_items: Literal["reject", "accept"] = "accept"
+    max_message_bytes: int = Field(64 * 1024, gt=0)
+    dedup_capacity: int = Field(100_000, ge=0, description="recent event ids remembered to reject duplicates")
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamConfig:
+        if self.backpressure_low >= self.backpressure_high:
+            raise ValueError(
+                f"backpressure_low ({self.backpressure_low}) must be below backpressure_high ({self.backpressure_high})"
+            )
+        if self.source == "file" and self.file_path is None:
+            raise ValueError("source 'file' needs stream.file_path")
+        return self
+
+
+class WindowConfig(_Section):
+    """Per-user histories and event-time windows."""
+
+    max_history: int = Field(50, gt=0, description="L: items of history kept per user and put in a sample")
+    window_seconds: float = Field(3600.0, gt=0, description="tumbling event-time window size")
+    allowed_lateness_s: float = Field(600.0, ge=0)
+    max_batch: int = Field(512, gt=0, description="a window emits a micro-batch when it holds this many samples")
+    idle_flush_s: float = Field(2.0, gt=0, description="processing-time bound on how long a sample waits")
+    max_users: int = Field(1_000_000, gt=0, description="least recently active users beyond this are evicted")
+    user_ttl_s: float = Field(90 * 86400.0, gt=0, description="users idle this long in event time are evicted")
+
+
+class CheckpointConfig(_Section):
+    state_dir: Path = Path("state")
+    interval_events: int = Field(20_000, gt=0)
+    interval_s: float = Field(5.0, gt=0)
+    journal_samples: bool = Field(False, description="record every emitted sample id (audits, crash tests)")
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / "recsift.sqlite"
+
+
+class ScoringConfig(_Section):
+    """DEALRec scoring: SASRec surrogate, influence, effort (consumed by recsift.scoring)."""
+
+    seed: int = 0
+    effort_weight: float = Field(0.3, ge=0.0, description="λ in overall = minmax(influence) + λ·minmax(effort)")
+    hidden: int = Field(64, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(2, gt=0)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    lissa_damping: float = Field(0.01, ge=0.0, lt=1.0)
+    lissa_scale: float = Field(25.0, gt=0.0)
+    lissa_depth: int = Field(5000, gt=0)
+
+
+class SelectionConfig(_Section):
+    """Coverage-enhanced stratified selection (consumed by recsift.selection)."""
+
+    seed: int = 0
+    budget: int = Field(1024, gt=0)
+    strata: int = Field(50, gt=0)
+    hard_prune: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TrainerConfig(_Section):
+    """Few-shot LoRA refresh of the LLM recommender (consumed by recsift.trainer)."""
+
+    seed: int = 0
+    base_model: str = "smollm2"
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class MonitoringConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535, description="0 disables the HTTP endpoint")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    progress: bool = True
+
+
+class AdminConfig(_Section):
+    token: SecretStr | None = Field(None, description="bearer token for /admin/*; unset disables admin endpoints")
+
+
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("recsift_yaml_file", default=None)
+
+
+class Settings(BaseSettings):
+    """The whole recsift configuration. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSIFT_", env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
+    )
+
+    stream: StreamConfig = StreamConfig()
+    window: WindowConfig = WindowConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    selection: SelectionConfig = SelectionConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    admin: AdminConfig = AdminConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _yaml_file.get()
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain JSON-able data, secrets masked."""
+        return json.loads(self.model_dump_json())  # SecretStr dumps as '**********'
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in YAML syntax) into a key path and a value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override {text!r}: the key must name a section and a field, e.g. stream.topic")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _nest(overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    items: list[tuple[list[str], Any]]
+    if isinstance(overrides, dict):
+        items = [(k.split("."), v) for k, v in overrides.items() if v is not None]
+    else:
+        items = [parse_override(o) for o in overrides]
+    tree: dict[str, Any] = {}
+    for path, value in items:
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_config(yaml_file: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Settings:
+    """Build the frozen settings from a YAML file, the environment and overrides (``section.key`` → value).
+
+    Raises :class:`ConfigError` whose message names every bad field and its value.
+    """
+    path = Path(yaml_file) if yaml_file is not None else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _yaml_file.set(path)
+    try:
+        return Settings(**_nest(overrides or {}))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+            bad = err.get("input")
+            shown = "<secret>" if "password" in loc or "token" in loc else repr(bad)
+            lines.append(f"{loc}: {err['msg']} (got {shown})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    finally:
+        _yaml_file.reset(token)

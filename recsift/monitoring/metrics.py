@@ -1,0 +1,90 @@
+"""Every Prometheus metric recsift exports, defined in one place.
+
+Conventions (../shared/DESIGN.md): prefix ``recsift_``, base units in names, ``_total`` on counters,
+small fixed label sets, never user/item/sample ids as labels, histograms for durations, every labelled
+series initialised at start-up so dashboards show 0 rather than "no data".
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from recsift import __version__
+from recsift.stream.events import RejectReason
+
+STAGES = ("poll", "validate", "window", "sink", "checkpoint")
+_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The metric objects of one recsift process, on their own registry (tests can build several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.build_info = Info("recsift_build", "recsift version and runtime", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+
+        # ingestion
+        self.events_consumed = Counter("recsift_events_consumed_total", "Records read from the source", registry=r)
+        self.events_rejected = Counter(
+            "recsift_events_rejected_total", "Records rejected and dead-lettered, by reason", ["reason"], registry=r
+        )
+        for reason in RejectReason:
+            self.events_rejected.labels(reason.value)
+        self.events_late = Counter(
+            "recsift_events_late_total", "Events later than the allowed lateness (history updated, no sample)", registry=r
+        )
+        self.samples_emitted = Counter("recsift_samples_emitted_total", "Samples handed to scoring", registry=r)
+        self.users_evicted = Counter(
+            "recsift_users_evicted_total", "User histories evicted, by reason (ttl, capacity)", ["reason"], registry=r
+        )
+        for reason in ("ttl", "capacity"):
+            self.users_evicted.labels(reason)
+        self.users_tracked = Gauge("recsift_users_tracked", "User histories held in memory", registry=r)
+        self.pending_samples = Gauge("recsift_pending_samples", "Samples buffered in open windows", registry=r)
+        self.watermark = Gauge(
+            "recsift_watermark_timestamp_seconds", "Event-time watermark of the slowest owned partition", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "recsift_consumer_lag_records", "Records behind the log end, per owned partition", ["partition"], registry=r
+        )
+        self.partitions_owned = Gauge("recsift_partitions_owned", "Source partitions assigned to this process", registry=r)
+        self.rebalances = Counter(
+            "recsift_rebalances_total", "Partition assignment changes, by outcome (assigned, revoked)", ["outcome"], registry=r
+        )
+        for outcome in ("assigned", "revoked"):
+            self.rebalances.labels(outcome)
+        self.backpressure_paused = Gauge(
+            "recsift_backpressure_paused", "1 while the source is paused because scoring is behind", registry=r
+        )
+        self.backpressure_pauses = Counter(
+            "recsift_backpressure_pauses_total", "Times the source was paused under backpressure", registry=r
+        )
+        self.downstream_backlog = Gauge(
+            "recsift_downstream_backlog_samples", "Samples handed on but not yet processed downstream", registry=r
+        )
+        self.stage_duration = Histogram(
+            "recsift_stage_duration_seconds",
+            "Time per poll batch spent in each pipeline stage",
+            ["stage"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
+
+        # checkpoint
+        self.checkpoint_commits = Counter("recsift_checkpoint_commits_total", "Checkpoint transactions committed", registry=r)
+        self.checkpoint_duration = Histogram(
+            "recsift_checkpoint_duration_seconds", "Checkpoint transaction duration", buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.offset_commit_failures = Counter(
+            "recsift_offset_commit_failures_total",
+            "Kafka offset commits that failed after a checkpoint (the checkpoint still holds the offsets)",
+            registry=r,
+        )
+        self.last_checkpoint = Gauge(
+            "recsift_last_checkpoint_timestamp_seconds", "Wall-clock time of the last checkpoint", registry=r
+        )

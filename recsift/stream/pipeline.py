@@ -1,0 +1,382 @@
+"""The ingest loop: source → validation → windows → sample sink, with the checkpoint commit protocol.
+
+The pipeline owns the source, signals and rebalances (as quix-streams' Application does):
+
+- records are processed synchronously after each poll, so when a rebalance callback runs inside the
+  next poll every record handed out so far is fully applied;
+- on revoke it checkpoints (offsets included) *before* letting the partitions go, then forgets their
+  state; on assign it restores the partitions' state and seeks to the checkpoint's offsets;
+- SIGTERM / SIGINT finish the current batch, checkpoint, commit and close;
+- when the sink's backlog passes ``backpressure_high`` the source's partitions are paused (polling
+  goes on, so group membership stays alive) until it falls below ``backpressure_low``.
+
+The checkpoint ordering rules are in :mod:`recsift.stream.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+from recsift.config import Settings
+from recsift.monitoring.metrics import Metrics
+from recsift.stream.checkpoint import Checkpoint, Participant, StreamStateStore
+from recsift.stream.events import DeadLetterSink, DedupIndex, Event, RejectReason, Rejection, Validator
+from recsift.stream.sources import SourceRecord
+from recsift.stream.windows import Batch, StreamState
+
+log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    topic: str
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[SourceRecord]: ...
+
+    def assignment(self) -> set[int]: ...
+
+    def commit(self, offsets: dict[int, int]) -> bool: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def lag(self) -> dict[int, int]: ...
+
+    def close(self) -> None: ...
+
+
+class SampleSink(Protocol):
+    """Where sample batches go (scoring, in the full service)."""
+
+    def put(self, batch: Batch) -> None: ...
+
+    def backlog(self) -> int:
+        """Samples accepted but not yet processed."""
+
+    def drain(self) -> None:
+        """Block until every accepted batch is processed; raise the handler's error if one failed."""
+
+    def close(self) -> None: ...
+
+
+class DirectSink:
+    """Calls the handlers synchronously, in the ingest thread."""
+
+    def __init__(self, *handlers: Callable[[Batch], None]) -> None:
+        self.handlers = handlers
+
+    def put(self, batch: Batch) -> None:
+        for h in self.handlers:
+            h(batch)
+
+    def backlog(self) -> int:
+        return 0
+
+    def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class ThreadedSink:
+    """Runs the handlers in a worker thread so slow downstream work overlaps with consumption.
+
+    The backlog it reports drives backpressure; ``drain`` is the checkpoint barrier.
+    """
+
+    def __init__(self, *handlers: Callable[[Batch], None]) -> None:
+        self.handlers = handlers
+        self._queue: queue.Queue[Batch | None] = queue.Queue()
+        self._backlog = 0
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="recsift-sink", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                if self.error is None:
+                    for h in self.handlers:
+                        h(batch)
+            except BaseException as exc:  # surfaced by drain(): the checkpoint must not pass a failed batch
+                self.error = exc
+                log.exception("sample handler failed")
+            finally:
+                if batch is not None:
+                    with self._lock:
+                        self._backlog -= len(batch)
+                self._queue.task_done()
+
+    def put(self, batch: Batch) -> None:
+        with self._lock:
+            self._backlog += len(batch)
+        self._queue.put(batch)
+
+    def backlog(self) -> int:
+        return self._backlog
+
+    def drain(self) -> None:
+        self._queue.join()
+        if self.error is not None:
+            raise RuntimeError("a sample handler failed; not checkpointing past it") from self.error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+
+@dataclass
+class RunSummary:
+    consumed: int = 0
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in RejectReason})
+    samples: int = 0
+    late: int = 0
+    first_events: int = 0
+    users: int = 0
+    checkpoints: int = 0
+    elapsed_s: float = 0.0
+    offsets: dict[int, int] = field(default_factory=dict)
+    stopped_by: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.consumed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("events consumed", f"{self.consumed:,}"),
+            ("events accepted", f"{self.accepted:,}"),
+            *((f"  rejected: {k}", f"{v:,}") for k, v in self.rejected.items()),
+            ("late events", f"{self.late:,}"),
+            ("samples emitted", f"{self.samples:,}"),
+            ("users tracked", f"{self.users:,}"),
+            ("checkpoints", f"{self.checkpoints:,}"),
+            ("elapsed", f"{self.elapsed_s:.1f} s ({self.rate:,.0f} events/s)"),
+            ("stopped by", self.stopped_by),
+        ]
+        return rows
+
+
+class Pipeline:
+    """Consumes one source into histories and windows, hands sample batches on, checkpoints."""
+
+    def __init__(
+        self,
+        cfg: Settings,
+        validator: Validator,
+        dead_letters: DeadLetterSink,
+        checkpoint: Checkpoint,
+        sink: SampleSink,
+        metrics: Metrics,
+        participants: Iterable[Participant] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.validator = validator
+        self.dedup: DedupIndex = validator.dedup
+        self.dead_letters = dead_letters
+        self.checkpoint = checkpoint
+        self.sink = sink
+        self.metrics = metrics
+        self.state = StreamState(cfg.window)
+        checkpoint.add(StreamStateStore(self.state, self.dedup))
+        for p in participants:
+            checkpoint.add(p)
+        self.source: Source | None = None
+        self.offsets: dict[int, int] = {}
+        self.summary = RunSummary()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._lag_labels: set[str] = set()
+        self.tick: Callable[[], None] | None = None  # called once per loop (catalog topic, progress, ...)
+
+    # ------------------------------------------------------------------ rebalance callbacks
+
+    def on_assign(self, partitions: set[int]) -> dict[int, int]:
+        """Restore the partitions' state; return the checkpoint's offsets to seek to."""
+        self.checkpoint.load(partitions)
+        saved = self.checkpoint.offsets(self._topic())
+        offsets = {p: saved[p] for p in partitions if p in saved}
+        self.offsets.update(offsets)
+        self.metrics.rebalances.labels("assigned").inc()
+        log.info("assigned partitions %s; resuming at %s", sorted(partitions), offsets or "the group's position")
+        return offsets
+
+    def on_revoke(self, partitions: set[int]) -> None:
+        """Checkpoint, then forget the partitions' state: their next owner resumes from this checkpoint."""
+        self.checkpoint_now()
+        self.state.drop_partitions(partitions)
+        self.dedup.drop_partitions(partitions)
+        for p in partitions:
+            self.offsets.pop(p, None)
+            if str(p) in self._lag_labels:
+                self.metrics.consumer_lag.remove(str(p))
+                self._lag_labels.discard(str(p))
+        self.metrics.rebalances.labels("revoked").inc()
+        log.info("revoked partitions %s after checkpointing", sorted(partitions))
+
+    def _topic(self) -> str:
+        assert self.source is not None, "attach a source first"
+        return self.source.topic
+
+    # ------------------------------------------------------------------ the loop
+
+    def stop(self, reason: str = "stop requested") -> None:
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop(signal.Signals(signum).name)
+
+    def run(self, source: Source, max_events: int | None = None) -> RunSummary:
+        """Consume until stopped (signal, :meth:`stop`, ``max_events``, idle timeout); then checkpoint and close."""
+        self.source = source
+        cfg = self.cfg.stream
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        started = time.monotonic()
+        last_record = started
+        last_lag = 0.0
+        try:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                records = source.poll(cfg.poll_max_records, cfg.poll_timeout_ms)
+                self.metrics.stage_duration.labels("poll").observe(time.perf_counter() - t0)
+                now = time.monotonic()
+                if max_events is not None:
+                    records = records[: max(0, max_events - self.summary.consumed)]
+                if records:
+                    last_record = now
+                    self._process(records)
+                self._emit(self.state.flush_idle(now))
+                self._backpressure(source)
+                if self.tick is not None:
+                    self.tick()
+                if now - last_lag >= 1.0:
+                    self._update_gauges(source)
+                    last_lag = now
+                if self._since_checkpoint >= self.cfg.checkpoint.interval_events or (
+                    now - self._last_checkpoint >= self.cfg.checkpoint.interval_s and self._since_checkpoint
+                ):
+                    self.checkpoint_now()
+                if max_events is not None and self.summary.consumed >= max_events:
+                    self.stop("max-events")
+                elif getattr(source, "exhausted", False):
+                    self.stop("end of input")
+                elif cfg.stop_when_idle_s is not None and now - last_record >= cfg.stop_when_idle_s:
+                    self.stop("idle")
+            self.checkpoint_now()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.summary.elapsed_s = time.monotonic() - started
+            self.summary.stopped_by = self._stop_reason
+            self._fill_summary()
+        return self.summary
+
+    def _process(self, records: list[SourceRecord]) -> None:
+        t0 = time.perf_counter()
+        validate = self.validator.validate
+        results = [validate(r.value, r.partition) for r in records]
+        t1 = time.perf_counter()
+        state, offsets, summary = self.state, self.offsets, self.summary
+        late_before = state.counts.late
+        rejected = 0
+        for rec, result in zip(records, results, strict=True):
+            if type(result) is Event:
+                self._emit(state.process(result, rec.partition))
+            else:
+                assert isinstance(result, Rejection)
+                self.dead_letters.write(result, {"topic": self._topic(), "partition": rec.partition, "offset": rec.offset}, rec.key)
+                summary.rejected[result.reason.value] += 1
+                self.metrics.events_rejected.labels(result.reason.value).inc()
+                rejected += 1
+            offsets[rec.partition] = rec.offset + 1
+        t2 = time.perf_counter()
+        n = len(records)
+        summary.consumed += n
+        summary.accepted += n - rejected
+        self._since_checkpoint += n
+        m = self.metrics
+        m.events_consumed.inc(n)
+        m.stage_duration.labels("validate").observe(t1 - t0)
+        m.stage_duration.labels("window").observe(t2 - t1)
+        m.events_late.inc(state.counts.late - late_before)
+
+    def _emit(self, batches: list[Batch]) -> None:
+        if not batches:
+            return
+        t0 = time.perf_counter()
+        for batch in batches:
+            self.sink.put(batch)
+            self.metrics.samples_emitted.inc(len(batch))
+        self.metrics.stage_duration.labels("sink").observe(time.perf_counter() - t0)
+
+    def _backpressure(self, source: Source) -> None:
+        backlog = self.sink.backlog()
+        paused = getattr(source, "paused", False)
+        if not paused and backlog > self.cfg.stream.backpressure_high:
+            source.pause()
+            self.metrics.backpressure_pauses.inc()
+            self.metrics.backpressure_paused.set(1)
+            log.info("paused the source: %d samples waiting downstream", backlog)
+        elif paused and backlog < self.cfg.stream.backpressure_low:
+            source.resume()
+            self.metrics.backpressure_paused.set(0)
+        self.metrics.downstream_backlog.set(backlog)
+
+    def _update_gauges(self, source: Source) -> None:
+        m = self.metrics
+        for part, lag in source.lag().items():
+            m.consumer_lag.labels(str(part)).set(lag)
+            self._lag_labels.add(str(part))
+        m.users_tracked.set(len(self.state.histories))
+        m.pending_samples.set(self.state.pending_samples())
+        m.partitions_owned.set(len(source.assignment()))
+        wm = self.state.global_watermark()
+        if wm != float("-inf"):
+            m.watermark.set(wm)
+
+    def checkpoint_now(self) -> None:
+        """Drain downstream, flush dead letters, commit the checkpoint transaction, then commit offsets."""
+        t0 = time.perf_counter()
+        self.sink.drain()
+        self.dead_letters.flush()
+        self.checkpoint.commit({(self._topic(), p): o for p, o in self.offsets.items()})
+        elapsed = time.perf_counter() - t0
+        m = self.metrics
+        m.checkpoint_commits.inc()
+        m.checkpoint_duration.observe(elapsed)
+        m.stage_duration.labels("checkpoint").observe(elapsed)
+        m.last_checkpoint.set_to_current_time()
+        if self.source is not None and not self.source.commit(dict(self.offsets)):
+            m.offset_commit_failures.inc()
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self.summary.checkpoints += 1
+
+    def _fill_summary(self) -> None:
+        counts = self.state.counts
+        s = self.summary
+        s.samples = counts.samples
+        s.late = counts.late
+        s.first_events = counts.first_events
+        s.users = len(self.state.histories)
+        s.offsets = dict(self.offsets)

@@ -1,0 +1,375 @@
+"""Event sources: a Kafka consumer group (kafka-python) and a file replay, plus the Kafka producer side
+(dead-letter topic, ``recsift replay``) and the catalog topic.
+
+A source hands out :class:`SourceRecord` batches and never commits on its own: the pipeline commits
+offsets only after its checkpoint transaction (see :mod:`recsift.stream.checkpoint`). Partition
+assignment is reported to the pipeline through two callbacks so that it can checkpoint before a
+partition is revoked and restore state (and the checkpoint's offsets) when one is assigned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recsift.config import StreamConfig
+from recsift.stream.events import Catalog, Event, Rejection, dead_letter_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+def kafka_client_config(cfg: StreamConfig, embedded: bool) -> dict[str, Any]:
+    """Connection settings shared by consumers, producers and admin clients."""
+    conf: dict[str, Any] = {"bootstrap_servers": cfg.bootstrap_servers.split(","), "security_protocol": cfg.security_protocol}
+    if cfg.sasl_mechanism is not None:
+        conf["sasl_mechanism"] = cfg.sasl_mechanism
+        conf["sasl_plain_username"] = cfg.sasl_username
+        conf["sasl_plain_password"] = cfg.sasl_password.get_secret_value() if cfg.sasl_password else None
+    if cfg.ssl_cafile is not None:
+        conf["ssl_cafile"] = str(cfg.ssl_cafile)
+    return conf
+
+
+def consumer_timeouts(cfg: StreamConfig, embedded: bool) -> dict[str, int]:
+    """Group timeouts. The embedded tansu broker holds a first group join for about half the session
+    timeout, so it gets a short one; against real Kafka the defaults stay within the broker's limits (≥ 6 s)."""
+    session = cfg.session_timeout_ms or (2000 if embedded else 10_000)
+    heartbeat = cfg.heartbeat_interval_ms or (500 if embedded else 3000)
+    return {"session_timeout_ms": session, "heartbeat_interval_ms": min(heartbeat, session // 3)}
+
+
+def ensure_topic(cfg: StreamConfig, embedded: bool, topic: str, partitions: int) -> None:
+    """Create ``topic`` with ``partitions`` partitions unless it exists."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**kafka_client_config(cfg, embedded), client_id="recsift-admin")
+    try:
+        if topic not in admin.list_topics():
+            admin.create_topics([NewTopic(topic, partitions, 1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+class KafkaSource:
+    """A member of consumer group ``group_id`` reading ``topic``; auto-commit off, offsets committed by the pipeline."""
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        embedded: bool,
+        on_assign: Callable[[set[int]], dict[int, int]],
+        on_revoke: Callable[[set[int]], None],
+    ) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
+        self.cfg = cfg
+        self.topic = cfg.topic
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._paused = False
+        self.consumer = KafkaConsumer(
+            **kafka_client_config(cfg, embedded),
+            **consumer_timeouts(cfg, embedded),
+            group_id=cfg.group_id,
+            client_id=f"recsift-{cfg.group_id}",
+            enable_auto_commit=False,
+            auto_offset_reset=cfg.auto_offset_reset,
+            max_poll_records=cfg.poll_max_records,
+            max_partition_fetch_bytes=max(1 << 20, cfg.max_message_bytes * 4),
+        )
+        source = self
+
+        class _Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+                parts = {tp.partition for tp in revoked if tp.topic == source.topic}
+                if parts:
+                    source._on_revoke(parts)
+
+            def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
+                tps = [tp for tp in assigned if tp.topic == source.topic]
+                offsets = source._on_assign({tp.partition for tp in tps})
+                for tp in tps:
+                    if tp.partition in offsets:
+                        source.consumer.seek(tp, offsets[tp.partition])
+                if source._paused and tps:
+                    source.consumer.pause(*tps)
+
+        self.consumer.subscribe([cfg.topic], listener=_Listener())
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[SourceRecord]:
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        return [
+            SourceRecord(tp.partition, r.offset, r.key, r.value if r.value is not None else b"")
+            for tp, recs in batches.items()
+            for r in recs
+        ]
+
+    def assignment(self) -> set[int]:
+        return {tp.partition for tp in self.consumer.assignment() if tp.topic == self.topic}
+
+    def commit(self, offsets: dict[int, int]) -> bool:
+        """Commit offsets of owned partitions to Kafka. False when the group is rebalancing (the checkpoint
+        already holds them, so nothing is lost: the next owner seeks to the checkpoint's offsets)."""
+        from kafka import TopicPartition
+        from kafka.errors import CommitFailedError, KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        owned = self.assignment()
+        todo = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items() if p in owned}
+        if not todo:
+            return True
+        try:
+            self.consumer.commit(todo)
+            return True
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("offset commit to Kafka failed (%s); the checkpoint holds the offsets", type(exc).__name__)
+            return False
+
+    def pause(self) -> None:
+        self._paused = True
+        self.consumer.pause(*self.consumer.assignment())
+
+    def resume(self) -> None:
+        self._paused = False
+        self.consumer.resume(*self.consumer.paused())
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def lag(self) -> dict[int, int]:
+        """Records behind the log end, per owned partition. The high-water mark comes from fetch responses
+        (``highwater``), which is right on every broker; ``end_offsets`` is only a fallback before the first
+        fetch (tansu reports the last batch's base offset + 1 there, not the high-water mark)."""
+        from kafka.errors import KafkaError
+
+        tps = [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
+        missing = [tp for tp in tps if self.consumer.highwater(tp) is None]
+        ends: dict[Any, int] = {}
+        if missing:
+            try:
+                ends = self.consumer.end_offsets(missing)
+            except KafkaError:
+                ends = {}
+        out = {}
+        for tp in tps:
+            high = self.consumer.highwater(tp)
+            high = ends.get(tp) if high is None else high
+            if high is None:
+                continue
+            try:
+                out[tp.partition] = max(0, high - self.consumer.position(tp, timeout_ms=1000))
+            except KafkaError:
+                continue
+        return out
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class FileSource:
+    """Replays a file as partition 0; the offset is the record's index in the file.
+
+    Partition 0 is "assigned" at the first poll, so the pipeline restores its checkpoint the same way as
+    for a Kafka partition and the replay resumes at the checkpoint's offset.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fmt: str,
+        on_assign: Callable[[set[int]], dict[int, int]],
+        on_revoke: Callable[[set[int]], None],
+    ) -> None:
+        from recsift.data.datasets import detect_format
+
+        self._on_assign = on_assign
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"input {self.path} does not exist")
+        self.format = detect_format(self.path) if fmt == "auto" else fmt
+        self.topic = f"file:{self.path.resolve()}"
+        self._iter: Iterator[bytes] | None = None
+        self._offset = 0
+        self.exhausted = False
+        self.paused = False
+
+    def _start(self) -> None:
+        """Position at the checkpoint's offset (records before it are skipped, not re-read as events)."""
+        from recsift.data.datasets import iter_payloads
+
+        target = self._on_assign({0}).get(0, 0)
+        self._iter = iter_payloads(self.path, self.format)
+        while self._offset < target and next(self._iter, None) is not None:
+            self._offset += 1
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[SourceRecord]:
+        if self._iter is None:
+            self._start()
+        assert self._iter is not None
+        out = []
+        if not self.paused:
+            for payload in self._iter:
+                out.append(SourceRecord(0, self._offset, None, payload))
+                self._offset += 1
+                if len(out) >= max_records:
+                    break
+        if not out and not self.paused:
+            self.exhausted = True
+            time.sleep(timeout_ms / 1000.0)
+        return out
+
+    def assignment(self) -> set[int]:
+        return {0}
+
+    def commit(self, offsets: dict[int, int]) -> bool:
+        return True  # a file has no broker: the checkpoint's offsets are all there is
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def lag(self) -> dict[int, int]:
+        return {}
+
+    def close(self) -> None:
+        self._iter = None
+
+
+class DeadLetterError(RuntimeError):
+    """Dead letters could not be made durable; the checkpoint must not advance past them."""
+
+
+class KafkaDeadLetterSink:
+    """Produces dead letters to a topic, keyed like the original message; ``flush`` waits for every ack."""
+
+    def __init__(self, cfg: StreamConfig, embedded: bool) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = cfg.dead_letter_topic
+        self.producer = KafkaProducer(
+            **kafka_client_config(cfg, embedded), acks="all", linger_ms=5, max_request_size=4 << 20, retries=5
+        )
+        self._futures: list[Any] = []
+
+    def write(self, rejection: Rejection, source: dict[str, Any], key: bytes | None) -> None:
+        value = json.dumps(dead_letter_record(rejection, source), ensure_ascii=False).encode()
+        self._futures.append(self.producer.send(self.topic, key=key, value=value))
+
+    def flush(self) -> None:
+        self.producer.flush()
+        failed = [f.exception for f in self._futures if f.failed()]
+        self._futures = []
+        if failed:
+            raise DeadLetterError(f"{len(failed)} dead letters were not written to {self.topic}: {failed[0]!r}")
+
+    def close(self) -> None:
+        self.flush()
+        self.producer.close()
+
+
+def produce_events(
+    cfg: StreamConfig,
+    embedded: bool,
+    payloads: Iterable[tuple[bytes | None, bytes]],
+    topic: str,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Produce (key, value) pairs to ``topic``, as fast as possible or at ``rate`` events/s. Returns the count."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(**kafka_client_config(cfg, embedded), linger_ms=20, batch_size=256 * 1024, acks=1)
+    started = time.monotonic()
+    n = 0
+    try:
+        for key, value in payloads:
+            producer.send(topic, key=key, value=value)
+            n += 1
+            if rate is not None:
+                ahead = n / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+            if progress is not None and n % 10_000 == 0:
+                progress(n)
+        producer.flush()
+    finally:
+        producer.close()
+    if progress is not None:
+        progress(n)
+    return n
+
+
+def keyed(payloads: Iterable[bytes | Event]) -> Iterator[tuple[bytes | None, bytes]]:
+    """(user-id key, payload) pairs: the user id is the message key so a user's events share a partition."""
+    for p in payloads:
+        if isinstance(p, Event):
+            yield p.user_id.encode(), p.encode()
+            continue
+        try:
+            user = json.loads(p).get("user_id")
+            key = str(user).encode() if user is not None else None
+        except (ValueError, AttributeError):
+            key = None
+        yield key, p
+
+
+class CatalogTopicReader:
+    """Reads a catalog topic (JSON items) from the beginning, without a consumer group, and follows it."""
+
+    def __init__(self, cfg: StreamConfig, embedded: bool, catalog: Catalog) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        assert cfg.catalog_topic is not None
+        self.catalog = catalog
+        self.invalid = 0
+        self.consumer = KafkaConsumer(**kafka_client_config(cfg, embedded), enable_auto_commit=False, group_id=None)
+        parts = self.consumer.partitions_for_topic(cfg.catalog_topic) or set()
+        self.consumer.assign([TopicPartition(cfg.catalog_topic, p) for p in parts])
+        self.consumer.seek_to_beginning()
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Apply new catalog messages; returns how many items were added or updated."""
+        n = 0
+        for recs in self.consumer.poll(timeout_ms=timeout_ms).values():
+            for r in recs:
+                if self.catalog.update_from_message(r.value or b""):
+                    n += 1
+                else:
+                    self.invalid += 1
+        return n
+
+    def catch_up(self, timeout_s: float = 30.0) -> int:
+        """Read until every partition is at its high-water mark (or ``timeout_s`` passes)."""
+        deadline = time.monotonic() + timeout_s
+        n = self.poll(500)
+        while time.monotonic() < deadline:
+            n += self.poll(200)
+            tps = self.consumer.assignment()
+            if all(
+                (hw := self.consumer.highwater(tp)) is not None and self.consumer.position(tp) >= hw for tp in tps
+            ):
+                break
+        return n
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
