@@ -136,6 +136,13 @@ class Checkpoint:
         self.conn.close()
 
 
+def execute_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated DDL inside the open transaction (``executescript`` would commit it)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 def _in(partitions: set[int]) -> str:
     return ",".join(str(int(p)) for p in sorted(partitions)) or "NULL"
 
@@ -161,41 +168,40 @@ class StreamStateStore:
         self.dedup = dedup
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
-        conn.executescript(
+        execute_script(
+            conn,
             """
-            CREATE TABLE IF NOT EXISTS histories (user_id TEXT PRIMARY KEY, partition INTEGER NOT NULL,
-                items TEXT NOT NULL, last_ts REAL NOT NULL, seq INTEGER NOT NULL);
-            CREATE INDEX IF NOT EXISTS histories_partition ON histories (partition, seq);
+            CREATE TABLE IF NOT EXISTS histories (partition INTEGER NOT NULL, user_id TEXT NOT NULL,
+                items TEXT NOT NULL, touched_ts REAL NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (partition, user_id));
             CREATE TABLE IF NOT EXISTS clocks (partition INTEGER PRIMARY KEY, max_ts REAL, counts TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS pending (partition INTEGER NOT NULL, window_start REAL NOT NULL,
                 pos INTEGER NOT NULL, sample TEXT NOT NULL, PRIMARY KEY (partition, window_start, pos));
             CREATE TABLE IF NOT EXISTS dedup (event_id TEXT PRIMARY KEY, partition INTEGER NOT NULL);
-            """
+            """,
         )
 
     def save(self, conn: sqlite3.Connection) -> None:
-        state = self.state
-        conn.executemany(
-            "INSERT OR REPLACE INTO histories VALUES (?, ?, ?, ?, ?)",
-            [
-                (u, h.partition, json.dumps(list(h.items)), h.last_ts, h.seq)
-                for u in state.dirty_users
-                if (h := state.histories.get(u)) is not None
-            ],
-        )
-        conn.executemany("DELETE FROM histories WHERE user_id = ?", [(u,) for u in state.evicted_users])
-        owned = _in(set(state.clocks))
+        owned = _in(set(self.state.partitions))
         conn.execute(f"DELETE FROM clocks WHERE partition IN ({owned})")
         conn.execute(f"DELETE FROM pending WHERE partition IN ({owned})")
-        for part, clock in state.clocks.items():
-            max_ts = clock.max_ts if clock.max_ts != float("-inf") else None
-            counts = {k: getattr(clock.counts, k) for k in WindowCounts.__slots__}
-            conn.execute("INSERT INTO clocks VALUES (?, ?, ?)", (part, max_ts, json.dumps(counts)))
+        for p, part in self.state.partitions.items():
+            conn.executemany(
+                "INSERT OR REPLACE INTO histories VALUES (?, ?, ?, ?, ?)",
+                [
+                    (p, u, json.dumps(list(h.items)), h.touched_ts, h.seq)
+                    for u in part.dirty
+                    if (h := part.histories.get(u)) is not None
+                ],
+            )
+            conn.executemany("DELETE FROM histories WHERE partition = ? AND user_id = ?", [(p, u) for u in part.evicted])
+            max_ts = part.max_ts if part.max_ts != float("-inf") else None
+            counts = {k: getattr(part.counts, k) for k in WindowCounts.__slots__}
+            conn.execute("INSERT INTO clocks VALUES (?, ?, ?)", (p, max_ts, json.dumps(counts)))
             conn.executemany(
                 "INSERT INTO pending VALUES (?, ?, ?, ?)",
                 [
-                    (part, start, pos, _sample_to_json(s))
-                    for start, window in clock.windows.items()
+                    (p, start, pos, _sample_to_json(s))
+                    for start, window in part.windows.items()
                     for pos, s in enumerate(window.samples)
                 ],
             )
@@ -209,20 +215,20 @@ class StreamStateStore:
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
         state = self.state
         parts = _in(partitions)
-        for user_id, part, items, last_ts, seq in conn.execute(
-            f"SELECT user_id, partition, items, last_ts, seq FROM histories WHERE partition IN ({parts}) ORDER BY seq"
+        for p, user_id, items, touched_ts, seq in conn.execute(
+            f"SELECT partition, user_id, items, touched_ts, seq FROM histories WHERE partition IN ({parts}) ORDER BY seq"
         ):
-            state.restore_user(user_id, int(part), json.loads(items), float(last_ts), int(seq))
+            state.restore_user(int(p), user_id, json.loads(items), float(touched_ts), int(seq))
+        for p, max_ts, counts in conn.execute(f"SELECT partition, max_ts, counts FROM clocks WHERE partition IN ({parts})"):
+            part = state.partition(int(p))
+            part.max_ts = float("-inf") if max_ts is None else float(max_ts)
+            part.counts = WindowCounts(**json.loads(counts))
         now = time.monotonic()
-        for part, max_ts, counts in conn.execute(f"SELECT partition, max_ts, counts FROM clocks WHERE partition IN ({parts})"):
-            clock = state.clock(int(part))
-            clock.max_ts = float("-inf") if max_ts is None else float(max_ts)
-            clock.counts = WindowCounts(**json.loads(counts))
-        for part, start, text in conn.execute(
+        for p, start, text in conn.execute(
             f"SELECT partition, window_start, sample FROM pending WHERE partition IN ({parts}) ORDER BY partition, window_start, pos"
         ):
             # A window with nothing buffered needs no row: lateness depends on the clock alone.
-            windows = state.clock(int(part)).windows
+            windows = state.partition(int(p)).windows
             window = windows.get(float(start))
             if window is None:
                 window = windows[float(start)] = OpenWindow(first_buffered_at=now)

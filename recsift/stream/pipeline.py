@@ -48,7 +48,7 @@ class Source(Protocol):
 
     def resume(self) -> None: ...
 
-    def lag(self) -> dict[int, int]: ...
+    def lag(self, processed: dict[int, int]) -> dict[int, int]: ...
 
     def close(self) -> None: ...
 
@@ -203,7 +203,8 @@ class Pipeline:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._lag_labels: set[str] = set()
-        self.tick: Callable[[], None] | None = None  # called once per loop (catalog topic, progress, ...)
+        self._closing = False
+        self.ticks: list[Callable[[], object]] = []  # called once per loop: catalog topic, progress, ...
 
     # ------------------------------------------------------------------ rebalance callbacks
 
@@ -217,14 +218,19 @@ class Pipeline:
         log.info("assigned partitions %s; resuming at %s", sorted(partitions), offsets or "the group's position")
         return offsets
 
-    def on_revoke(self, partitions: set[int]) -> None:
-        """Checkpoint, then forget the partitions' state: their next owner resumes from this checkpoint."""
-        self.checkpoint_now()
+    def on_revoke(self, partitions: set[int], lost: bool = False) -> None:
+        """Checkpoint, then forget the partitions' state: their next owner resumes from this checkpoint.
+
+        ``lost`` (this member was evicted from the group): another member may already own the partitions,
+        so nothing is checkpointed; the work since the last checkpoint is discarded and will be redone.
+        """
+        if not lost:
+            self.checkpoint_now()
         self.state.drop_partitions(partitions)
         self.dedup.drop_partitions(partitions)
         for p in partitions:
             self.offsets.pop(p, None)
-            if str(p) in self._lag_labels:
+            if str(p) in self._lag_labels and not self._closing:  # at shutdown the last values stay visible
                 self.metrics.consumer_lag.remove(str(p))
                 self._lag_labels.discard(str(p))
         self.metrics.rebalances.labels("revoked").inc()
@@ -267,8 +273,8 @@ class Pipeline:
                     self._process(records)
                 self._emit(self.state.flush_idle(now))
                 self._backpressure(source)
-                if self.tick is not None:
-                    self.tick()
+                for tick in self.ticks:
+                    tick()
                 if now - last_lag >= 1.0:
                     self._update_gauges(source)
                     last_lag = now
@@ -282,13 +288,16 @@ class Pipeline:
                     self.stop("end of input")
                 elif cfg.stop_when_idle_s is not None and now - last_record >= cfg.stop_when_idle_s:
                     self.stop("idle")
+            self._update_gauges(source)
             self.checkpoint_now()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.summary.elapsed_s = time.monotonic() - started
             self.summary.stopped_by = self._stop_reason
-            self._fill_summary()
+            self._fill_summary()  # before close(): leaving the group revokes (and forgets) every partition
+            self._closing = True
+            source.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return self.summary
 
     def _process(self, records: list[SourceRecord]) -> None:
@@ -344,10 +353,10 @@ class Pipeline:
 
     def _update_gauges(self, source: Source) -> None:
         m = self.metrics
-        for part, lag in source.lag().items():
+        for part, lag in source.lag(self.offsets).items():
             m.consumer_lag.labels(str(part)).set(lag)
             self._lag_labels.add(str(part))
-        m.users_tracked.set(len(self.state.histories))
+        m.users_tracked.set(self.state.users)
         m.pending_samples.set(self.state.pending_samples())
         m.partitions_owned.set(len(source.assignment()))
         wm = self.state.global_watermark()
@@ -378,5 +387,5 @@ class Pipeline:
         s.samples = counts.samples
         s.late = counts.late
         s.first_events = counts.first_events
-        s.users = len(self.state.histories)
+        s.users = self.state.users
         s.offsets = dict(self.offsets)

@@ -75,7 +75,7 @@ class KafkaSource:
         cfg: StreamConfig,
         embedded: bool,
         on_assign: Callable[[set[int]], dict[int, int]],
-        on_revoke: Callable[[set[int]], None],
+        on_revoke: Callable[[set[int], bool], None],
     ) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
 
@@ -84,6 +84,7 @@ class KafkaSource:
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._paused = False
+        self._in_callback = False
         self.consumer = KafkaConsumer(
             **kafka_client_config(cfg, embedded),
             **consumer_timeouts(cfg, embedded),
@@ -96,11 +97,24 @@ class KafkaSource:
         )
         source = self
 
+        # The listener runs inside poll()/close() (the caller is blocked meanwhile, so pipeline state is safe
+        # to touch); kafka-python 3 runs it on its IO thread, where blocking consumer calls are refused, so
+        # commits made from inside it go out asynchronously (see commit()).
         class _Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+            def _revoke(self, revoked: Iterable[Any], lost: bool) -> None:
                 parts = {tp.partition for tp in revoked if tp.topic == source.topic}
                 if parts:
-                    source._on_revoke(parts)
+                    source._in_callback = True
+                    try:
+                        source._on_revoke(parts, lost)
+                    finally:
+                        source._in_callback = False
+
+            def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+                self._revoke(revoked, lost=False)
+
+            def on_partitions_lost(self, lost: Iterable[Any]) -> None:
+                self._revoke(lost, lost=True)
 
             def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
                 tps = [tp for tp in assigned if tp.topic == source.topic]
@@ -135,6 +149,9 @@ class KafkaSource:
         todo = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items() if p in owned}
         if not todo:
             return True
+        if self._in_callback:
+            self.consumer.commit_async(todo, callback=_log_commit_failure)
+            return True
         try:
             self.consumer.commit(todo)
             return True
@@ -154,8 +171,9 @@ class KafkaSource:
     def paused(self) -> bool:
         return self._paused
 
-    def lag(self) -> dict[int, int]:
-        """Records behind the log end, per owned partition. The high-water mark comes from fetch responses
+    def lag(self, processed: dict[int, int]) -> dict[int, int]:
+        """Records behind the log end per owned partition, counted from ``processed`` (next offset to
+        process; the consumer's position where absent). The high-water mark comes from fetch responses
         (``highwater``), which is right on every broker; ``end_offsets`` is only a fallback before the first
         fetch (tansu reports the last batch's base offset + 1 there, not the high-water mark)."""
         from kafka.errors import KafkaError
@@ -175,13 +193,19 @@ class KafkaSource:
             if high is None:
                 continue
             try:
-                out[tp.partition] = max(0, high - self.consumer.position(tp, timeout_ms=1000))
+                position = processed[tp.partition] if tp.partition in processed else self.consumer.position(tp, timeout_ms=1000)
             except KafkaError:
                 continue
+            out[tp.partition] = max(0, high - position)
         return out
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
+
+
+def _log_commit_failure(offsets: Any, response: Any) -> None:
+    if isinstance(response, Exception):
+        log.warning("asynchronous offset commit failed (%s); the checkpoint holds the offsets", response)
 
 
 class FileSource:
@@ -196,7 +220,6 @@ class FileSource:
         path: str | Path,
         fmt: str,
         on_assign: Callable[[set[int]], dict[int, int]],
-        on_revoke: Callable[[set[int]], None],
     ) -> None:
         from recsift.data.datasets import detect_format
 
@@ -248,7 +271,7 @@ class FileSource:
     def resume(self) -> None:
         self.paused = False
 
-    def lag(self) -> dict[int, int]:
+    def lag(self, processed: dict[int, int]) -> dict[int, int]:
         return {}
 
     def close(self) -> None:
@@ -298,7 +321,9 @@ def produce_events(
     """Produce (key, value) pairs to ``topic``, as fast as possible or at ``rate`` events/s. Returns the count."""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(**kafka_client_config(cfg, embedded), linger_ms=20, batch_size=256 * 1024, acks=1)
+    producer = KafkaProducer(
+        **kafka_client_config(cfg, embedded), linger_ms=20, batch_size=256 * 1024, acks=1, enable_idempotence=False
+    )
     started = time.monotonic()
     n = 0
     try:

@@ -47,10 +47,9 @@ def sample_id_for(user_id: str, event_id: str) -> int:
 
 @dataclass(slots=True)
 class UserHistory:
-    partition: int
     items: deque[str]
-    last_ts: float
-    seq: int  # processing-order stamp of the last update; restores LRU order after a restart
+    touched_ts: float  # the partition's event time (max timestamp) when the user was last updated: TTL clock
+    seq: int  # processing-order stamp of the last update: LRU order, also across a restart
 
 
 @dataclass(slots=True)
@@ -74,12 +73,15 @@ class WindowCounts:
 
 
 @dataclass(slots=True)
-class PartitionClock:
-    """Event-time progress, open windows and counts of one source partition."""
+class PartitionState:
+    """Event-time progress, user histories (in LRU order), open windows and counts of one source partition."""
 
     max_ts: float = -math.inf
+    histories: OrderedDict[str, UserHistory] = field(default_factory=OrderedDict)
     windows: dict[float, OpenWindow] = field(default_factory=dict)
     counts: WindowCounts = field(default_factory=WindowCounts)
+    dirty: set[str] = field(default_factory=set)  # users changed since the last checkpoint
+    evicted: set[str] = field(default_factory=set)  # users evicted since the last checkpoint
 
 
 Batch = list[Sample]
@@ -90,48 +92,55 @@ class StreamState:
 
     def __init__(self, cfg: WindowConfig) -> None:
         self.cfg = cfg
-        self.histories: OrderedDict[str, UserHistory] = OrderedDict()
-        self.clocks: dict[int, PartitionClock] = {}
+        self.partitions: dict[int, PartitionState] = {}
+        self.users = 0  # histories held, over all partitions
         self._seq = 0
-        self.dirty_users: set[str] = set()
-        self.evicted_users: set[str] = set()
 
-    # ------------------------------------------------------------------ processing
+    # ------------------------------------------------------------------ queries
 
     @property
     def counts(self) -> WindowCounts:
         """Counts summed over the owned partitions."""
         total = WindowCounts()
-        for clock in self.clocks.values():
-            total.add(clock.counts)
+        for part in self.partitions.values():
+            total.add(part.counts)
         return total
 
-    def clock(self, partition: int) -> PartitionClock:
-        clock = self.clocks.get(partition)
-        if clock is None:
-            clock = self.clocks[partition] = PartitionClock()
-        return clock
+    def partition(self, partition: int) -> PartitionState:
+        state = self.partitions.get(partition)
+        if state is None:
+            state = self.partitions[partition] = PartitionState()
+        return state
+
+    def history(self, user_id: str, partition: int) -> list[str] | None:
+        state = self.partitions.get(partition)
+        h = state.histories.get(user_id) if state is not None else None
+        return None if h is None else list(h.items)
 
     def watermark(self, partition: int) -> float:
-        clock = self.clocks.get(partition)
-        return -math.inf if clock is None else clock.max_ts - self.cfg.allowed_lateness_s
+        state = self.partitions.get(partition)
+        return -math.inf if state is None else state.max_ts - self.cfg.allowed_lateness_s
 
     def global_watermark(self) -> float:
         """The slowest owned partition's watermark (for monitoring)."""
-        return min((self.watermark(p) for p in self.clocks), default=-math.inf)
+        return min((self.watermark(p) for p in self.partitions), default=-math.inf)
+
+    def pending_samples(self) -> int:
+        return sum(len(w.samples) for part in self.partitions.values() for w in part.windows.values())
+
+    # ------------------------------------------------------------------ processing
 
     def process(self, event: Event, partition: int, now: float | None = None) -> list[Batch]:
         """Apply one accepted event; return the batches that became ready."""
         cfg = self.cfg
-        now = time.monotonic() if now is None else now
-        clock = self.clock(partition)
-        counts = clock.counts
+        part = self.partition(partition)
+        counts = part.counts
         counts.events += 1
         start = math.floor(event.ts / cfg.window_seconds) * cfg.window_seconds
-        late = start + cfg.window_seconds <= clock.max_ts - cfg.allowed_lateness_s
+        late = start + cfg.window_seconds <= part.max_ts - cfg.allowed_lateness_s
         ready: list[Batch] = []
 
-        history = self.histories.get(event.user_id)
+        history = part.histories.get(event.user_id)
         if history is None:
             counts.first_events += 1
         elif late:
@@ -144,98 +153,103 @@ class StreamState:
                 event.item_id,
                 event.ts,
             )
-            window = clock.windows.get(start)
+            window = part.windows.get(start)
             if window is None:
-                window = clock.windows[start] = OpenWindow()
+                window = part.windows[start] = OpenWindow()
             if not window.samples:
-                window.first_buffered_at = now
+                window.first_buffered_at = time.monotonic() if now is None else now
             window.samples.append(sample)
             counts.samples += 1
             if len(window.samples) >= cfg.max_batch:
                 ready.append(window.samples)
                 window.samples = []
 
-        self._remember(event, partition, history)
-        if event.ts > clock.max_ts:
-            clock.max_ts = event.ts
-            ready.extend(self._close_windows(clock))
-        self._evict()
+        if event.ts > part.max_ts:
+            part.max_ts = event.ts
+            ready.extend(self._close_windows(part))
+        self._remember(event, part, history)
+        self._evict(part)
         return ready
 
-    def _remember(self, event: Event, partition: int, history: UserHistory | None) -> None:
+    def _remember(self, event: Event, part: PartitionState, history: UserHistory | None) -> None:
         self._seq += 1
-        item = sys.intern(event.item_id)
         if history is None:
-            history = UserHistory(partition, deque(maxlen=self.cfg.max_history), event.ts, self._seq)
-            self.histories[event.user_id] = history
+            history = UserHistory(deque(maxlen=self.cfg.max_history), part.max_ts, self._seq)
+            part.histories[event.user_id] = history
+            self.users += 1
         else:
-            history.last_ts = max(history.last_ts, event.ts)
+            history.touched_ts = part.max_ts
             history.seq = self._seq
-            self.histories.move_to_end(event.user_id)
-        history.items.append(item)
-        self.dirty_users.add(event.user_id)
-        self.evicted_users.discard(event.user_id)
+            part.histories.move_to_end(event.user_id)
+        history.items.append(sys.intern(event.item_id))
+        part.dirty.add(event.user_id)
+        part.evicted.discard(event.user_id)
 
-    def _close_windows(self, clock: PartitionClock) -> list[Batch]:
-        watermark = clock.max_ts - self.cfg.allowed_lateness_s
-        closed = sorted(s for s in clock.windows if s + self.cfg.window_seconds <= watermark)
+    def _close_windows(self, part: PartitionState) -> list[Batch]:
+        watermark = part.max_ts - self.cfg.allowed_lateness_s
+        closed = sorted(s for s in part.windows if s + self.cfg.window_seconds <= watermark)
         out = []
         for start in closed:
-            window = clock.windows.pop(start)
+            window = part.windows.pop(start)
             if window.samples:
                 out.append(window.samples)
         return out
 
-    def _evict(self) -> None:
-        histories = self.histories
-        while len(histories) > self.cfg.max_users:
-            user_id, oldest = next(iter(histories.items()))
-            self._drop_user(user_id)
-            self.clock(oldest.partition).counts.evicted_capacity += 1
-        # TTL in event time of the user's own partition; the LRU front is the least recently updated user.
-        while histories:
-            user_id, oldest = next(iter(histories.items()))
-            clock = self.clock(oldest.partition)
-            if oldest.last_ts >= clock.max_ts - self.cfg.user_ttl_s:
+    def _evict(self, part: PartitionState) -> None:
+        # TTL, in the partition's own event time: its LRU front is its longest-idle user.
+        horizon = part.max_ts - self.cfg.user_ttl_s
+        while part.histories:
+            user_id, oldest = next(iter(part.histories.items()))
+            if oldest.touched_ts >= horizon:
                 break
-            self._drop_user(user_id)
-            clock.counts.evicted_ttl += 1
+            self._drop_user(part, user_id)
+            part.counts.evicted_ttl += 1
+        # Capacity: the least recently updated user over all partitions (the oldest of the LRU fronts).
+        while self.users > self.cfg.max_users:
+            victim = min(
+                (p for p in self.partitions.values() if p.histories),
+                key=lambda p: next(iter(p.histories.values())).seq,
+            )
+            self._drop_user(victim, next(iter(victim.histories)))
+            victim.counts.evicted_capacity += 1
 
-    def _drop_user(self, user_id: str) -> None:
-        del self.histories[user_id]
-        self.dirty_users.discard(user_id)
-        self.evicted_users.add(user_id)
+    def _drop_user(self, part: PartitionState, user_id: str) -> None:
+        del part.histories[user_id]
+        part.dirty.discard(user_id)
+        part.evicted.add(user_id)
+        self.users -= 1
 
     def flush_idle(self, now: float | None = None) -> list[Batch]:
         """Emit buffered samples that have waited ``idle_flush_s``; their windows stay open."""
         now = time.monotonic() if now is None else now
         out = []
-        for clock in self.clocks.values():
-            for window in clock.windows.values():
+        for part in self.partitions.values():
+            for window in part.windows.values():
                 if window.samples and now - window.first_buffered_at >= self.cfg.idle_flush_s:
                     out.append(window.samples)
                     window.samples = []
         return out
 
-    def pending_samples(self) -> int:
-        return sum(len(w.samples) for c in self.clocks.values() for w in c.windows.values())
-
     # ------------------------------------------------------------------ partition ownership
 
     def drop_partitions(self, partitions: set[int]) -> None:
         """Forget the state of partitions this process no longer owns (after it was checkpointed)."""
-        for user_id in [u for u, h in self.histories.items() if h.partition in partitions]:
-            del self.histories[user_id]
-            self.dirty_users.discard(user_id)
         for p in partitions:
-            self.clocks.pop(p, None)
+            part = self.partitions.pop(p, None)
+            if part is not None:
+                self.users -= len(part.histories)
 
-    def restore_user(self, user_id: str, partition: int, items: list[str], last_ts: float, seq: int) -> None:
+    def restore_user(self, partition: int, user_id: str, items: list[str], touched_ts: float, seq: int) -> None:
         """Load one checkpointed history (call in ``seq`` order to restore the LRU order)."""
-        history = UserHistory(partition, deque((sys.intern(i) for i in items), maxlen=self.cfg.max_history), last_ts, seq)
-        self.histories[user_id] = history
+        part = self.partition(partition)
+        if user_id not in part.histories:
+            self.users += 1
+        part.histories[user_id] = UserHistory(
+            deque((sys.intern(i) for i in items), maxlen=self.cfg.max_history), touched_ts, seq
+        )
         self._seq = max(self._seq, seq)
 
     def clear_changes(self) -> None:
-        self.dirty_users = set()
-        self.evicted_users = set()
+        for part in self.partitions.values():
+            part.dirty = set()
+            part.evicted = set()

@@ -1,0 +1,174 @@
+"""The ``recsift`` command.
+
+Every subcommand takes ``--config FILE`` and repeatable ``--set section.key=value``; dedicated flags
+(``--topic``, ``--bootstrap-servers``, ...) are shorthands for the same overrides. Precedence:
+flags > ``--set`` > environment (``RECSIFT_SECTION__KEY``) > YAML file > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from recsift.config import ConfigError, Settings, load_config, parse_override
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML configuration file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting (repeatable; value in YAML syntax)")
+
+
+def _kafka_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", dest="stream.bootstrap_servers", help="Kafka bootstrap servers host:port[,...]")
+    p.add_argument("--topic", dest="stream.topic", help="interactions topic")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsift", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="consume the interaction stream (embedded default when nothing is configured)")
+    _common(run)
+    _kafka_flags(run)
+    run.add_argument("--source", dest="stream.source", choices=["embedded", "kafka", "file"])
+    run.add_argument("--group-id", dest="stream.group_id")
+    run.add_argument("--dataset", dest="stream.feed", metavar="NAME|PATH",
+                     help="embedded feed: synthetic (default), ml-100k, games, or a file")
+    run.add_argument("--input", dest="stream.file_path", type=Path, help="replay this file (implies --source file)")
+    run.add_argument("--format", dest="stream.file_format", choices=["auto", "jsonl", "csv", "inter", "dealrec", "movielens"])
+    run.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path)
+    run.add_argument("--max-events", type=int, help="stop after this many records and print the summary")
+    run.add_argument("--journal", dest="checkpoint.journal_samples", action="store_const", const=True,
+                     help="record every emitted sample id in the checkpoint")
+    run.add_argument("--no-progress", dest="monitoring.progress", action="store_const", const=False)
+
+    replay = sub.add_parser("replay", help="produce a file (or the synthetic stream) into a Kafka topic")
+    _common(replay)
+    _kafka_flags(replay)
+    replay.add_argument("file", metavar="FILE", help="a file, a dataset name (ml-100k, games) or 'synthetic'")
+    replay.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    replay.add_argument("--format", dest="replay_format", default="auto")
+    replay.add_argument("--limit", type=int, help="produce at most this many events")
+    replay.add_argument("--partitions", dest="stream.partitions", type=int, help="partitions if the topic is created")
+
+    broker = sub.add_parser("broker", help="run the embedded tansu broker in the foreground")
+    broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the effective configuration, secrets masked")
+    _common(show)
+    show.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The frozen settings for a command: flags outrank ``--set``, which outranks env, YAML and defaults."""
+    overrides: dict[str, Any] = {}
+    for text in getattr(args, "overrides", []):
+        path, value = parse_override(text)
+        overrides[".".join(path)] = value
+    flags = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    if "stream.file_path" in flags and "stream.source" not in flags:
+        flags["stream.source"] = "file"
+    overrides.update(flags)
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}")
+    print("-" * (width + 24))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from recsift import service
+
+    cfg = settings_from(args)
+    summary = service.run(cfg, max_events=args.max_events)
+    print_table("recsift run summary", summary.rows())
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from recsift.data.datasets import detect_format, iter_events_or_payloads, resolve_dataset
+    from recsift.data.synthetic import SyntheticStream
+    from recsift.stream.sources import ensure_topic, keyed, produce_events
+
+    cfg = settings_from(args)
+    if args.file == "synthetic":
+        synth = cfg.stream.synthetic
+        if args.limit is not None:
+            synth = synth.model_copy(update={"events": args.limit})
+        payloads: Any = SyntheticStream(synth).payloads()
+    else:
+        path = resolve_dataset(args.file, cfg.stream.data_dir)
+        fmt = detect_format(path) if args.replay_format == "auto" else args.replay_format
+        payloads = keyed(iter_events_or_payloads(path, fmt))
+        if args.limit is not None:
+            payloads = (p for _, p in zip(range(args.limit), payloads))
+    ensure_topic(cfg.stream, False, cfg.stream.topic, cfg.stream.partitions)
+    n = produce_events(cfg.stream, False, payloads, cfg.stream.topic, rate=args.rate,
+                       progress=lambda k: print(f"\rproduced {k:,}", end="", file=sys.stderr, flush=True))
+    print(f"\nproduced {n:,} events to {cfg.stream.topic!r} on {cfg.stream.bootstrap_servers}")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from recsift.stream.broker import EmbeddedBroker
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    with EmbeddedBroker(port=args.port) as broker:
+        print(f"tansu broker listening on {broker.bootstrap_servers} (Ctrl-C to stop)", flush=True)
+        while not done.wait(0.5):
+            if not broker.running:
+                print("the broker exited", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    data = settings_from(args).masked()
+    print(json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "replay": cmd_replay, "broker": cmd_broker, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from recsift.data.datasets import DatasetNotFound
+    from recsift.stream.broker import BrokerUnavailable
+
+    args = build_parser().parse_args(argv)
+    level = logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DatasetNotFound, FileNotFoundError) as exc:
+        print(f"recsift: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokerUnavailable as exc:
+        print(f"recsift: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Wires the pipeline for ``recsift run``: the only module that imports every package.
+
+With nothing configured it runs the embedded default: a tansu broker on a free loopback port, fed in a
+background thread by the synthetic drifting stream (or a dataset from ``../shared/data``), consumed by
+the ingest pipeline with its checkpoint under ``checkpoint.state_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsift.config import Settings
+from recsift.data.datasets import catalog_for, detect_format, iter_events_or_payloads, resolve_dataset
+from recsift.data.synthetic import SyntheticStream
+from recsift.monitoring.metrics import Metrics
+from recsift.stream.broker import EmbeddedBroker
+from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
+from recsift.stream.events import Catalog, DeadLetterSink, DedupIndex, FileDeadLetterSink, Validator
+from recsift.stream.pipeline import DirectSink, Pipeline, RunSummary, Source, ThreadedSink
+from recsift.stream.sources import (
+    CatalogTopicReader,
+    FileSource,
+    KafkaDeadLetterSink,
+    KafkaSource,
+    ensure_topic,
+    keyed,
+    produce_events,
+)
+from recsift.stream.windows import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Feed:
+    """What the embedded broker is fed with: (key, payload) pairs and the matching catalog."""
+
+    name: str
+    payloads: Iterator[tuple[bytes | None, bytes]]
+    catalog: Catalog
+
+
+def embedded_feed(cfg: Settings, limit: int | None) -> Feed:
+    """The synthetic stream, a shared dataset (``ml-100k``, ``games``) or a file, by ``stream.feed``."""
+    s = cfg.stream
+    if s.feed == "synthetic":
+        synth_cfg = s.synthetic if limit is None else s.synthetic.model_copy(update={"events": min(limit, s.synthetic.events)})
+        stream = SyntheticStream(synth_cfg)
+        return Feed("synthetic", stream.payloads(), stream.catalog())
+    path = resolve_dataset(s.feed, s.data_dir)
+    items = iter_events_or_payloads(path, detect_format(path))
+    payloads = keyed(items)
+    if limit is not None:
+        payloads = (p for _, p in zip(range(limit), payloads))
+    return Feed(str(path), payloads, catalog_for(path) or Catalog())
+
+
+def load_catalog(cfg: Settings) -> Catalog:
+    s = cfg.stream
+    if s.catalog_path is not None:
+        return Catalog.load(s.catalog_path)
+    if s.source == "file" and s.file_path is not None:
+        return catalog_for(Path(s.file_path)) or Catalog()
+    return Catalog()
+
+
+class Ingest:
+    """The ingest half of the service: validator, dead letters, checkpoint and pipeline, built from config."""
+
+    def __init__(
+        self,
+        cfg: Settings,
+        metrics: Metrics,
+        catalog: Catalog,
+        participants: list[Participant] | None = None,
+        handlers: list[Callable[[Batch], None]] | None = None,
+        threaded: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.catalog = catalog
+        embedded = cfg.stream.source == "embedded"
+        self.embedded = embedded
+        self.journal = SampleJournal() if cfg.checkpoint.journal_samples else None
+        participants = list(participants or [])
+        handlers = list(handlers or [])
+        if self.journal is not None:
+            participants.append(self.journal)
+            handlers.append(self.journal.record)
+        dead_letters: DeadLetterSink
+        if cfg.stream.source == "file":
+            dead_letters = FileDeadLetterSink(cfg.stream.dead_letter_path)
+        else:
+            dead_letters = KafkaDeadLetterSink(cfg.stream, embedded)
+        validator = Validator(
+            cfg.stream.max_message_bytes, catalog, cfg.stream.unknown_items == "reject", DedupIndex(cfg.stream.dedup_capacity)
+        )
+        self.checkpoint = Checkpoint(cfg.checkpoint.path)
+        sink = ThreadedSink(*handlers) if threaded else DirectSink(*handlers)
+        self.pipeline = Pipeline(cfg, validator, dead_letters, self.checkpoint, sink, metrics, participants)
+
+    def source(self) -> Source:
+        s = self.cfg.stream
+        if s.source == "file":
+            assert s.file_path is not None
+            return FileSource(s.file_path, s.file_format, self.pipeline.on_assign)
+        return KafkaSource(s, self.embedded, self.pipeline.on_assign, self.pipeline.on_revoke)
+
+    def close(self) -> None:
+        self.pipeline.dead_letters.close()
+        self.pipeline.sink.close()
+        self.checkpoint.close()
+
+
+def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = None, progress: bool | None = None) -> RunSummary:
+    """``recsift run``: consume until stopped, checkpointing as it goes; returns the run summary."""
+    metrics = metrics or Metrics()
+    progress = cfg.monitoring.progress if progress is None else progress
+    with ExitStack() as stack:
+        catalog = load_catalog(cfg)
+        if cfg.stream.source == "embedded":
+            broker = stack.enter_context(EmbeddedBroker())
+            cfg = cfg.model_copy(update={"stream": cfg.stream.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})})
+            feed = embedded_feed(cfg, max_events)
+            if not len(catalog):
+                catalog = feed.catalog
+            ensure_topic(cfg.stream, True, cfg.stream.topic, cfg.stream.partitions)
+            ensure_topic(cfg.stream, True, cfg.stream.dead_letter_topic, 1)
+            log.info("embedded broker on %s, feeding %s into %r", broker.bootstrap_servers, feed.name, cfg.stream.topic)
+            threading.Thread(
+                target=produce_events, args=(cfg.stream, True, feed.payloads, cfg.stream.topic), daemon=True, name="feed"
+            ).start()
+        ingest = Ingest(cfg, metrics, catalog)
+        stack.callback(ingest.close)
+        if cfg.stream.catalog_topic and cfg.stream.source != "file":
+            reader = CatalogTopicReader(cfg.stream, ingest.embedded, catalog)
+            stack.callback(reader.close)
+            log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
+            ingest.pipeline.ticks.append(reader.poll)
+        if progress:
+            ingest.pipeline.ticks.append(_progress_ticker(ingest.pipeline, max_events, stack))
+        return ingest.pipeline.run(ingest.source(), max_events=max_events)
+
+
+def _progress_ticker(pipeline: Pipeline, total: int | None, stack: ExitStack) -> Callable[[], None]:
+    """A tqdm progress bar with live counts, driven by the pipeline's loop."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="ev", desc="ingest", dynamic_ncols=True, mininterval=0.5)
+    stack.callback(bar.close)
+    last = [0, time.monotonic()]
+
+    def tick() -> None:
+        s = pipeline.summary
+        if s.consumed != last[0]:
+            bar.update(s.consumed - last[0])
+            last[0] = s.consumed
+        now = time.monotonic()
+        if now - last[1] >= 0.5:
+            last[1] = now
+            bar.set_postfix(
+                samples=pipeline.state.counts.samples,
+                rejected=sum(s.rejected.values()),
+                users=pipeline.state.users,
+                refresh=False,
+            )
+
+    return tick

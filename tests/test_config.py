@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from recsift.cli import main
+from recsift.config import ConfigError, load_config
+
+
+def test_precedence_defaults_yaml_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    yml = tmp_path / "c.yaml"
+    yml.write_text("stream:\n  topic: from-yaml\n  group_id: yaml-group\n  partitions: 5\nwindow:\n  max_history: 20\n")
+    monkeypatch.setenv("RECSIFT_STREAM__TOPIC", "from-env")
+    monkeypatch.setenv("RECSIFT_WINDOW__MAX_HISTORY", "30")
+    cfg = load_config(yml, {"window.max_history": 7})
+    assert cfg.stream.topic == "from-env"  # env beats YAML
+    assert cfg.stream.group_id == "yaml-group"  # YAML beats defaults
+    assert cfg.stream.partitions == 5
+    assert cfg.window.max_history == 7  # overrides beat env
+    assert cfg.window.window_seconds == 3600.0  # default
+
+
+def test_errors_name_the_field_and_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["stream.partitions=-3"])
+    assert "stream.partitions" in str(err.value) and "-3" in str(err.value)
+    monkeypatch.setenv("RECSIFT_STREAM__NOT_A_FIELD", "1")
+    with pytest.raises(ConfigError, match="stream.not_a_field"):
+        load_config()
+
+
+def test_cross_field_validation() -> None:
+    with pytest.raises(ConfigError, match="backpressure_low"):
+        load_config(overrides={"stream.backpressure_low": 10, "stream.backpressure_high": 5})
+    with pytest.raises(ConfigError, match="file_path"):
+        load_config(overrides={"stream.source": "file"})
+
+
+def test_missing_yaml_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config()
+    with pytest.raises(ValidationError):
+        cfg.stream.topic = "x"  # type: ignore[misc]
+
+
+def test_config_show_masks_secrets(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RECSIFT_ADMIN__TOKEN", "tok-very-secret")
+    monkeypatch.setenv("RECSIFT_STREAM__SASL_PASSWORD", "pw-very-secret")
+    assert main(["config", "show", "--set", "stream.topic=shown"]) == 0
+    out = capsys.readouterr().out
+    assert "shown" in out and "**********" in out
+    assert "very-secret" not in out
+    cfg = load_config()
+    assert "very-secret" not in repr(cfg) and "very-secret" not in str(cfg.masked())
+
+
+def test_cli_reports_bad_config_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "--set", "window.max_history=0"]) == 2
+    err = capsys.readouterr().err
+    assert "window.max_history" in err and "(got 0)" in err
