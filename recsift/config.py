@@ -112,8 +112,8 @@ class WindowConfig(_Section):
 
 class CheckpointConfig(_Section):
     state_dir: Path = Path("state")
-    interval_events: int = Field(20_000, gt=0)
-    interval_s: float = Field(5.0, gt=0)
+    interval_events: int = Field(100_000, gt=0, description="checkpoint at least every this many records")
+    interval_s: float = Field(10.0, gt=0, description="and at least this often while records flow")
     journal_samples: bool = Field(False, description="record every emitted sample id (audits, crash tests)")
 
     @property

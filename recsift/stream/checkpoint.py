@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+import orjson
+
 from recsift.stream.events import DedupIndex
 from recsift.stream.windows import OpenWindow, Sample, StreamState, WindowCounts
 
@@ -143,16 +145,19 @@ def execute_script(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
+_dumps = orjson.dumps
+
+
 def _in(partitions: set[int]) -> str:
     return ",".join(str(int(p)) for p in sorted(partitions)) or "NULL"
 
 
-def _sample_to_json(s: Sample) -> str:
-    return json.dumps([s.sample_id, s.user_id, list(s.history), s.target, s.ts], separators=(",", ":"))
+def _sample_to_json(s: Sample) -> bytes:
+    return orjson.dumps([s.sample_id, s.user_id, s.history, s.target, s.ts])
 
 
-def _sample_from_json(text: str) -> Sample:
-    sid, user, history, target, ts = json.loads(text)
+def _sample_from_json(text: str | bytes) -> Sample:
+    sid, user, history, target, ts = orjson.loads(text)
     return Sample(int(sid), user, tuple(history), target, float(ts))
 
 
@@ -172,11 +177,13 @@ class StreamStateStore:
             conn,
             """
             CREATE TABLE IF NOT EXISTS histories (partition INTEGER NOT NULL, user_id TEXT NOT NULL,
-                items TEXT NOT NULL, touched_ts REAL NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (partition, user_id));
+                items BLOB NOT NULL, touched_ts REAL NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (partition, user_id));
             CREATE TABLE IF NOT EXISTS clocks (partition INTEGER PRIMARY KEY, max_ts REAL, counts TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS pending (partition INTEGER NOT NULL, window_start REAL NOT NULL,
                 pos INTEGER NOT NULL, sample TEXT NOT NULL, PRIMARY KEY (partition, window_start, pos));
-            CREATE TABLE IF NOT EXISTS dedup (event_id TEXT PRIMARY KEY, partition INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS dedup_chunks (partition INTEGER NOT NULL, generation INTEGER NOT NULL,
+                ids BLOB NOT NULL);
+            CREATE INDEX IF NOT EXISTS dedup_generation ON dedup_chunks (partition, generation);
             """,
         )
 
@@ -185,13 +192,14 @@ class StreamStateStore:
         conn.execute(f"DELETE FROM clocks WHERE partition IN ({owned})")
         conn.execute(f"DELETE FROM pending WHERE partition IN ({owned})")
         for p, part in self.state.partitions.items():
+            histories = part.histories
             conn.executemany(
                 "INSERT OR REPLACE INTO histories VALUES (?, ?, ?, ?, ?)",
-                [
-                    (p, u, json.dumps(list(h.items)), h.touched_ts, h.seq)
+                (
+                    (p, u, _dumps(tuple(h.items)), h.touched_ts, h.seq)
                     for u in part.dirty
-                    if (h := part.histories.get(u)) is not None
-                ],
+                    if (h := histories.get(u)) is not None
+                ),
             )
             conn.executemany("DELETE FROM histories WHERE partition = ? AND user_id = ?", [(p, u) for u in part.evicted])
             max_ts = part.max_ts if part.max_ts != float("-inf") else None
@@ -205,8 +213,10 @@ class StreamStateStore:
                     for pos, s in enumerate(window.samples)
                 ],
             )
-        conn.executemany("INSERT OR REPLACE INTO dedup VALUES (?, ?)", list(self.dedup.added.items()))
-        conn.executemany("DELETE FROM dedup WHERE event_id = ?", [(e,) for e in self.dedup.evicted])
+        # dedup ids: one compact chunk per (partition, generation) per checkpoint, not a row per event
+        dedup = self.dedup
+        conn.executemany("INSERT INTO dedup_chunks VALUES (?, ?, ?)", [(p, g, _dumps(ids)) for (p, g), ids in dedup.added.items()])
+        conn.execute(f"DELETE FROM dedup_chunks WHERE generation < ? AND partition IN ({owned})", (dedup.forgotten_below,))
 
     def committed(self) -> None:
         self.state.clear_changes()
@@ -218,7 +228,7 @@ class StreamStateStore:
         for p, user_id, items, touched_ts, seq in conn.execute(
             f"SELECT partition, user_id, items, touched_ts, seq FROM histories WHERE partition IN ({parts}) ORDER BY seq"
         ):
-            state.restore_user(int(p), user_id, json.loads(items), float(touched_ts), int(seq))
+            state.restore_user(int(p), user_id, orjson.loads(items), float(touched_ts), int(seq))
         for p, max_ts, counts in conn.execute(f"SELECT partition, max_ts, counts FROM clocks WHERE partition IN ({parts})"):
             part = state.partition(int(p))
             part.max_ts = float("-inf") if max_ts is None else float(max_ts)
@@ -232,8 +242,17 @@ class StreamStateStore:
             window = windows.get(float(start))
             if window is None:
                 window = windows[float(start)] = OpenWindow(first_buffered_at=now)
+                part = state.partition(int(p))
+                part.next_close = min(part.next_close, float(start) + state.cfg.window_seconds)
             window.samples.append(_sample_from_json(text))
-        self.dedup.restore(conn.execute(f"SELECT event_id, partition FROM dedup WHERE partition IN ({parts}) ORDER BY rowid"))
+        (newest,) = conn.execute(f"SELECT max(generation) FROM dedup_chunks WHERE partition IN ({parts})").fetchone()
+        if newest is not None:
+            rows = conn.execute(
+                f"SELECT partition, generation, ids FROM dedup_chunks WHERE partition IN ({parts}) AND generation >= ?"
+                " ORDER BY rowid",
+                (int(newest) - 1,),
+            )
+            self.dedup.restore(int(newest), ((e, int(p), int(g)) for p, g, ids in rows for e in orjson.loads(ids)))
 
 
 class SampleJournal:

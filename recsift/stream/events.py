@@ -19,13 +19,14 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
+
+import orjson
 
 MAX_ID_LENGTH = 256
 MAX_EPOCH_SECONDS = 1e11  # year 5138: anything above is a unit error (milliseconds), not a time
@@ -42,8 +43,9 @@ class RejectReason(str, Enum):
     DUPLICATE = "duplicate"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """One accepted interaction (a NamedTuple: built once per message on the hot path, so it must be cheap)."""
+
     event_id: str
     user_id: str
     item_id: str
@@ -65,7 +67,7 @@ class Event:
         return out
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+        return orjson.dumps(self.to_json())
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +122,32 @@ def parse_event(payload: bytes, max_bytes: int) -> Event | Rejection:
     if len(payload) > max_bytes:
         return Rejection(RejectReason.OVERSIZE, f"{len(payload)} bytes > limit {max_bytes}", payload)
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = orjson.loads(payload)
+    except ValueError as exc:  # also invalid UTF-8, NaN/Infinity literals and integers beyond 64 bits
         return Rejection(RejectReason.MALFORMED_JSON, str(exc)[:200], payload)
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return Rejection(RejectReason.MALFORMED_JSON, f"expected a JSON object, got {type(obj).__name__}", payload)
+    # Fast path: the common shape (string ids, numeric epoch seconds, no optional fields).
+    event_id, user_id, item_id, ts = obj.get("event_id"), obj.get("user_id"), obj.get("item_id"), obj.get("timestamp")
+    if (
+        len(obj) == 4
+        and type(ts) in (float, int)
+        and 0 <= ts < MAX_EPOCH_SECONDS
+        and type(event_id) is str
+        and type(user_id) is str
+        and type(item_id) is str
+        and 0 < len(event_id) <= MAX_ID_LENGTH
+        and 0 < len(user_id) <= MAX_ID_LENGTH
+        and 0 < len(item_id) <= MAX_ID_LENGTH
+        and not (event_id[0].isspace() or event_id[-1].isspace() or user_id[0].isspace() or user_id[-1].isspace()
+                 or item_id[0].isspace() or item_id[-1].isspace())
+    ):
+        return Event(event_id, user_id, item_id, float(ts))  # type: ignore[arg-type]
+    return _parse_slow(obj, payload)
+
+
+def _parse_slow(obj: dict[str, Any], payload: bytes) -> Event | Rejection:
+    """Every other shape, with a precise reason when it is not a valid event."""
     try:
         event_id = _as_id(obj, "event_id")
         user_id = _as_id(obj, "user_id")
@@ -227,49 +250,68 @@ class Catalog:
 
 
 class DedupIndex:
-    """The most recent ``capacity`` event ids, each tagged with its source partition.
+    """Recently accepted event ids, each tagged with its source partition, in two generations.
 
-    Bounded memory: beyond capacity the oldest ids are forgotten (a duplicate arriving after that many
-    newer events is not detected). Changes since the last checkpoint are tracked for an incremental save.
+    Lookups check both generations; when the current one holds ``capacity / 2`` ids it becomes the previous
+    one and the old previous generation is forgotten at once. So between ``capacity / 2`` and ``capacity``
+    of the most recent ids are remembered (a duplicate arriving later than that is not detected), memory is
+    bounded, and every operation is a plain dict access. Ids added since the last checkpoint are tracked
+    for an incremental save; a forgotten generation is deleted there by its number.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._ids: OrderedDict[str, int] = OrderedDict()
-        self.added: dict[str, int] = {}
-        self.evicted: set[str] = set()
+        self._half = max(1, capacity // 2)
+        self.generation = 0
+        self._current: dict[str, int] = {}
+        self._previous: dict[str, int] = {}
+        self.added: dict[tuple[int, int], list[str]] = {}  # (partition, generation) → ids since the last checkpoint
+        self.forgotten_below = 0  # generations below this number are gone
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._current) + len(self._previous)
+
+    def ids(self) -> dict[str, int]:
+        return {**self._previous, **self._current}
 
     def seen_before(self, event_id: str, partition: int) -> bool:
         """True if the id is remembered; otherwise remember it and return False."""
         if self.capacity == 0:
             return False
-        if event_id in self._ids:
+        if event_id in self._current or event_id in self._previous:
             return True
-        self._ids[event_id] = partition
-        self.added[event_id] = partition
-        self.evicted.discard(event_id)
-        while len(self._ids) > self.capacity:
-            old, _ = self._ids.popitem(last=False)
-            if self.added.pop(old, None) is None:
-                self.evicted.add(old)
+        if len(self._current) >= self._half:
+            self._previous = self._current
+            self._current = {}
+            self.generation += 1
+            self.forgotten_below = self.generation - 1
+            self.added = {k: v for k, v in self.added.items() if k[1] >= self.forgotten_below}
+        self._current[event_id] = partition
+        key = (partition, self.generation)
+        ids = self.added.get(key)
+        if ids is None:
+            ids = self.added[key] = []
+        ids.append(event_id)
         return False
 
-    def restore(self, rows: Iterable[tuple[str, int]]) -> None:
-        """Load remembered ids (oldest first) without marking them as changed."""
-        for event_id, partition in rows:
-            self._ids[event_id] = partition
+    def restore(self, generation: int, rows: Iterable[tuple[str, int, int]]) -> None:
+        """Load remembered ids ``(event_id, partition, generation)`` without marking them as changed."""
+        self.generation = max(self.generation, generation)
+        self.forgotten_below = max(0, self.generation - 1)
+        for event_id, partition, gen in rows:
+            if gen == self.generation:
+                self._current[event_id] = partition
+            elif gen == self.generation - 1:
+                self._previous[event_id] = partition
 
     def drop_partitions(self, partitions: set[int]) -> None:
-        for event_id in [e for e, p in self._ids.items() if p in partitions]:
-            del self._ids[event_id]
-            self.added.pop(event_id, None)
+        for gen in (self._current, self._previous):
+            for event_id in [e for e, p in gen.items() if p in partitions]:
+                del gen[event_id]
+        self.added = {k: v for k, v in self.added.items() if k[0] not in partitions}
 
     def clear_changes(self) -> None:
         self.added = {}
-        self.evicted = set()
 
 
 class Validator:

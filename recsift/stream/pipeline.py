@@ -149,6 +149,7 @@ class RunSummary:
     users: int = 0
     checkpoints: int = 0
     elapsed_s: float = 0.0
+    busy_s: float = 0.0  # from the first record to the stop: excludes start-up and the group join
     offsets: dict[int, int] = field(default_factory=dict)
     stopped_by: str = ""
 
@@ -259,6 +260,7 @@ class Pipeline:
                 previous[sig] = signal.signal(sig, self._on_signal)
         started = time.monotonic()
         last_record = started
+        first_record: float | None = None
         last_lag = 0.0
         try:
             while not self._stop.is_set():
@@ -271,6 +273,8 @@ class Pipeline:
                 if records or not source.assignment():
                     last_record = now  # idle time counts only while partitions are owned (not during a join)
                 if records:
+                    if first_record is None:
+                        first_record = time.monotonic()
                     self._process(records)
                 self._emit(self.state.flush_idle(now))
                 self._backpressure(source)
@@ -293,6 +297,7 @@ class Pipeline:
             self.checkpoint_now()
         finally:
             self.summary.elapsed_s = time.monotonic() - started
+            self.summary.busy_s = time.monotonic() - first_record if first_record is not None else 0.0
             self.summary.stopped_by = self._stop_reason
             self._fill_summary()  # before close(): leaving the group revokes (and forgets) every partition
             self._closing = True
@@ -304,14 +309,17 @@ class Pipeline:
     def _process(self, records: list[SourceRecord]) -> None:
         t0 = time.perf_counter()
         validate = self.validator.validate
-        results = [validate(r.value, r.partition) for r in records]
+        results = [validate(r.value or b"", r.partition) for r in records]
         t1 = time.perf_counter()
         state, offsets, summary = self.state, self.offsets, self.summary
         late_before = state.counts.late
         rejected = 0
+        process = state.process
         for rec, result in zip(records, results, strict=True):
             if type(result) is Event:
-                self._emit(state.process(result, rec.partition))
+                ready = process(result, rec.partition)
+                if ready:
+                    self._emit(ready)
             else:
                 assert isinstance(result, Rejection)
                 self.dead_letters.write(result, {"topic": self._topic(), "partition": rec.partition, "offset": rec.offset}, rec.key)

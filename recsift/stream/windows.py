@@ -23,13 +23,13 @@ import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from recsift.config import WindowConfig
 from recsift.stream.events import Event
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
     """One training sample: the user's last L items before an interaction → the interacted item."""
 
     sample_id: int
@@ -41,8 +41,12 @@ class Sample:
 
 def sample_id_for(user_id: str, event_id: str) -> int:
     """Deterministic 63-bit id of the sample made from one event (fits an SQLite INTEGER)."""
-    digest = hashlib.blake2b(f"{user_id}\x1f{event_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+    digest = _blake2b(f"{user_id}\x1f{event_id}".encode(), digest_size=8).digest()
+    return _from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+_blake2b = hashlib.blake2b
+_from_bytes = int.from_bytes
 
 
 @dataclass(slots=True)
@@ -60,12 +64,16 @@ class OpenWindow:
 
 @dataclass(slots=True)
 class WindowCounts:
-    events: int = 0
     samples: int = 0
     late: int = 0
     first_events: int = 0  # events of users with no history yet: they start a history, no sample
     evicted_ttl: int = 0
     evicted_capacity: int = 0
+
+    @property
+    def events(self) -> int:
+        """Every event is exactly one of: a user's first, late, or a sample."""
+        return self.first_events + self.late + self.samples
 
     def add(self, other: WindowCounts) -> None:
         for name in self.__slots__:
@@ -79,12 +87,14 @@ class PartitionState:
     max_ts: float = -math.inf
     histories: OrderedDict[str, UserHistory] = field(default_factory=OrderedDict)
     windows: dict[float, OpenWindow] = field(default_factory=dict)
+    next_close: float = math.inf  # end of the earliest open window: nothing to close before the watermark passes it
     counts: WindowCounts = field(default_factory=WindowCounts)
     dirty: set[str] = field(default_factory=set)  # users changed since the last checkpoint
     evicted: set[str] = field(default_factory=set)  # users evicted since the last checkpoint
 
 
 Batch = list[Sample]
+_intern = sys.intern
 
 
 class StreamState:
@@ -131,59 +141,60 @@ class StreamState:
     # ------------------------------------------------------------------ processing
 
     def process(self, event: Event, partition: int, now: float | None = None) -> list[Batch]:
-        """Apply one accepted event; return the batches that became ready."""
+        """Apply one accepted event; return the batches that became ready. (The ingest hot path.)"""
         cfg = self.cfg
-        part = self.partition(partition)
+        part = self.partitions.get(partition)
+        if part is None:
+            part = self.partitions[partition] = PartitionState()
         counts = part.counts
-        counts.events += 1
-        start = math.floor(event.ts / cfg.window_seconds) * cfg.window_seconds
-        late = start + cfg.window_seconds <= part.max_ts - cfg.allowed_lateness_s
+        ts = event.ts
+        size = cfg.window_seconds
+        start = (ts // size) * size
         ready: list[Batch] = []
 
-        history = part.histories.get(event.user_id)
+        user_id = event.user_id
+        history = part.histories.get(user_id)
         if history is None:
             counts.first_events += 1
-        elif late:
+        elif start + size <= part.max_ts - cfg.allowed_lateness_s:
             counts.late += 1
         else:
-            sample = Sample(
-                sample_id_for(event.user_id, event.event_id),
-                event.user_id,
-                tuple(history.items),
-                event.item_id,
-                event.ts,
-            )
             window = part.windows.get(start)
             if window is None:
                 window = part.windows[start] = OpenWindow()
-            if not window.samples:
+                if start + size < part.next_close:
+                    part.next_close = start + size
+            samples = window.samples
+            if not samples:
                 window.first_buffered_at = time.monotonic() if now is None else now
-            window.samples.append(sample)
+            samples.append(Sample(sample_id_for(user_id, event.event_id), user_id, tuple(history.items), event.item_id, ts))
             counts.samples += 1
-            if len(window.samples) >= cfg.max_batch:
-                ready.append(window.samples)
+            if len(samples) >= cfg.max_batch:
+                ready.append(samples)
                 window.samples = []
 
-        if event.ts > part.max_ts:
-            part.max_ts = event.ts
-            ready.extend(self._close_windows(part))
-        self._remember(event, part, history)
-        self._evict(part)
-        return ready
-
-    def _remember(self, event: Event, part: PartitionState, history: UserHistory | None) -> None:
+        advanced = ts > part.max_ts
+        if advanced:
+            part.max_ts = ts
+            if ts - cfg.allowed_lateness_s >= part.next_close:
+                ready.extend(self._close_windows(part))
         self._seq += 1
         if history is None:
-            history = UserHistory(deque(maxlen=self.cfg.max_history), part.max_ts, self._seq)
-            part.histories[event.user_id] = history
+            history = part.histories[user_id] = UserHistory(deque(maxlen=cfg.max_history), part.max_ts, self._seq)
             self.users += 1
         else:
             history.touched_ts = part.max_ts
             history.seq = self._seq
-            part.histories.move_to_end(event.user_id)
-        history.items.append(sys.intern(event.item_id))
-        part.dirty.add(event.user_id)
-        part.evicted.discard(event.user_id)
+            part.histories.move_to_end(user_id)
+        history.items.append(_intern(event.item_id))
+        part.dirty.add(user_id)
+        if part.evicted:
+            part.evicted.discard(user_id)
+        # The TTL horizon moves only when the clock advances; within a partition LRU order is touch order, so
+        # the front is the only candidate.
+        if self.users > cfg.max_users or (advanced and next(iter(part.histories.values())).touched_ts < ts - cfg.user_ttl_s):
+            self._evict(part)
+        return ready
 
     def _close_windows(self, part: PartitionState) -> list[Batch]:
         watermark = part.max_ts - self.cfg.allowed_lateness_s
@@ -193,6 +204,7 @@ class StreamState:
             window = part.windows.pop(start)
             if window.samples:
                 out.append(window.samples)
+        part.next_close = min(part.windows, default=math.inf) + self.cfg.window_seconds
         return out
 
     def _evict(self, part: PartitionState) -> None:
@@ -244,9 +256,7 @@ class StreamState:
         part = self.partition(partition)
         if user_id not in part.histories:
             self.users += 1
-        part.histories[user_id] = UserHistory(
-            deque((sys.intern(i) for i in items), maxlen=self.cfg.max_history), touched_ts, seq
-        )
+        part.histories[user_id] = UserHistory(deque((_intern(i) for i in items), maxlen=self.cfg.max_history), touched_ts, seq)
         self._seq = max(self._seq, seq)
 
     def clear_changes(self) -> None:

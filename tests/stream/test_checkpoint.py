@@ -37,7 +37,7 @@ def snapshot(state: StreamState, dedup: DedupIndex) -> dict[str, object]:
         "histories": {p: [(u, list(h.items), h.touched_ts) for u, h in part.histories.items()] for p, part in state.partitions.items()},
         "clocks": {p: (part.max_ts, part.counts) for p, part in state.partitions.items()},
         "pending": {p: {s: w.samples for s, w in part.windows.items() if w.samples} for p, part in state.partitions.items()},
-        "dedup": sorted(dedup._ids.items()),
+        "dedup": sorted(dedup.ids().items()),
         "users": state.users,
     }
 
@@ -72,7 +72,7 @@ def test_load_only_the_assigned_partitions(tmp_path: Path) -> None:
     b_ckpt.load({1})
     assert set(b_state.partitions) == {1}
     assert b_state.users == len(state.partitions[1].histories)
-    assert all(p == 1 for p in b_dedup._ids.values())
+    assert b_dedup.ids() and all(p == 1 for p in b_dedup.ids().values())
 
 
 class Exploding:

@@ -65,7 +65,10 @@ def test_timestamps(text: object, expected: float) -> None:
         (ev(timestamp=1700000000000), RejectReason.INVALID_FIELD),  # milliseconds, not seconds
         (ev(value="high"), RejectReason.INVALID_FIELD),
         (ev(kind=7), RejectReason.INVALID_FIELD),
-        (b'{"event_id":"e","user_id":"u","item_id":"i","timestamp":1,"value":NaN}', RejectReason.INVALID_FIELD),
+        (b'{"event_id":"e","user_id":"u","item_id":"i","timestamp":1,"value":NaN}', RejectReason.MALFORMED_JSON),
+        (ev(value=1e400), RejectReason.MALFORMED_JSON),  # json.dumps writes Infinity: not JSON either
+        (ev(timestamp=True), RejectReason.INVALID_FIELD),
+        (ev(user_id=" u1"), RejectReason.INVALID_FIELD),
         (ev(pad="x" * 2000), RejectReason.OVERSIZE),
     ],
 )
@@ -89,16 +92,23 @@ def test_validator_unknown_items_and_duplicates() -> None:
 
 
 def test_dedup_is_bounded_and_tracks_changes() -> None:
-    d = DedupIndex(3)
+    d = DedupIndex(4)  # two generations of two ids
     for i in range(5):
         assert not d.seen_before(f"e{i}", 0)
-    assert len(d) == 3
-    assert d.seen_before("e4", 0) and not d.seen_before("e0", 0)  # e0 was forgotten
+    assert len(d) <= 4
+    assert d.seen_before("e4", 0) and d.seen_before("e3", 0)  # the most recent half is always remembered
+    assert not d.seen_before("e0", 0)  # the oldest generation was forgotten
     d.clear_changes()
     d.seen_before("e9", 1)
-    assert d.added == {"e9": 1} and d.evicted == {"e3"}  # e0 re-entered above and pushed e2 out earlier
+    assert d.added == {(1, d.generation): ["e9"]}
+    assert d.forgotten_below == d.generation - 1
     d.drop_partitions({1})
-    assert "e9" not in d.added and len(d) == 2
+    assert d.added == {} and "e9" not in d.ids()
+    big = DedupIndex(1000)
+    for i in range(10_000):
+        big.seen_before(str(i), 0)
+        assert len(big) <= 1000
+    assert all(big.seen_before(str(i), 0) for i in range(9_500, 10_000))
 
 
 def test_catalog_formats(tmp_path: Path) -> None:

@@ -74,7 +74,8 @@ def test_csv_and_recbole_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     inter = tmp_path / "x.inter"
     inter.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t4\t20\n1\t11\t3\t10\n2\t10\t5\t15\n")
     assert run("--input", str(inter), "--state-dir", str(tmp_path / "r")) == 0
-    assert db_state(tmp_path / "r")[0] == [(0, "1", '["11", "10"]'), (0, "2", '["10"]')]  # time-sorted
+    histories = [(p, u, json.loads(items)) for p, u, items in db_state(tmp_path / "r")[0]]
+    assert histories == [(0, "1", ["11", "10"]), (0, "2", ["10"])]  # time-sorted
 
 
 def test_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,180 @@
+"""Ingest benchmark: recsift's pipeline (broker → validate → windows → samples → checkpoint) against a bare
+kafka-python consumer reading the same topic, in the same run, plus the pipeline's RSS as the stream grows.
+
+Usage:  python bench/ingest.py [--events 1000000] [--reps 3]
+
+Both sides run in their own subprocess with identical client settings; rates are counted from the first
+record to the last (the group join is excluded on both sides). kafka-python checks every record batch's
+CRC32C: in pure Python unless the ``crc32c`` package is installed. Both CRC modes are measured, because the
+ratio depends heavily on which one the bare consumer gets. Results: a table on stdout and
+``bench/results/ingest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+USERS, ITEMS = 5_000, 5_000
+
+
+def _block_native_crc() -> None:
+    sys.modules["crc32c"] = None  # type: ignore[assignment]  # kafka-python falls back to its pure-Python CRC
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def worker_bare(bootstrap: str, topic: str, events: int) -> dict[str, float]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"bare-{time.time_ns()}", enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=2000, heartbeat_interval_ms=500, max_poll_records=2000,
+    )
+    n, first = 0, None
+    while n < events:
+        for recs in consumer.poll(timeout_ms=200, max_records=2000).values():
+            if first is None:
+                first = time.perf_counter()
+            for r in recs:
+                _ = r.value
+                n += 1
+    elapsed = time.perf_counter() - (first or time.perf_counter())
+    consumer.close(autocommit=False)
+    return {"events": n, "seconds": elapsed, "rate": n / elapsed}
+
+
+def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int) -> dict[str, float]:
+    from recsift.config import load_config
+    from recsift.monitoring.metrics import Metrics
+    from recsift.service import Ingest
+    from recsift.stream.events import Catalog
+
+    state = tempfile.mkdtemp(prefix="recsift-bench-")
+    cfg = load_config(overrides={
+        "stream.source": "kafka", "stream.bootstrap_servers": bootstrap, "stream.topic": topic,
+        "stream.group_id": f"pipe-{time.time_ns()}", "stream.dead_letter_topic": f"{topic}.dlq",
+        "stream.session_timeout_ms": 2000, "stream.heartbeat_interval_ms": 500,
+        "checkpoint.state_dir": state, "monitoring.progress": False,
+    })
+    ingest = Ingest(cfg, Metrics(), Catalog())
+    rss: dict[str, int] = {}
+
+    def sample_rss() -> None:
+        consumed = ingest.pipeline.summary.consumed
+        if consumed >= rss_at and "early" not in rss:
+            rss["early"] = _rss()
+
+    ingest.pipeline.ticks.append(sample_rss)
+    summary = ingest.pipeline.run(ingest.source(), max_events=events)
+    rss["end"] = _rss()
+    ingest.close()
+    return {
+        "events": summary.consumed, "seconds": summary.busy_s, "rate": summary.consumed / summary.busy_s,
+        "samples": summary.samples, "checkpoints": summary.checkpoints,
+        "rss_early_bytes": rss.get("early", 0), "rss_end_bytes": rss["end"],
+    }
+
+
+def run_worker(kind: str, crc: str, bootstrap: str, topic: str, events: int, rss_at: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--worker", kind, "--crc", crc, "--bootstrap", bootstrap, "--topic", topic,
+           "--events", str(events), "--rss-at", str(rss_at)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--rss-at", type=int, default=100_000, help="first RSS sample after this many events")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--partitions", type=int, default=3)
+    ap.add_argument("--worker", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--crc", choices=["native", "python"], default="native", help=argparse.SUPPRESS)
+    ap.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    ap.add_argument("--topic", default="bench", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        if args.crc == "python":
+            _block_native_crc()
+        fn = worker_bare if args.worker == "bare" else worker_pipeline
+        result = fn(args.bootstrap, args.topic, args.events) if args.worker == "bare" else fn(
+            args.bootstrap, args.topic, args.events, args.rss_at)
+        print(json.dumps(result))
+        return
+
+    sys.path.insert(0, str(ROOT))
+    from recsift.config import SyntheticConfig, load_config
+    from recsift.data.synthetic import SyntheticStream
+    from recsift.stream.broker import EmbeddedBroker
+    from recsift.stream.sources import ensure_topic, produce_events
+
+    try:
+        import crc32c  # noqa: F401
+
+        modes = ["native", "python"]
+    except ImportError:
+        modes = ["python"]
+    with EmbeddedBroker() as broker:
+        cfg = load_config(overrides={"stream.bootstrap_servers": broker.bootstrap_servers})
+        ensure_topic(cfg.stream, True, args.topic, args.partitions)
+        t0 = time.perf_counter()
+        stream = SyntheticStream(SyntheticConfig(seed=0, users=USERS, items=ITEMS, events=args.events))
+        produce_events(cfg.stream, True, stream.payloads(), args.topic)
+        print(f"produced {args.events:,} events in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {"bare": [], "pipeline": []} for m in modes}
+        for rep in range(args.reps):  # interleaved, so drifts in machine load hit both sides alike
+            for mode in modes:
+                for kind in ("bare", "pipeline"):
+                    r = run_worker(kind, mode, broker.bootstrap_servers, args.topic, args.events, args.rss_at)
+                    runs[mode][kind].append(r)
+                    print(f"rep {rep + 1} crc={mode:6s} {kind:8s} {r['rate']:>10,.0f} events/s", file=sys.stderr)
+
+    rows = []
+    for mode in modes:
+        bare = [r["rate"] for r in runs[mode]["bare"]]
+        pipe = [r["rate"] for r in runs[mode]["pipeline"]]
+        ratios = [p / b for p, b in zip(pipe, bare, strict=True)]
+        early = statistics.median(r["rss_early_bytes"] for r in runs[mode]["pipeline"])
+        end = statistics.median(r["rss_end_bytes"] for r in runs[mode]["pipeline"])
+        rows.append({
+            "crc": mode, "bare_rate": statistics.median(bare), "pipeline_rate": statistics.median(pipe),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "rss_at_early_mb": early / 2**20, "rss_at_end_mb": end / 2**20, "rss_change": end / early - 1,
+        })
+    print(f"\ningest benchmark: {args.events:,} synthetic events ({USERS:,} users), {args.partitions} partitions, "
+          f"{args.reps} interleaved reps, {os.cpu_count()} cores, Python {platform.python_version()}")
+    header = f"{'CRC32C':8s} {'bare ev/s':>11s} {'recsift ev/s':>13s} {'ratio (min-max)':>18s} " \
+             f"{'RSS@' + format(args.rss_at, ','):>12s} {'RSS@' + format(args.events, ','):>14s} {'RSS change':>11s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['crc']:8s} {r['bare_rate']:>11,.0f} {r['pipeline_rate']:>13,.0f} "
+              f"{r['ratio_median']:>7.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
+              f"{r['rss_at_early_mb']:>9.1f} MB {r['rss_at_end_mb']:>11.1f} MB {r['rss_change']:>+10.1%}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"events": args.events, "users": USERS, "partitions": args.partitions, "reps": args.reps,
+           "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "rows": rows, "runs": runs}
+    (RESULTS / "ingest.json").write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {RESULTS / 'ingest.json'}")
+
+
+if __name__ == "__main__":
+    main()
