@@ -3,11 +3,12 @@ kafka-python consumer reading the same topic, in the same run, plus the pipeline
 
 Usage:  python bench/ingest.py [--events 1000000] [--reps 3]
 
-Both sides run in their own subprocess with identical client settings; rates are counted from the first
-record to the last (the group join is excluded on both sides). kafka-python checks every record batch's
-CRC32C: in pure Python unless the ``crc32c`` package is installed. Both CRC modes are measured, because the
-ratio depends heavily on which one the bare consumer gets. Results: a table on stdout and
-``bench/results/ingest.json``.
+Every side runs in its own subprocess with identical client settings; rates are counted from the first
+record to the last (the group join is excluded on every side). recsift is measured with its default
+fetch process (Kafka records decoded in a child process, in parallel with the pipeline) and with the
+consumer in the pipeline's own process. kafka-python checks every record batch's CRC32C, in pure Python
+unless the ``crc32c`` package is installed; both CRC modes are measured, because the bare consumer's speed
+depends mostly on which one it gets. Results: a table on stdout and ``bench/results/ingest.json``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 USERS, ITEMS = 5_000, 5_000
-
-
-def _block_native_crc() -> None:
-    sys.modules["crc32c"] = None  # type: ignore[assignment]  # kafka-python falls back to its pure-Python CRC
 
 
 def _rss() -> int:
@@ -58,7 +55,7 @@ def worker_bare(bootstrap: str, topic: str, events: int) -> dict[str, float]:
     return {"events": n, "seconds": elapsed, "rate": n / elapsed}
 
 
-def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int) -> dict[str, float]:
+def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int, fetch_process: bool) -> dict[str, float]:
     from recsift.config import load_config
     from recsift.monitoring.metrics import Metrics
     from recsift.service import Ingest
@@ -69,7 +66,7 @@ def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int) -> dic
         "stream.source": "kafka", "stream.bootstrap_servers": bootstrap, "stream.topic": topic,
         "stream.group_id": f"pipe-{time.time_ns()}", "stream.dead_letter_topic": f"{topic}.dlq",
         "stream.session_timeout_ms": 2000, "stream.heartbeat_interval_ms": 500,
-        "checkpoint.state_dir": state, "monitoring.progress": False,
+        "checkpoint.state_dir": state, "monitoring.progress": False, "stream.fetch_process": fetch_process,
     })
     ingest = Ingest(cfg, Metrics(), Catalog())
     rss: dict[str, int] = {}
@@ -93,7 +90,10 @@ def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int) -> dic
 def run_worker(kind: str, crc: str, bootstrap: str, topic: str, events: int, rss_at: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", kind, "--crc", crc, "--bootstrap", bootstrap, "--topic", topic,
            "--events", str(events), "--rss-at", str(rss_at)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}{os.pathsep}{ROOT}"}  # bench/sitecustomize.py
+    if crc == "python":  # in every process of the worker, the fetch process included
+        env["RECSIFT_BENCH_PURE_PYTHON_CRC"] = "1"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -105,18 +105,17 @@ def main() -> None:
     ap.add_argument("--rss-at", type=int, default=100_000, help="first RSS sample after this many events")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--partitions", type=int, default=3)
-    ap.add_argument("--worker", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["bare", "pipeline", "pipeline-inline"], help=argparse.SUPPRESS)
     ap.add_argument("--crc", choices=["native", "python"], default="native", help=argparse.SUPPRESS)
     ap.add_argument("--bootstrap", help=argparse.SUPPRESS)
     ap.add_argument("--topic", default="bench", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        if args.crc == "python":
-            _block_native_crc()
-        fn = worker_bare if args.worker == "bare" else worker_pipeline
-        result = fn(args.bootstrap, args.topic, args.events) if args.worker == "bare" else fn(
-            args.bootstrap, args.topic, args.events, args.rss_at)
+        if args.worker == "bare":
+            result = worker_bare(args.bootstrap, args.topic, args.events)
+        else:
+            result = worker_pipeline(args.bootstrap, args.topic, args.events, args.rss_at, args.worker == "pipeline")
         print(json.dumps(result))
         return
 
@@ -139,34 +138,37 @@ def main() -> None:
         stream = SyntheticStream(SyntheticConfig(seed=0, users=USERS, items=ITEMS, events=args.events))
         produce_events(cfg.stream, True, stream.payloads(), args.topic)
         print(f"produced {args.events:,} events in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {"bare": [], "pipeline": []} for m in modes}
-        for rep in range(args.reps):  # interleaved, so drifts in machine load hit both sides alike
+        kinds = ("bare", "pipeline", "pipeline-inline")
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {k: [] for k in kinds} for m in modes}
+        for rep in range(args.reps):  # interleaved, so drifts in machine load hit every side alike
             for mode in modes:
-                for kind in ("bare", "pipeline"):
+                for kind in kinds:
                     r = run_worker(kind, mode, broker.bootstrap_servers, args.topic, args.events, args.rss_at)
                     runs[mode][kind].append(r)
-                    print(f"rep {rep + 1} crc={mode:6s} {kind:8s} {r['rate']:>10,.0f} events/s", file=sys.stderr)
+                    print(f"rep {rep + 1} crc={mode:6s} {kind:15s} {r['rate']:>10,.0f} events/s", file=sys.stderr)
 
     rows = []
     for mode in modes:
         bare = [r["rate"] for r in runs[mode]["bare"]]
-        pipe = [r["rate"] for r in runs[mode]["pipeline"]]
-        ratios = [p / b for p, b in zip(pipe, bare, strict=True)]
-        early = statistics.median(r["rss_early_bytes"] for r in runs[mode]["pipeline"])
-        end = statistics.median(r["rss_end_bytes"] for r in runs[mode]["pipeline"])
-        rows.append({
-            "crc": mode, "bare_rate": statistics.median(bare), "pipeline_rate": statistics.median(pipe),
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "rss_at_early_mb": early / 2**20, "rss_at_end_mb": end / 2**20, "rss_change": end / early - 1,
-        })
+        for kind, fetch in (("pipeline", "process"), ("pipeline-inline", "inline")):
+            pipe = [r["rate"] for r in runs[mode][kind]]
+            ratios = [p / b for p, b in zip(pipe, bare, strict=True)]  # each against the bare run of its rep
+            early = statistics.median(r["rss_early_bytes"] for r in runs[mode][kind])
+            end = statistics.median(r["rss_end_bytes"] for r in runs[mode][kind])
+            rows.append({
+                "crc": mode, "fetch": fetch, "bare_rate": statistics.median(bare),
+                "pipeline_rate": statistics.median(pipe), "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "rss_at_early_mb": early / 2**20, "rss_at_end_mb": end / 2**20, "rss_change": end / early - 1,
+            })
     print(f"\ningest benchmark: {args.events:,} synthetic events ({USERS:,} users), {args.partitions} partitions, "
           f"{args.reps} interleaved reps, {os.cpu_count()} cores, Python {platform.python_version()}")
-    header = f"{'CRC32C':8s} {'bare ev/s':>11s} {'recsift ev/s':>13s} {'ratio (min-max)':>18s} " \
+    header = f"{'CRC32C':8s} {'fetch':8s} {'bare ev/s':>11s} {'recsift ev/s':>13s} {'ratio (min-max)':>18s} " \
              f"{'RSS@' + format(args.rss_at, ','):>12s} {'RSS@' + format(args.events, ','):>14s} {'RSS change':>11s}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['crc']:8s} {r['bare_rate']:>11,.0f} {r['pipeline_rate']:>13,.0f} "
+        print(f"{r['crc']:8s} {r['fetch']:8s} {r['bare_rate']:>11,.0f} {r['pipeline_rate']:>13,.0f} "
               f"{r['ratio_median']:>7.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
               f"{r['rss_at_early_mb']:>9.1f} MB {r['rss_at_end_mb']:>11.1f} MB {r['rss_change']:>+10.1%}")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,9 @@ class StreamConfig(_Section):
     backpressure_high: int = Field(20_000, gt=0, description="pause partitions above this many pending samples")
     backpressure_low: int = Field(5_000, ge=0, description="resume below this many")
     stop_when_idle_s: float | None = Field(None, gt=0, description="exit after this long with no new records")
+    fetch_process: bool = Field(
+        True, description="decode Kafka records in a child process, in parallel with the pipeline (uses a 2nd core)"
+    )
     # embedded broker
     partitions: int = Field(3, gt=0, description="partitions of the topic the embedded broker creates")
     feed: str = Field("synthetic", description="embedded feed: synthetic, ml-100k, games, or a file path")

@@ -22,6 +22,7 @@ from recsift.monitoring.metrics import Metrics
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
 from recsift.stream.events import Catalog, DeadLetterSink, DedupIndex, FileDeadLetterSink, Validator
+from recsift.stream.fetcher import ProcessKafkaSource
 from recsift.stream.pipeline import DirectSink, Pipeline, RunSummary, Source, ThreadedSink
 from recsift.stream.sources import (
     CatalogTopicReader,
@@ -110,6 +111,11 @@ class Ingest:
         if s.source == "file":
             assert s.file_path is not None
             return FileSource(s.file_path, s.file_format, self.pipeline.on_assign)
+        if s.fetch_process:
+            return ProcessKafkaSource(
+                s, self.embedded, self.pipeline.on_assign, self.pipeline.on_revoke,
+                on_commit_failure=self.metrics.offset_commit_failures.inc,
+            )
         return KafkaSource(s, self.embedded, self.pipeline.on_assign, self.pipeline.on_revoke)
 
     def close(self) -> None:

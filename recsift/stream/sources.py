@@ -119,7 +119,11 @@ class KafkaSource:
 
             def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
                 tps = [tp for tp in assigned if tp.topic == source.topic]
-                offsets = source._on_assign({tp.partition for tp in tps})
+                source._in_callback = True
+                try:
+                    offsets = source._on_assign({tp.partition for tp in tps})
+                finally:
+                    source._in_callback = False
                 for tp in tps:
                     if tp.partition in offsets:
                         source.consumer.seek(tp, offsets[tp.partition])

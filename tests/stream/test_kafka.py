@@ -45,8 +45,9 @@ def journal(ingest: Ingest) -> list[int]:
     return [r[0] for r in ingest.checkpoint.conn.execute("SELECT sample_id FROM journal")]
 
 
+@pytest.mark.parametrize("fetch_process", [True, False], ids=["fetch-process", "in-process"])
 def test_bad_input_is_dead_lettered_with_reasons_and_valid_events_all_yield_samples(
-    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, fetch_process: bool
 ) -> None:
     topic = make_topic(3)
     catalog = Catalog(Item(f"i{i}", f"Item {i}") for i in range(50))
@@ -81,7 +82,7 @@ def test_bad_input_is_dead_lettered_with_reasons_and_valid_events_all_yield_samp
 
     cfg = kafka_settings(broker, topic, tmp_path, **{
         "stream.stop_when_idle_s": 3.0, "stream.max_message_bytes": 2048, "stream.unknown_items": "reject",
-        "checkpoint.journal_samples": True,
+        "checkpoint.journal_samples": True, "stream.fetch_process": fetch_process,
     })
     metrics = Metrics()
     ingest = Ingest(cfg, metrics, catalog)
@@ -219,3 +220,12 @@ def test_replay_command_keys_by_user_and_respects_the_rate(
 def test_keyed_uses_the_user_id_and_survives_garbage() -> None:
     pairs = list(keyed([b'{"user_id": 7, "x": 1}', b"garbage", b"[]"]))
     assert pairs == [(b"7", b'{"user_id": 7, "x": 1}'), (None, b"garbage"), (None, b"[]")]
+
+
+def test_record_framing_round_trips_keys_values_and_nulls() -> None:
+    from recsift.stream.fetcher import decode_records, encode_records
+    from recsift.stream.sources import SourceRecord
+
+    records = [SourceRecord(0, 5, b"u1", b'{"a": 1}'), SourceRecord(2, 2**40, None, b""), SourceRecord(1, 0, b"", b"\xff\x00")]
+    assert decode_records(encode_records(records)) == records
+    assert decode_records(b"HEADER" + encode_records(records), 6) == records
