@@ -229,3 +229,19 @@ def test_record_framing_round_trips_keys_values_and_nulls() -> None:
     records = [SourceRecord(0, 5, b"u1", b'{"a": 1}'), SourceRecord(2, 2**40, None, b""), SourceRecord(1, 0, b"", b"\xff\x00")]
     assert decode_records(encode_records(records)) == records
     assert decode_records(b"HEADER" + encode_records(records), 6) == records
+
+
+def test_catalog_topic_feeds_unknown_item_checks(broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path) -> None:
+    from recsift import service
+
+    topic, catalog_topic = make_topic(1), make_topic(1, prefix="items")
+    items = [json.dumps({"item_id": f"i{i}", "title": f"Game {i}", "genre": "x"}).encode() for i in range(5)]
+    produce_events(kafka_settings(broker, topic).stream, True, [(None, p) for p in [*items, b"not an item"]], catalog_topic)
+    events = [{"event_id": f"e{k}", "user_id": "u1", "item_id": f"i{k}", "timestamp": 1_700_000_000 + k} for k in range(8)]
+    produce_events(kafka_settings(broker, topic).stream, True, keyed(json.dumps(e).encode() for e in events), topic)
+    cfg = kafka_settings(broker, topic, tmp_path, **{
+        "stream.catalog_topic": catalog_topic, "stream.unknown_items": "reject", "stream.stop_when_idle_s": 2.0,
+    })
+    summary = service.run(cfg, progress=False)
+    assert summary.accepted == 5 and summary.rejected["unknown_item"] == 3  # i5, i6, i7 are not in the catalog
+    assert summary.samples == 4
