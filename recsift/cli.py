@@ -97,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recsift import service
 
     cfg = settings_from(args)
+    logging.getLogger().setLevel(cfg.monitoring.log_level)
     summary = service.run(cfg, max_events=args.max_events)
     print_table("recsift run summary", summary.rows())
     return 0
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from recsift.stream.broker import BrokerUnavailable
 
     args = build_parser().parse_args(argv)
-    level = logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)

@@ -64,3 +64,13 @@ def test_cli_reports_bad_config_with_exit_code_2(capsys: pytest.CaptureFixture[s
     assert main(["config", "show", "--set", "window.max_history=0"]) == 2
     err = capsys.readouterr().err
     assert "window.max_history" in err and "(got 0)" in err
+
+
+def test_run_applies_the_configured_log_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    src = tmp_path / "e.jsonl"
+    src.write_text('{"event_id": "1", "user_id": "u", "item_id": "i", "timestamp": 1}\n')
+    assert main(["run", "--input", str(src), "--state-dir", str(tmp_path / "s"), "--no-progress",
+                 "--set", "monitoring.log_level=WARNING"]) == 0
+    assert logging.getLogger().level == logging.WARNING
