@@ -71,6 +71,11 @@ def test_run_applies_the_configured_log_level(tmp_path: Path, capsys: pytest.Cap
 
     src = tmp_path / "e.jsonl"
     src.write_text('{"event_id": "1", "user_id": "u", "item_id": "i", "timestamp": 1}\n')
-    assert main(["run", "--input", str(src), "--state-dir", str(tmp_path / "s"), "--no-progress",
-                 "--set", "monitoring.log_level=WARNING"]) == 0
-    assert logging.getLogger().level == logging.WARNING
+    root = logging.getLogger()
+    before = root.level
+    try:
+        assert main(["run", "--input", str(src), "--state-dir", str(tmp_path / "s"), "--no-progress",
+                     "--set", "monitoring.log_level=WARNING"]) == 0
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(before)
