@@ -1,0 +1,106 @@
+"""The SASRec surrogate: it learns, it is deterministic and batch-invariant, its state round-trips, bad input is refused."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsift.data.datasets import recbole_events
+from recsift.scoring.surrogate import OOV, PAD, SeqBatch, Surrogate, hashed_negatives
+
+
+def random_surrogate(seed: int = 0, n: int = 200) -> tuple[Surrogate, SeqBatch]:
+    rnd = random.Random(seed)
+    s = Surrogate(80, hidden=16, max_len=20, seed=seed, replay=64)
+    histories = [[f"i{rnd.randrange(80)}" for _ in range(rnd.randint(1, 25))] for _ in range(n)]
+    enc = s.encode(histories, [f"i{rnd.randrange(80)}" for _ in histories], range(n))
+    return s, enc.batch
+
+
+@pytest.mark.slow
+def test_the_surrogate_beats_popularity_on_ml100k(ml100k: Path) -> None:
+    torch.manual_seed(0)
+    by_user: dict[str, list[str]] = {}
+    for e in recbole_events(ml100k):
+        by_user.setdefault(e.user_id, []).append(e.item_id)
+    users = sorted(by_user)
+    s = Surrogate(1700, hidden=64, seed=0)
+    train = s.encode([by_user[u][:-2] for u in users], [by_user[u][-2] for u in users], range(len(users)))
+    s.fit(train.batch, epochs=40, batch_size=128)
+    # leave-last-out: rank every item as the one after the user's whole training sequence
+    test = s.encode([by_user[u][:-2] for u in users], [by_user[u][-2] for u in users], range(len(users)), grow=False)
+    scores = s.score_items(test.batch)
+    scores[:, [PAD, OOV]] = -float("inf")
+    truth = torch.tensor([s.vocab.lookup(by_user[users[i]][-1]) for i in test.kept.tolist()])
+    top = scores.topk(10, dim=1).indices
+    sasrec = (top == truth.view(-1, 1)).any(1).float().mean().item()
+    popular = [s.vocab.lookup(i) for i, _ in Counter(i for u in users for i in by_user[u][:-1]).most_common(10)]
+    pop = sum(int(t) in popular for t in truth.tolist()) / len(truth)
+    assert sasrec > pop * 1.2, (sasrec, pop)
+
+
+def test_losses_are_deterministic_and_batch_invariant() -> None:
+    a, batch = random_surrogate()
+    b, _ = random_surrogate()
+    a.fit(batch, epochs=2, batch_size=32)
+    b.fit(batch, epochs=2, batch_size=32)
+    whole = a.losses(batch)
+    assert torch.equal(whole, b.losses(batch))  # same seed, same data: same model
+    pieces = torch.cat([a.losses(batch.select(torch.arange(i, min(i + 13, len(batch))))) for i in range(0, len(batch), 13)])
+    assert torch.allclose(whole, pieces, atol=1e-5)
+    assert a.embed(batch).shape == (len(batch), 16)
+    assert a.score_items(batch).shape == (len(batch), a.vocab.rows)
+
+
+def test_hashed_negatives_ignore_padding_width_and_avoid_reserved_rows() -> None:
+    ids = torch.tensor([5, 6])
+    wide, narrow = hashed_negatives(ids, 10, 100, 0), hashed_negatives(ids, 4, 100, 0)
+    assert torch.equal(wide[:, -4:], narrow)
+    assert int(wide.min()) >= 2 and int(wide.max()) < 100
+
+
+def test_partial_fit_learns_a_repeating_stream_with_a_bounded_replay_buffer() -> None:
+    s, batch = random_surrogate(seed=3)
+    before = s.loss(batch).item()
+    for _ in range(30):
+        for start in range(0, len(batch), 40):
+            s.partial_fit(batch.select(torch.arange(start, min(start + 40, len(batch)))))
+    assert s.loss(batch).item() < before
+    assert len(s.replay) == s.replay_capacity == 64 and s.replay_seen == 30 * len(batch)
+
+
+def test_state_round_trips_through_safetensors() -> None:
+    a, batch = random_surrogate(seed=4)
+    a.fit(batch, epochs=1, batch_size=32)
+    blob = a.state_bytes()
+    b, _ = random_surrogate(seed=9)
+    b.load_state_bytes(blob)
+    assert torch.equal(a.losses(batch), b.losses(batch))
+    step = batch.select(torch.arange(20))
+    assert a.partial_fit(step) == b.partial_fit(step)  # optimiser state and RNG restored: the same future
+    assert torch.equal(a.losses(batch), b.losses(batch))
+
+
+def test_short_histories_are_excluded_and_counted_and_unknown_items_share_the_oov_row() -> None:
+    s = Surrogate(3, hidden=8, seed=0)
+    enc = s.encode([[], ["a"], ["b", "c"]], ["x", "y", "z"], [1, 2, 3])
+    assert enc.too_short == 1 and enc.kept.tolist() == [1, 2]
+    assert len(s.vocab) == 3 and s.vocab.overflow >= 1  # capacity 3: later new items fall back to OOV
+    frozen = s.encode([["never-seen"]], ["a"], [4], grow=False)
+    assert frozen.batch.seqs[0, -2].item() == OOV
+
+
+def test_bad_input_is_refused() -> None:
+    s, batch = random_surrogate(seed=5)
+    with pytest.raises(ValueError, match="empty batch"):
+        s.losses(batch.select(torch.arange(0)))
+    with pytest.raises(ValueError, match="outside the embedding table"):
+        s.losses(SeqBatch(torch.tensor([[3, 10_000]]), torch.tensor([1])))
+    with torch.no_grad():
+        s.model.item_emb.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="refusing the update"):
+        s.partial_fit(batch)
