@@ -123,6 +123,13 @@ def encode_sequences(
                    len(sequences) - len(kept))
 
 
+def left_pad(seqs: Tensor, width: int) -> Tensor:
+    """Left-pad (or left-trim) rows to ``width`` columns."""
+    if seqs.shape[1] >= width:
+        return seqs[:, seqs.shape[1] - width:]
+    return torch.cat([torch.zeros((seqs.shape[0], width - seqs.shape[1]), dtype=seqs.dtype), seqs], 1)
+
+
 def safetensors_metadata(blob: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob (its header is 8 bytes of length, then JSON)."""
     size = int.from_bytes(blob[:8], "little")
@@ -283,13 +290,15 @@ class Surrogate:
     def partial_fit(self, batch: SeqBatch, replay_ratio: float = 1.0) -> float:
         """One step on the batch plus as many replayed earlier sequences; then remember the batch (reservoir)."""
         self._check(batch)
-        seqs = batch.seqs
+        full = left_pad(batch.seqs, self.max_len + 1)
+        seqs = full
         n_replay = min(len(self.replay), int(round(replay_ratio * len(batch))))
         if n_replay:
             pick = torch.randint(0, len(self.replay), (n_replay,), generator=self.generator)
             seqs = torch.cat([seqs, self.replay[pick]])
-        loss = self._train_step(seqs)
-        self._remember(batch.seqs)
+        mixed = SeqBatch(seqs, torch.zeros(len(seqs), dtype=torch.int64)).select(torch.arange(len(seqs)))
+        loss = self._train_step(mixed.seqs)
+        self._remember(full)
         return loss
 
     def _remember(self, seqs: Tensor) -> None:
