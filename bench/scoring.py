@@ -1,0 +1,111 @@
+"""Scoring benchmark on the DEALRec Games split: surrogate epoch time, LiSSA estimate time, and influence
+scoring with one JVP per batch against the per-sample ``autograd.grad`` loop of the authors' code — same
+model, same samples, same run — plus GraNd, EL2N and loss throughput.
+
+Usage:  python bench/scoring.py [--epochs 1] [--loop-samples 1000] [--depth 500]
+
+Writes ``bench/results/scoring.json`` and prints a table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from recsift.data.datasets import read_dealrec_split  # noqa: E402
+from recsift.scoring.scorer import DEALRecScorer, make_scorer  # noqa: E402
+from recsift.scoring.surrogate import SeqBatch, Surrogate  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def rate(fn, batch: SeqBatch) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Samples per second of ``fn`` over the whole ``batch`` in one call (scorers bucket rows by length)."""
+    started = time.perf_counter()
+    fn(batch)
+    seconds = time.perf_counter() - started
+    return len(batch) / seconds, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "games")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--loop-samples", type=int, default=1000, help="samples for the slow per-sample loop")
+    ap.add_argument("--depth", type=int, default=500, help="LiSSA mini-batch steps")
+    args = ap.parse_args()
+    if not (args.data / "train.txt").is_file():
+        sys.exit(f"the Games dataset is not at {args.data}")
+
+    train = read_dealrec_split(args.data, "train")
+    surrogate = Surrogate(17_332, seed=0)
+    enc = surrogate.encode([v[:-1] for v in train.values()], [v[-1] for v in train.values()], [int(u) for u in train])
+    batch = enc.batch
+    print(f"Games: {len(train):,} users, {len(batch):,} training sequences, {enc.too_short:,} too short to score "
+          f"(one item: no input)", file=sys.stderr)
+
+    epoch_times: list[float] = []
+    surrogate.fit(batch, args.epochs, 128, progress=lambda e, loss, s: (epoch_times.append(s), print(
+        f"epoch {e + 1}: loss {loss:.4f}, {s:.1f} s", file=sys.stderr)))
+
+    g = torch.Generator().manual_seed(0)
+    reference = batch.select(torch.randperm(len(batch), generator=g)[:1024])
+    dealrec = DEALRecScorer(depth=args.depth, batch_size=64)
+    started = time.perf_counter()
+    dealrec.prepare(surrogate, reference)
+    lissa_s = time.perf_counter() - started
+    assert dealrec.estimator is not None
+
+    est = dealrec.estimator
+    loop_rows = batch.select(torch.randperm(len(batch), generator=g)[: args.loop_samples])
+    # the authors' way: one autograd.grad per sample, rows padded as in their batches
+    started = time.perf_counter()
+    loop_scores = est.scores_by_loop((loop_rows.seqs, surrogate.negatives(loop_rows)))
+    loop_s = time.perf_counter() - started
+    jvp_same = est.scores((loop_rows.seqs, surrogate.negatives(loop_rows)))
+    max_rel = float((jvp_same - loop_scores).abs().max() / loop_scores.abs().max())
+
+    jvp_rate, jvp_s = rate(lambda b: dealrec.score(surrogate, b), batch)
+    rows = {
+        "surrogate_epoch_s": sum(epoch_times) / len(epoch_times),
+        "lissa_estimate_s": lissa_s,
+        "lissa_steps": args.depth,
+        "influence_loop_samples_per_s": args.loop_samples / loop_s,
+        "influence_jvp_samples_per_s": jvp_rate,
+        "influence_jvp_all_s": jvp_s,
+        "jvp_vs_loop_max_rel_diff": max_rel,
+    }
+    rows["jvp_speedup"] = rows["influence_jvp_samples_per_s"] / rows["influence_loop_samples_per_s"]
+    sub = batch.select(torch.arange(0, min(len(batch), 10_000)))
+    for name in ("grand", "el2n", "loss"):
+        scorer = make_scorer(name)
+        scorer.prepare(surrogate, reference)
+        rows[f"{name}_samples_per_s"] = rate(lambda b, s=scorer: s.score(surrogate, b), sub)[0]
+
+    print(f"\nscoring benchmark on Games ({len(batch):,} sequences), {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'surrogate epoch':34s} {rows['surrogate_epoch_s']:>10.1f} s")
+    print(f"{'LiSSA estimate (' + str(args.depth) + ' mini-batch steps)':34s} {lissa_s:>10.1f} s")
+    print(f"{'influence, per-sample loop':34s} {rows['influence_loop_samples_per_s']:>10,.0f} samples/s")
+    print(f"{'influence, one JVP per batch':34s} {rows['influence_jvp_samples_per_s']:>10,.0f} samples/s "
+          f"({rows['jvp_speedup']:.0f}x the loop; max rel. diff {max_rel:.1e})")
+    for name in ("grand", "el2n", "loss"):
+        print(f"{name:34s} {rows[name + '_samples_per_s']:>10,.0f} samples/s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "sequences": len(batch),
+           "too_short": enc.too_short, **rows}
+    (RESULTS / "scoring.json").write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {RESULTS / 'scoring.json'}")
+
+
+if __name__ == "__main__":
+    main()
