@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--limit", type=int, help="produce at most this many events")
     replay.add_argument("--partitions", dest="stream.partitions", type=int, help="partitions if the topic is created")
 
+    prune = sub.add_parser("prune", help="score every training sample of a DEALRec dataset (batch DEALRec pipeline)")
+    _common(prune)
+    prune.add_argument("--dataset", default="games", help="games, or a directory with DEALRec train.txt")
+    prune.add_argument("--method", default="dealrec", choices=["dealrec", "random", "grand", "el2n", "ccs", "loss"])
+    prune.add_argument("--budget", type=int, default=1024)
+    prune.add_argument("--epochs", type=int, default=10, help="surrogate training epochs")
+    prune.add_argument("--out", type=Path, help="output directory (default: state/prune/DATASET-METHOD)")
+
     broker = sub.add_parser("broker", help="run the embedded tansu broker in the foreground")
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
 
@@ -127,6 +135,29 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from recsift.data.datasets import resolve_dataset
+    from recsift.scoring.prune import prune
+
+    cfg = settings_from(args)
+    path = resolve_dataset(args.dataset, cfg.stream.data_dir)
+    out = args.out or cfg.checkpoint.state_dir / "prune" / f"{path.name}-{args.method}"
+    report = prune(path, args.method, args.budget, out, epochs=args.epochs, seed=cfg.scoring.seed,
+                   lissa_depth=cfg.scoring.lissa_depth, hidden=cfg.scoring.hidden,
+                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print_table(f"recsift prune: {args.method} on {path.name}", [
+        ("users", f"{report.users:,}"),
+        ("samples scored", f"{report.scored:,}"),
+        ("excluded (one item, no input)", f"{report.too_short:,}"),
+        ("surrogate epochs", f"{report.epochs} ({sum(report.epoch_seconds):.1f} s, final loss {report.final_loss:.4f})"),
+        ("prepare (LiSSA for dealrec)", f"{report.prepare_seconds:.1f} s"),
+        ("scoring", f"{report.score_seconds:.1f} s ({report.rate:,.0f} samples/s)"),
+        ("budget", f"{report.budget:,} (selection: the selection stage reads the scores)"),
+        ("scores", report.scores_path),
+    ])
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from recsift.stream.broker import EmbeddedBroker
 
@@ -150,7 +181,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "replay": cmd_replay, "broker": cmd_broker, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "broker": cmd_broker, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,7 +135,7 @@ class ScoringConfig(_Section):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     lissa_damping: float = Field(0.01, ge=0.0, lt=1.0)
     lissa_scale: float = Field(25.0, gt=0.0)
-    lissa_depth: int = Field(5000, gt=0)
+    lissa_depth: int = Field(500, gt=0, description="LiSSA mini-batch steps (the authors: 5000 single-sample steps)")
 
 
 class SelectionConfig(_Section):
