@@ -47,6 +47,23 @@ class Scorer(Protocol):
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores: ...
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        """What the checkpoint must keep to score the same way after a restart."""
+
+    def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None: ...
+
+
+class _Versioned:
+    """State of a scorer that keeps nothing but its version."""
+
+    version: int
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {"version": torch.tensor(self.version)}
+
+    def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None:
+        self.version = int(tensors["version"])
+
 
 SCORERS: dict[str, type] = {}
 
@@ -85,7 +102,7 @@ def by_length(fn: Callable[[SeqBatch], Tensor], batch: SeqBatch, bucket: int = B
 
 
 @register
-class RandomScorer:
+class RandomScorer(_Versioned):
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
@@ -102,7 +119,7 @@ class RandomScorer:
 
 
 @register
-class LossScorer:
+class LossScorer(_Versioned):
     name = "loss"
 
     def __init__(self, seed: int = 0) -> None:
@@ -117,7 +134,7 @@ class LossScorer:
 
 
 @register
-class EL2NScorer:
+class EL2NScorer(_Versioned):
     name = "el2n"
 
     def __init__(self, seed: int = 0) -> None:
@@ -139,7 +156,7 @@ class EL2NScorer:
 
 
 @register
-class GraNdScorer:
+class GraNdScorer(_Versioned):
     name = "grand"
 
     def __init__(self, seed: int = 0, block: Sequence[str] | None = None) -> None:
@@ -172,7 +189,7 @@ EffortFn = Callable[[SeqBatch], Tensor]
 
 
 @register
-class DEALRecScorer:
+class DEALRecScorer(_Versioned):
     """Influence on the surrogate (+ λ·effort from the LLM when an effort function is given and λ > 0)."""
 
     name = "dealrec"
@@ -204,6 +221,20 @@ class DEALRecScorer:
 
         self.estimator.estimate((reference.seqs, surrogate.negatives(reference)), sample)
         self.version += 1
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = super().state_tensors()
+        if self.estimator is not None and self.estimator.ihvp is not None:
+            out["ihvp"] = self.estimator.ihvp
+        return out
+
+    def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None:
+        super().load_state_tensors(surrogate, tensors)
+        if "ihvp" in tensors:
+            model = surrogate.model
+            self.estimator = InfluenceEstimator(model, self.block or default_block(model), self.damping, self.scale,
+                                                self.depth, self.repeats, self.seed)
+            self.estimator.set_ihvp(tensors["ihvp"])
 
     def influence(self, surrogate: Surrogate, batch: SeqBatch) -> Tensor:
         estimator = self.estimator
