@@ -65,6 +65,17 @@ class _Versioned:
         self.version = int(tensors["version"])
 
 
+class _FollowsSurrogate(_Versioned):
+    """A scorer computed from the current surrogate alone: each prepare starts a new version."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.version = 0
+
+    def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
+        self.version += 1
+
+
 SCORERS: dict[str, type] = {}
 
 
@@ -119,30 +130,16 @@ class RandomScorer(_Versioned):
 
 
 @register
-class LossScorer(_Versioned):
+class LossScorer(_FollowsSurrogate):
     name = "loss"
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-        self.version = 0
-
-    def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
-        self.version += 1
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
         return Scores(by_length(surrogate.losses, batch), self.version)
 
 
 @register
-class EL2NScorer(_Versioned):
+class EL2NScorer(_FollowsSurrogate):
     name = "el2n"
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-        self.version = 0
-
-    def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
-        self.version += 1
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
         def el2n(rows: SeqBatch) -> Tensor:
@@ -156,16 +153,12 @@ class EL2NScorer(_Versioned):
 
 
 @register
-class GraNdScorer(_Versioned):
+class GraNdScorer(_FollowsSurrogate):
     name = "grand"
 
     def __init__(self, seed: int = 0, block: Sequence[str] | None = None) -> None:
-        self.seed = seed
+        super().__init__(seed)
         self.block = list(block) if block else None
-        self.version = 0
-
-    def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
-        self.version += 1
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
         model = surrogate.model
