@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         fmt = detect_format(path) if args.replay_format == "auto" else args.replay_format
         payloads = keyed(iter_events_or_payloads(path, fmt))
         if args.limit is not None:
-            payloads = (p for _, p in zip(range(args.limit), payloads))
+            payloads = islice(payloads, args.limit)
     ensure_topic(cfg.stream, False, cfg.stream.topic, cfg.stream.partitions)
     n = produce_events(cfg.stream, False, payloads, cfg.stream.topic, rate=args.rate,
                        progress=lambda k: print(f"\rproduced {k:,}", end="", file=sys.stderr, flush=True))

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def embedded_feed(cfg: Settings, limit: int | None) -> Feed:
     items = iter_events_or_payloads(path, detect_format(path))
     payloads = keyed(items)
     if limit is not None:
-        payloads = (p for _, p in zip(range(limit), payloads))
+        payloads = islice(payloads, limit)
     return Feed(str(path), payloads, catalog_for(path) or Catalog())
 
 

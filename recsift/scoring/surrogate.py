@@ -94,11 +94,16 @@ class SeqBatch:
         return int(self.seqs.shape[0])
 
     def select(self, index: Tensor) -> SeqBatch:
-        """Rows ``index``, trimmed to the longest of them (left padding carries no information)."""
-        seqs = self.seqs[index]
-        lengths = (seqs != PAD).sum(1)
-        width = max(2, int(lengths.max())) if len(seqs) else seqs.shape[1]
-        return SeqBatch(seqs[:, seqs.shape[1] - width:], self.sample_ids[index])
+        """Rows ``index``, trimmed to the longest of them."""
+        return SeqBatch(trim_padding(self.seqs[index]), self.sample_ids[index])
+
+
+def trim_padding(seqs: Tensor) -> Tensor:
+    """Drop the leading columns that are padding in every row (left padding carries no information)."""
+    if not len(seqs):
+        return seqs
+    width = max(2, int((seqs != PAD).sum(1).max()))
+    return seqs[:, seqs.shape[1] - width:]
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ class SASRec(nn.Module):
         self.last_norm = nn.LayerNorm(hidden, eps=1e-8)
         causal = torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), diagonal=1)
         self.register_buffer("causal_mask", causal, persistent=False)
-        for name, param in self.named_parameters():  # as the reference: Xavier-normal for every matrix
+        for param in self.parameters():  # as the reference: Xavier-normal for every matrix
             if param.dim() > 1:
                 nn.init.xavier_normal_(param)
         with torch.no_grad():
@@ -296,8 +301,7 @@ class Surrogate:
         if n_replay:
             pick = torch.randint(0, len(self.replay), (n_replay,), generator=self.generator)
             seqs = torch.cat([seqs, self.replay[pick]])
-        mixed = SeqBatch(seqs, torch.zeros(len(seqs), dtype=torch.int64)).select(torch.arange(len(seqs)))
-        loss = self._train_step(mixed.seqs)
+        loss = self._train_step(trim_padding(seqs))
         self._remember(full)
         return loss
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
 from recsift.scoring.influence import InfluenceError, InfluenceEstimator, cosine, default_block, spearman
 from recsift.scoring.surrogate import SeqBatch, Surrogate
