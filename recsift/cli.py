@@ -113,7 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from recsift.data.datasets import detect_format, iter_events_or_payloads, resolve_dataset
+    from recsift.data.datasets import (
+        detect_format,
+        iter_events_or_payloads,
+        resolve_dataset,
+    )
     from recsift.data.synthetic import SyntheticStream
     from recsift.stream.sources import ensure_topic, keyed, produce_events
 

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -127,8 +134,12 @@ class CheckpointConfig(_Section):
 class ScoringConfig(_Section):
     """DEALRec scoring: SASRec surrogate, influence, effort (consumed by recsift.scoring)."""
 
+    enabled: bool = Field(True, description="false: ingest only (histories, windows, checkpoint), no scoring")
     seed: int = 0
-    effort_weight: float = Field(0.3, ge=0.0, description="λ in overall = minmax(influence) + λ·minmax(effort)")
+    effort_weight: float = Field(
+        0.0, ge=0.0,
+        description="λ in overall = minmax(influence) + λ·minmax(effort). DEALRec uses 0.3 on Games; the LLM "
+                    "gradient costs ~0.13 s per sample on a 2-core CPU (bench/scoring.py), so 0 (off) is the CPU default")
     hidden: int = Field(64, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(2, gt=0)
@@ -136,6 +147,14 @@ class ScoringConfig(_Section):
     lissa_damping: float = Field(0.01, ge=0.0, lt=1.0)
     lissa_scale: float = Field(25.0, gt=0.0)
     lissa_depth: int = Field(500, gt=0, description="LiSSA mini-batch steps (the authors: 5000 single-sample steps)")
+    scorer: Literal["dealrec", "random", "loss", "el2n", "grand"] = "dealrec"
+    batch_size: int = Field(4096, gt=0, description="samples per surrogate update and scoring pass on the stream")
+    train_rows: int = Field(512, gt=0, description="new rows per surrogate step (plus as many replayed); the "
+                            "rest of a scoring batch is scored but not trained on")
+    reestimate_every: int = Field(20, gt=0, description="scoring batches between H⁻¹v re-estimates (new version)")
+    reference_size: int = Field(1024, gt=0, description="reference reservoir: v, Hessian batches, score bounds")
+    replay: int = Field(10_000, gt=0, description="surrogate replay buffer (rows) against forgetting")
+    item_capacity: int = Field(100_000, gt=0, description="surrogate item rows; later new items share one row")
 
 
 class SelectionConfig(_Section):
@@ -155,7 +174,13 @@ class TrainerConfig(_Section):
     lora_r: int = Field(8, gt=0)
     lora_alpha: int = Field(16, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    cache_dir: Path = Field(Path.home() / ".cache" / "recsift", description="dequantised base models, title embeddings")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where the CPU supports it")
+    domain: Literal["items", "games", "movies"] = Field("items", description="the prompt's wording")
+    max_prompt_tokens: int = Field(256, ge=16, description="oldest history items are dropped to fit")
+    effort_batch_size: int = Field(8, gt=0)
 
 
 class MonitoringConfig(_Section):

@@ -2,7 +2,8 @@
 
 With nothing configured it runs the embedded default: a tansu broker on a free loopback port, fed in a
 background thread by the synthetic drifting stream (or a dataset from ``../shared/data``), consumed by
-the ingest pipeline with its checkpoint under ``checkpoint.state_dir``.
+the ingest pipeline with its checkpoint under ``checkpoint.state_dir``. Sample batches go to the scoring
+stage in a worker thread (backpressure pauses the source when it falls behind).
 """
 
 from __future__ import annotations
@@ -11,20 +12,41 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from itertools import islice
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from recsift.config import Settings
-from recsift.data.datasets import catalog_for, detect_format, iter_events_or_payloads, resolve_dataset
+from recsift.data.datasets import (
+    catalog_for,
+    detect_format,
+    iter_events_or_payloads,
+    resolve_dataset,
+)
 from recsift.data.synthetic import SyntheticStream
 from recsift.monitoring.metrics import Metrics
+from recsift.scoring.effort import EffortScorer
+from recsift.scoring.scorer import make_scorer
+from recsift.scoring.stream import ScoringStage, ScoringStore, StreamScorer
+from recsift.scoring.surrogate import Surrogate
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
-from recsift.stream.events import Catalog, DeadLetterSink, DedupIndex, FileDeadLetterSink, Validator
+from recsift.stream.events import (
+    Catalog,
+    DeadLetterSink,
+    DedupIndex,
+    FileDeadLetterSink,
+    Validator,
+)
 from recsift.stream.fetcher import ProcessKafkaSource
-from recsift.stream.pipeline import DirectSink, Pipeline, RunSummary, Source, ThreadedSink
+from recsift.stream.pipeline import (
+    DirectSink,
+    Pipeline,
+    RunSummary,
+    Source,
+    ThreadedSink,
+)
 from recsift.stream.sources import (
     CatalogTopicReader,
     FileSource,
@@ -35,6 +57,8 @@ from recsift.stream.sources import (
     produce_events,
 )
 from recsift.stream.windows import Batch
+from recsift.trainer.llm import add_lora, load_llm
+from recsift.trainer.prompts import PromptBuilder, domain_named
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +149,56 @@ class Ingest:
         self.checkpoint.close()
 
 
-def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = None, progress: bool | None = None) -> RunSummary:
+def build_effort(cfg: Settings, catalog: Catalog) -> EffortScorer:
+    """The LLM effort scorer: the trainer's base model with a fresh seeded LoRA adapter, BIGRec prompts."""
+    t = cfg.trainer
+    llm = load_llm(t.base_model, t.cache_dir, t.dtype)
+    model = add_lora(llm.model, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, t.seed)
+    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, domain_named(t.domain), t.max_prompt_tokens,
+                            pad_token_id=llm.pad_token_id)
+    return EffortScorer(model, builder.batch, batch_size=t.effort_batch_size, autocast_dtype=llm.autocast_dtype)
+
+
+def build_scoring(cfg: Settings, catalog: Catalog, metrics: Metrics | None = None) -> tuple[ScoringStage, ScoringStore]:
+    """Surrogate, scorer (and effort when λ > 0), the batching stage and its checkpoint participant."""
+    sc = cfg.scoring
+    surrogate = Surrogate(sc.item_capacity, hidden=sc.hidden, layers=sc.layers, heads=sc.heads,
+                          max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed)
+    params: dict[str, object] = {"seed": sc.seed}
+    if sc.scorer == "dealrec":
+        params.update(damping=sc.lissa_damping, scale=sc.lissa_scale, depth=sc.lissa_depth)
+    effort = build_effort(cfg, catalog) if sc.effort_weight > 0 else None
+    stream_scorer = StreamScorer(surrogate, make_scorer(sc.scorer, **params), sc.reestimate_every, sc.reference_size,
+                                 sc.seed, effort, sc.effort_weight, sc.train_rows)
+    stage = ScoringStage(stream_scorer, sc.batch_size, metrics=metrics)
+    return stage, ScoringStore(stream_scorer, stage)
+
+
+@dataclass
+class ServiceSummary:
+    """What ``recsift run`` prints at the end: the ingest summary plus the later stages."""
+
+    ingest: RunSummary
+    scored: int = 0
+    awaiting_scoring: int = 0
+    unscorable: int = 0
+    scorer_version: int = 0
+    surrogate_loss: float = float("nan")
+    scoring_busy_s: float = 0.0
+
+    def rows(self) -> list[tuple[str, str]]:
+        rate = self.scored / self.scoring_busy_s if self.scoring_busy_s else 0.0
+        return self.ingest.rows() + [
+            ("samples scored", f"{self.scored:,} ({rate:,.0f}/s while scoring)"),
+            ("samples awaiting scoring", f"{self.awaiting_scoring:,} (kept in the checkpoint)"),
+            ("samples unscorable", f"{self.unscorable:,}"),
+            ("scorer version", str(self.scorer_version)),
+            ("surrogate loss", f"{self.surrogate_loss:.4f}"),
+        ]
+
+
+def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = None,
+        progress: bool | None = None) -> ServiceSummary:
     """``recsift run``: consume until stopped, checkpointing as it goes; returns the run summary."""
     metrics = metrics or Metrics()
     progress = cfg.monitoring.progress if progress is None else progress
@@ -143,7 +216,9 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             threading.Thread(
                 target=produce_events, args=(cfg.stream, True, feed.payloads, cfg.stream.topic), daemon=True, name="feed"
             ).start()
-        ingest = Ingest(cfg, metrics, catalog)
+        stage, store = build_scoring(cfg, catalog, metrics) if cfg.scoring.enabled else (None, None)
+        ingest = Ingest(cfg, metrics, catalog, participants=[store] if store else [], handlers=[stage] if stage else [],
+                        threaded=stage is not None)
         stack.callback(ingest.close)
         if cfg.stream.catalog_topic and cfg.stream.source != "file":
             reader = CatalogTopicReader(cfg.stream, ingest.embedded, catalog)
@@ -152,7 +227,12 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             ingest.pipeline.ticks.append(reader.poll)
         if progress:
             ingest.pipeline.ticks.append(_progress_ticker(ingest.pipeline, max_events, stack))
-        return ingest.pipeline.run(ingest.source(), max_events=max_events)
+        summary = ingest.pipeline.run(ingest.source(), max_events=max_events)
+        if stage is None:
+            return ServiceSummary(summary)
+        scorer = stage.scorer
+        return ServiceSummary(summary, stage.scored, len(stage.pending), scorer.excluded, scorer.scorer.version,
+                              scorer.last_loss, stage.busy_s)
 
 
 def _progress_ticker(pipeline: Pipeline, total: int | None, stack: ExitStack) -> Callable[[], None]:

@@ -17,12 +17,19 @@ from tests.helpers import ROOT
 
 @pytest.mark.slow
 def test_embedded_default_run_consumes_the_synthetic_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--max-events", "3000", "--no-progress", "--state-dir", str(tmp_path)]) == 0
+    assert main(["run", "--max-events", "3000", "--no-progress", "--state-dir", str(tmp_path),
+                 "--set", "scoring.batch_size=500", "--set", "scoring.lissa_depth=20"]) == 0
     out = capsys.readouterr().out
     assert "events consumed             3,000" in out
     assert "max-events" in out
-    samples = int(next(line for line in out.splitlines() if line.startswith("samples emitted")).split()[-1].replace(",", ""))
+
+    def count(label: str) -> int:
+        return int(next(line for line in out.splitlines() if line.startswith(label)).split()[len(label.split())]
+                   .replace(",", ""))
+
+    samples, scored, waiting = count("samples emitted"), count("samples scored"), count("samples awaiting scoring")
     assert 0 < samples < 3000
+    assert scored % 500 == 0 and 0 < scored + waiting <= samples  # the rest wait in open windows
     assert (tmp_path / "recsift.sqlite").exists()
 
 

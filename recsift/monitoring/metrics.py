@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from recsift import __version__
 from recsift.stream.events import RejectReason
 
-STAGES = ("poll", "validate", "window", "sink", "checkpoint")
+STAGES = ("poll", "validate", "window", "sink", "checkpoint", "score", "select")
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -87,4 +87,21 @@ class Metrics:
         )
         self.last_checkpoint = Gauge(
             "recsift_last_checkpoint_timestamp_seconds", "Wall-clock time of the last checkpoint", registry=r
+        )
+
+        # scoring
+        self.samples_scored = Counter("recsift_samples_scored_total", "Samples scored by the stream scorer", registry=r)
+        self.samples_unscorable = Counter(
+            "recsift_samples_unscorable_total", "Samples excluded from scoring (history too short to form an input)",
+            registry=r,
+        )
+        self.surrogate_loss = Gauge("recsift_surrogate_loss", "Surrogate training loss on the last batch", registry=r)
+        self.estimate_version = Gauge(
+            "recsift_influence_estimate_version", "Version of the scorer estimate (H⁻¹v) scores carry", registry=r
+        )
+        self.estimate_timestamp = Gauge(
+            "recsift_influence_estimate_timestamp_seconds", "Wall-clock time of the last re-estimate", registry=r
+        )
+        self.effort_cache_hits = Counter(
+            "recsift_effort_cache_hits_total", "Effort scores served from the per-sample cache", registry=r
         )

@@ -1,4 +1,4 @@
-"""Scorers: DEALRec's influence score and the coreset baselines of the DEALRec paper, behind one contract.
+"""Scorers: DEALRec's influence score (here) and the coreset baselines (``baselines.py``), behind one contract.
 
 Every scorer is a small class whose constructor arguments are its configuration (a ``seed`` included),
 registered by name. ``prepare(surrogate, reference)`` builds what a score depends on (for DEALRec the
@@ -6,16 +6,10 @@ H⁻¹v estimate) and starts a new *version*; ``score(surrogate, batch)`` return
 version. Higher means more valuable to keep (DEALRec's influence) or harder (GraNd, EL2N, loss): the
 selection stage decides what to do with the order.
 
-Baselines (as compared in DEALRec's Table 2):
-- ``random``: a uniform number from (seed, sample id): a selector built on it samples uniformly;
-- ``loss``: the surrogate's per-sample loss;
-- ``el2n``: the L2 norm of the error vector softmax(logits) − onehot(target) over the catalogue
-  (Paul et al., 2021), for predicting the target from the history;
-- ``grand``: the per-sample gradient norm over a parameter block (Paul et al., 2021), with
-  ``torch.func.vmap(grad)``.
-
 ``combine`` is DEALRec's overall score: minmax(influence) + λ·minmax(effort), normalised over the samples
-scored with one version.
+scored with one version. The effort term comes from the LLM (``effort.py``); it is combined outside the
+scorer because it needs the samples' text, not the surrogate's batch. On a stream the range of a version
+is not known in advance: :class:`Bounds` fixes it from the reference reservoir when the version starts.
 """
 
 from __future__ import annotations
@@ -26,10 +20,9 @@ from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
 
 from recsift.scoring.influence import InfluenceEstimator, default_block
-from recsift.scoring.surrogate import PAD, SeqBatch, Surrogate, hashed_negatives
+from recsift.scoring.surrogate import PAD, SeqBatch, Surrogate
 
 
 @dataclass(frozen=True)
@@ -113,90 +106,16 @@ def by_length(fn: Callable[[SeqBatch], Tensor], batch: SeqBatch, bucket: int = B
 
 
 @register
-class RandomScorer(_Versioned):
-    name = "random"
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-        self.version = 1
-
-    def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
-        return None  # nothing depends on the surrogate
-
-    def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        _check_batch(batch)
-        draws = hashed_negatives(batch.sample_ids, 1, 2**31, self.seed)[:, 0]
-        return Scores(draws.double() / 2**31, self.version)
-
-
-@register
-class LossScorer(_FollowsSurrogate):
-    name = "loss"
-
-    def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        return Scores(by_length(surrogate.losses, batch), self.version)
-
-
-@register
-class EL2NScorer(_FollowsSurrogate):
-    name = "el2n"
-
-    def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        def el2n(rows: SeqBatch) -> Tensor:
-            logits = surrogate.score_items(SeqBatch(rows.seqs[:, :-1], rows.sample_ids))  # next item after the history
-            logits[:, PAD] = -torch.inf
-            probs = torch.softmax(logits.double(), dim=1)
-            probs[torch.arange(len(rows)), rows.seqs[:, -1]] -= 1.0
-            return probs.norm(dim=1)
-
-        return Scores(by_length(el2n, batch, 512), self.version)
-
-
-@register
-class GraNdScorer(_FollowsSurrogate):
-    name = "grand"
-
-    def __init__(self, seed: int = 0, block: Sequence[str] | None = None) -> None:
-        super().__init__(seed)
-        self.block = list(block) if block else None
-
-    def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        model = surrogate.model
-        model.eval()
-        names = self.block or default_block(model)
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        block = {k: params[k] for k in names}
-        buffers = dict(model.named_buffers())
-
-        def one(p: dict[str, Tensor], seq: Tensor, neg: Tensor) -> Tensor:
-            return functional_call(model, {**params, **buffers, **p}, (seq[None], neg[None]))[0]
-
-        def norms(rows: SeqBatch) -> Tensor:
-            grads = vmap(grad(one), in_dims=(None, 0, 0))(block, rows.seqs, surrogate.negatives(rows))
-            return torch.stack([g.reshape(len(rows), -1).double().pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-
-        return Scores(by_length(norms, batch, 512), self.version)
-
-
-EffortFn = Callable[[SeqBatch], Tensor]
-
-
-@register
 class DEALRecScorer(_Versioned):
-    """Influence on the surrogate (+ λ·effort from the LLM when an effort function is given and λ > 0)."""
+    """DEALRec's influence on the surrogate: score_i = ⟨∇loss_i, H⁻¹v⟩ (see ``influence.py``)."""
 
     name = "dealrec"
 
-    def __init__(self, seed: int = 0, effort_weight: float = 0.0, damping: float = 0.01, scale: float = 25.0,
-                 depth: int = 500, batch_size: int = 64, repeats: int = 1, block: Sequence[str] | None = None,
-                 effort: EffortFn | None = None) -> None:
-        if effort_weight > 0 and effort is None:
-            raise ValueError("effort_weight > 0 needs an effort function (the LLM's gradient norm); "
-                             "use effort_weight=0 for influence only")
-        self.seed, self.effort_weight = seed, effort_weight
+    def __init__(self, seed: int = 0, damping: float = 0.01, scale: float = 25.0, depth: int = 500,
+                 batch_size: int = 64, repeats: int = 1, block: Sequence[str] | None = None) -> None:
+        self.seed = seed
         self.damping, self.scale, self.depth, self.batch_size, self.repeats = damping, scale, depth, batch_size, repeats
         self.block = list(block) if block else None
-        self.effort = effort
         self.estimator: InfluenceEstimator | None = None
         self.version = 0
 
@@ -236,7 +155,7 @@ class DEALRecScorer(_Versioned):
         return by_length(lambda rows: estimator.scores((rows.seqs, surrogate.negatives(rows))), batch)
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        """Raw influence (the effort term joins in :func:`combine`, which needs a whole version's range)."""
+        """Raw influence (the effort term joins in :func:`combine`)."""
         return Scores(self.influence(surrogate, batch), self.version)
 
 
@@ -254,3 +173,25 @@ def combine(influence: Tensor, effort: Tensor | None, effort_weight: float) -> T
         overall = overall + effort_weight * minmax(effort.double())
     return overall
 
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The min-max range of one scorer version, taken from a reference set when the version starts."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Tensor) -> Bounds:
+        if not len(values) or not torch.isfinite(values).all():
+            raise ValueError("bounds need a non-empty, finite reference")
+        return cls(float(values.min()), float(values.max()))
+
+    def normalise(self, x: Tensor) -> Tensor:
+        span = self.high - self.low
+        return (x.double() - self.low) / span if span > 0 else torch.zeros_like(x, dtype=torch.float64)
+
+
+# the baselines register themselves on import; the registry must exist first
+from recsift.scoring import baselines as _baselines  # noqa: F401

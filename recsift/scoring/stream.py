@@ -1,9 +1,14 @@
 """Scoring on the stream: each sample batch updates the surrogate, then is scored with the current estimate.
 
 For every batch: map items to rows (new items take free rows), ``partial_fit`` the surrogate (with its
-replay buffer), add the rows to a bounded reference reservoir, re-estimate the scorer (H⁻¹v for DEALRec)
-every ``reestimate_every`` batches, then score the batch and embed it (the embedding feeds coverage and
-drift in the selection stage). Scores carry the scorer version they were computed with.
+replay buffer), compute the LLM effort when an effort scorer is given (λ > 0), add the rows to a bounded
+reference reservoir, re-estimate the scorer (H⁻¹v for DEALRec) every ``reestimate_every`` batches, then
+score the batch and embed it (the embedding feeds coverage and drift in the selection stage).
+
+The overall score is DEALRec's minmax(influence) + λ·minmax(effort) per scorer version. A stream has no
+final range to normalise by, so each version fixes its range (:class:`Bounds`) from the reference
+reservoir when it starts; scores of one version are then comparable, and a selector re-buckets its
+members when the version changes. Scores carry the version they were computed with.
 
 :class:`ScoringStore` puts the surrogate (weights, optimiser, replay buffer, RNG), the scorer's state and
 the reference reservoir into the checkpoint transaction as safetensors blobs — never pickle — so a
@@ -13,41 +18,64 @@ restart scores exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import Tensor
 
-from recsift.scoring.scorer import Scorer
-from recsift.scoring.surrogate import SeqBatch, Surrogate, left_pad, safetensors_metadata
+from recsift.monitoring.metrics import Metrics
+from recsift.scoring.scorer import Bounds, Scorer
+from recsift.scoring.surrogate import (
+    SeqBatch,
+    Surrogate,
+    left_pad,
+    safetensors_metadata,
+)
+from recsift.stream.checkpoint import sample_from_json, sample_to_json
 from recsift.stream.windows import Sample
 
 
 @dataclass(frozen=True)
 class ScoredSample:
     sample: Sample
-    score: float
+    score: float  # overall: normalised influence (or baseline score) + λ·normalised effort
     version: int
     embedding: np.ndarray  # float32 [hidden]
+    raw: float = float("nan")  # the scorer's raw value (influence for DEALRec)
+    effort: float = float("nan")  # the LLM's gradient norm; NaN when λ = 0
+
+
+EffortFn = Callable[[Sequence[Sample]], Tensor]
 
 
 class StreamScorer:
     """Learns from and scores sample batches; bounded memory (replay buffer and reference reservoir)."""
 
     def __init__(self, surrogate: Surrogate, scorer: Scorer, reestimate_every: int = 50, reference_size: int = 1024,
-                 seed: int = 0) -> None:
+                 seed: int = 0, effort: EffortFn | None = None, effort_weight: float = 0.0,
+                 train_rows: int | None = None) -> None:
         if reestimate_every < 1 or reference_size < 1:
             raise ValueError("reestimate_every and reference_size must be positive")
+        if effort_weight > 0 and effort is None:
+            raise ValueError("effort_weight > 0 needs an effort scorer (the LLM's gradient norm)")
         self.surrogate = surrogate
         self.scorer = scorer
+        self.train_rows = train_rows
+        self.effort = effort if effort_weight > 0 else None  # λ = 0: never computed
+        self.effort_weight = effort_weight
+        self.bounds: Bounds | None = None
+        self.effort_bounds: Bounds | None = None
         self.reestimate_every = reestimate_every
         self.reference_size = reference_size
         self.generator = torch.Generator().manual_seed(seed)
         width = surrogate.max_len + 1
         self.reference = SeqBatch(torch.zeros((0, width), dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        self.reference_effort = torch.zeros(0, dtype=torch.float64)
         self.reference_seen = 0
         self.batches = 0
         self.batches_since_estimate = 0
@@ -62,28 +90,50 @@ class StreamScorer:
         self.excluded += enc.too_short
         if not len(enc.batch):
             return []
-        self.last_loss = self.surrogate.partial_fit(enc.batch)
-        self._remember(enc.batch)
+        kept = enc.kept.tolist()
+        self.last_loss = self.surrogate.partial_fit(enc.batch, max_rows=self.train_rows)
+        effort = self.effort([samples[i] for i in kept]) if self.effort is not None else None
+        self._remember(enc.batch, effort)
         self.batches += 1
         self.batches_since_estimate += 1
         if self.scorer.version == 0 or self.batches_since_estimate >= self.reestimate_every:
-            self.scorer.prepare(self.surrogate, self.reference)
-            self.batches_since_estimate = 0
+            self.reestimate()
         scores = self.scorer.score(self.surrogate, enc.batch)
+        overall = self.overall(scores.values, effort)
         embeddings = self.surrogate.embed(enc.batch).numpy()
+        efforts = effort.tolist() if effort is not None else [float("nan")] * len(kept)
         return [
-            ScoredSample(samples[i], float(v), scores.version, embeddings[row])
-            for row, (i, v) in enumerate(zip(enc.kept.tolist(), scores.values.tolist(), strict=True))
+            ScoredSample(samples[i], o, scores.version, embeddings[row], r, e)
+            for row, (i, o, r, e) in enumerate(zip(kept, overall.tolist(), scores.values.tolist(), efforts, strict=True))
         ]
 
-    def _remember(self, batch: SeqBatch) -> None:
+    def reestimate(self) -> None:
+        """Start a new scorer version: re-prepare on the reference reservoir and fix its score range."""
+        self.scorer.prepare(self.surrogate, self.reference)
+        self.batches_since_estimate = 0
+        self.bounds = Bounds.of(self.scorer.score(self.surrogate, self.reference).values)
+        self.effort_bounds = Bounds.of(self.reference_effort) if self.effort is not None else None
+
+    def overall(self, raw: Tensor, effort: Tensor | None) -> Tensor:
+        """DEALRec's combination with the current version's bounds."""
+        assert self.bounds is not None
+        if not torch.isfinite(raw).all():
+            raise FloatingPointError("the scorer produced non-finite scores")
+        out = self.bounds.normalise(raw)
+        if effort is not None and self.effort_bounds is not None:
+            out = out + self.effort_weight * self.effort_bounds.normalise(effort)
+        return out
+
+    def _remember(self, batch: SeqBatch, effort: Tensor | None) -> None:
         """Reservoir (Algorithm R) of recent rows: the reference set for v and the Hessian mini-batches."""
         seqs = left_pad(batch.seqs, self.surrogate.max_len + 1)
-        ref_seqs, ref_ids = self.reference.seqs, self.reference.sample_ids
+        values = effort if effort is not None else torch.zeros(len(seqs), dtype=torch.float64)
+        ref_seqs, ref_ids, ref_effort = self.reference.seqs, self.reference.sample_ids, self.reference_effort
         free = max(0, self.reference_size - len(ref_seqs))
         if free:
             ref_seqs = torch.cat([ref_seqs, seqs[:free]])
             ref_ids = torch.cat([ref_ids, batch.sample_ids[:free]])
+            ref_effort = torch.cat([ref_effort, values[:free]])
         rest = slice(free, len(seqs))
         if len(seqs[rest]):
             seen = self.reference_seen + min(free, len(seqs)) + torch.arange(1, len(seqs[rest]) + 1)
@@ -91,7 +141,9 @@ class StreamScorer:
             keep = slots < self.reference_size
             ref_seqs[slots[keep]] = seqs[rest][keep]
             ref_ids[slots[keep]] = batch.sample_ids[rest][keep]
+            ref_effort[slots[keep]] = values[rest][keep]
         self.reference = SeqBatch(ref_seqs, ref_ids)
+        self.reference_effort = ref_effort
         self.reference_seen += len(seqs)
 
     # ------------------------------------------------------------------ state
@@ -99,7 +151,12 @@ class StreamScorer:
     def state_bytes(self) -> bytes:
         tensors = {f"scorer.{k}": v for k, v in self.scorer.state_tensors().items()}
         tensors.update({"reference.seqs": self.reference.seqs, "reference.ids": self.reference.sample_ids,
-                        "rng": self.generator.get_state()})
+                        "reference.effort": self.reference_effort, "rng": self.generator.get_state()})
+        if self.bounds is not None:
+            tensors["bounds"] = torch.tensor([self.bounds.low, self.bounds.high], dtype=torch.float64)
+        if self.effort_bounds is not None:
+            tensors["effort_bounds"] = torch.tensor([self.effort_bounds.low, self.effort_bounds.high],
+                                                    dtype=torch.float64)
         meta = {"reference_seen": str(self.reference_seen), "batches": str(self.batches),
                 "batches_since_estimate": str(self.batches_since_estimate), "excluded": str(self.excluded)}
         return st_save(tensors, metadata=meta)
@@ -109,26 +166,91 @@ class StreamScorer:
         meta = safetensors_metadata(blob)
         self.scorer.load_state_tensors(self.surrogate, {k[7:]: v for k, v in tensors.items() if k.startswith("scorer.")})
         self.reference = SeqBatch(tensors["reference.seqs"], tensors["reference.ids"])
+        self.reference_effort = tensors["reference.effort"]
+        self.bounds = Bounds(*tensors["bounds"].tolist()) if "bounds" in tensors else None
+        self.effort_bounds = Bounds(*tensors["effort_bounds"].tolist()) if "effort_bounds" in tensors else None
         self.generator.set_state(tensors["rng"])
         self.reference_seen, self.batches = int(meta["reference_seen"]), int(meta["batches"])
         self.batches_since_estimate, self.excluded = int(meta["batches_since_estimate"]), int(meta["excluded"])
 
 
-class ScoringStore:
-    """Checkpoint participant for the stream scorer: rewritten only when the surrogate has changed."""
+ScoredHandler = Callable[[list[ScoredSample]], None]
 
-    def __init__(self, stream_scorer: StreamScorer) -> None:
+
+class ScoringStage:
+    """The pipeline's sample handler: gathers window batches into scoring batches of ``batch_size``.
+
+    Window batches are small (≤ ``window.max_batch``); per-batch overhead (a surrogate step, one JVP) is
+    paid once per scoring batch instead, which keeps scoring ahead of ingestion. The boundary of a
+    scoring batch depends only on the sample order, never on timing: samples still waiting are part of
+    the checkpoint, so a restart forms the same batches.
+    """
+
+    def __init__(self, scorer: StreamScorer, batch_size: int, downstream: Sequence[ScoredHandler] = (),
+                 metrics: Metrics | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        self.scorer, self.batch_size, self.downstream, self.metrics = scorer, batch_size, list(downstream), metrics
+        self.pending: list[Sample] = []
+        self.scored = 0
+        self.busy_s = 0.0
+
+    def __call__(self, batch: Sequence[Sample]) -> None:
+        self.pending.extend(batch)
+        while len(self.pending) >= self.batch_size:
+            ready, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+            self._score(ready)
+
+    def _score(self, samples: list[Sample]) -> None:
+        started = time.perf_counter()
+        version, excluded, hits = self.scorer.scorer.version, self.scorer.excluded, self._effort_hits()
+        out = self.scorer(samples)
+        self.scored += len(out)
+        took = time.perf_counter() - started
+        self.busy_s += took
+        m = self.metrics
+        if m is not None:
+            m.stage_duration.labels("score").observe(took)
+            m.samples_scored.inc(len(out))
+            m.samples_unscorable.inc(self.scorer.excluded - excluded)
+            m.effort_cache_hits.inc(self._effort_hits() - hits)
+            if np.isfinite(self.scorer.last_loss):
+                m.surrogate_loss.set(self.scorer.last_loss)
+            if self.scorer.scorer.version != version:
+                m.estimate_version.set(self.scorer.scorer.version)
+                m.estimate_timestamp.set(time.time())
+        for handler in self.downstream:
+            handler(out)
+
+    def _effort_hits(self) -> int:
+        return int(getattr(self.scorer.effort, "hits", 0))
+
+
+class ScoringStore:
+    """Checkpoint participant for the scoring stage: surrogate, scorer state, and samples not yet scored.
+
+    The model blobs are rewritten only when the surrogate has changed since the last checkpoint.
+    """
+
+    def __init__(self, stream_scorer: StreamScorer, stage: ScoringStage | None = None) -> None:
         self.stream_scorer = stream_scorer
+        self.stage = stage
         self._saved_at = -1
         self._pending = -1
+        self._loaded = False
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS scoring (id INTEGER PRIMARY KEY CHECK (id = 1), surrogate BLOB NOT NULL,"
             " scorer BLOB NOT NULL, surrogate_version INTEGER NOT NULL)"
         )
+        conn.execute("CREATE TABLE IF NOT EXISTS scoring_pending (pos INTEGER PRIMARY KEY, sample BLOB NOT NULL)")
 
     def save(self, conn: sqlite3.Connection) -> None:
+        if self.stage is not None:
+            conn.execute("DELETE FROM scoring_pending")
+            conn.executemany("INSERT INTO scoring_pending VALUES (?, ?)",
+                             ((i, sample_to_json(s)) for i, s in enumerate(self.stage.pending)))
         surrogate = self.stream_scorer.surrogate
         if surrogate.version == self._saved_at:
             return
@@ -140,6 +262,13 @@ class ScoringStore:
         self._saved_at = self._pending
 
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
+        """Restore once per process: the scorer is not partitioned, later assignments keep the live state."""
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.stage is not None:
+            self.stage.pending = [sample_from_json(b) for (b,) in
+                                  conn.execute("SELECT sample FROM scoring_pending ORDER BY pos")]
         row = conn.execute("SELECT surrogate, scorer, surrogate_version FROM scoring WHERE id = 1").fetchone()
         if row is None:
             return

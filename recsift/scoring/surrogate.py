@@ -265,8 +265,9 @@ class Surrogate:
         """The sequence representation ``[B, H]``: the last position's state over history + target."""
         self._check(batch)
         self.model.eval()
-        with torch.no_grad():
-            return self.model.features(batch.seqs[:, -self.max_len:])[:, -1]
+        rows = batch.seqs[:, -self.max_len:]
+        with torch.no_grad():  # in chunks of 1024 rows, each trimmed to its longest row: cache-friendly on CPU
+            return torch.cat([self.model.features(trim_padding(chunk))[:, -1] for chunk in torch.split(rows, 1024)])
 
     def score_items(self, batch: SeqBatch) -> Tensor:
         """Scores ``[B, rows]`` of every item as the next one after the whole row (history + target)."""
@@ -292,12 +293,16 @@ class Surrogate:
         self.version += 1
         return float(loss.detach())
 
-    def partial_fit(self, batch: SeqBatch, replay_ratio: float = 1.0) -> float:
-        """One step on the batch plus as many replayed earlier sequences; then remember the batch (reservoir)."""
+    def partial_fit(self, batch: SeqBatch, replay_ratio: float = 1.0, max_rows: int | None = None) -> float:
+        """One step on the batch plus ``replay_ratio`` as many replayed earlier sequences; then remember the
+        batch (reservoir). With ``max_rows`` the step uses a seeded random subset of that many new rows:
+        on a stream a user's consecutive samples share their prefixes, so most positions repeat anyway."""
         self._check(batch)
         full = left_pad(batch.seqs, self.max_len + 1)
         seqs = full
-        n_replay = min(len(self.replay), int(round(replay_ratio * len(batch))))
+        if max_rows is not None and len(seqs) > max_rows:
+            seqs = seqs[torch.randperm(len(seqs), generator=self.generator)[:max_rows]]
+        n_replay = min(len(self.replay), round(replay_ratio * len(seqs)))
         if n_replay:
             pick = torch.randint(0, len(self.replay), (n_replay,), generator=self.generator)
             seqs = torch.cat([seqs, self.replay[pick]])

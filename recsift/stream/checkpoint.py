@@ -152,11 +152,11 @@ def _in(partitions: set[int]) -> str:
     return ",".join(str(int(p)) for p in sorted(partitions)) or "NULL"
 
 
-def _sample_to_json(s: Sample) -> bytes:
+def sample_to_json(s: Sample) -> bytes:
     return orjson.dumps([s.sample_id, s.user_id, s.history, s.target, s.ts])
 
 
-def _sample_from_json(text: str | bytes) -> Sample:
+def sample_from_json(text: str | bytes) -> Sample:
     sid, user, history, target, ts = orjson.loads(text)
     return Sample(int(sid), user, tuple(history), target, float(ts))
 
@@ -208,7 +208,7 @@ class StreamStateStore:
             conn.executemany(
                 "INSERT INTO pending VALUES (?, ?, ?, ?)",
                 [
-                    (p, start, pos, _sample_to_json(s))
+                    (p, start, pos, sample_to_json(s))
                     for start, window in part.windows.items()
                     for pos, s in enumerate(window.samples)
                 ],
@@ -244,7 +244,7 @@ class StreamStateStore:
                 window = windows[float(start)] = OpenWindow(first_buffered_at=now)
                 part = state.partition(int(p))
                 part.next_close = min(part.next_close, float(start) + state.cfg.window_seconds)
-            window.samples.append(_sample_from_json(text))
+            window.samples.append(sample_from_json(text))
         (newest,) = conn.execute(f"SELECT max(generation) FROM dedup_chunks WHERE partition IN ({parts})").fetchone()
         if newest is not None:
             rows = conn.execute(

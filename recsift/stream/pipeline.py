@@ -28,7 +28,14 @@ from typing import Any, Protocol
 from recsift.config import Settings
 from recsift.monitoring.metrics import Metrics
 from recsift.stream.checkpoint import Checkpoint, Participant, StreamStateStore
-from recsift.stream.events import DeadLetterSink, DedupIndex, Event, RejectReason, Rejection, Validator
+from recsift.stream.events import (
+    DeadLetterSink,
+    DedupIndex,
+    Event,
+    Rejection,
+    RejectReason,
+    Validator,
+)
 from recsift.stream.sources import SourceRecord
 from recsift.stream.windows import Batch, StreamState
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from itertools import chain
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 

@@ -162,8 +162,7 @@ class StreamState:
             window = part.windows.get(start)
             if window is None:
                 window = part.windows[start] = OpenWindow()
-                if start + size < part.next_close:
-                    part.next_close = start + size
+                part.next_close = min(part.next_close, start + size)
             samples = window.samples
             if not samples:
                 window.first_buffered_at = time.monotonic() if now is None else now

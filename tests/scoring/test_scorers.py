@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recsift.scoring.checks import check_scorer
-from recsift.scoring.scorer import SCORERS, DEALRecScorer, combine, make_scorer, minmax
+from recsift.scoring.scorer import SCORERS, Bounds, DEALRecScorer, combine, make_scorer, minmax
 from recsift.scoring.surrogate import SeqBatch, Surrogate
 
 
@@ -78,8 +78,16 @@ def test_combine_normalises_per_version() -> None:
         combine(torch.tensor([1.0, float("nan")]), None, 0.0)
 
 
-def test_unknown_scorer_and_missing_effort_are_clear_errors() -> None:
+def test_bounds_fix_a_versions_range_from_its_reference() -> None:
+    bounds = Bounds.of(torch.tensor([2.0, 4.0, 3.0]))
+    assert bounds.normalise(torch.tensor([2.0, 3.0, 6.0])).tolist() == [0.0, 0.5, 2.0]
+    assert Bounds.of(torch.tensor([1.0, 1.0])).normalise(torch.tensor([5.0])).tolist() == [0.0]
+    with pytest.raises(ValueError, match="finite"):
+        Bounds.of(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match="non-empty"):
+        Bounds.of(torch.tensor([]))
+
+
+def test_unknown_scorer_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="registered"):
         make_scorer("nope")
-    with pytest.raises(ValueError, match="effort function"):
-        make_scorer("dealrec", effort_weight=0.3)

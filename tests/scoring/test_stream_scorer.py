@@ -70,3 +70,75 @@ def test_a_restart_from_the_checkpoint_scores_exactly_like_an_uninterrupted_run(
     assert [x.score for x in a] == [x.score for x in b]
     assert [x.version for x in a] == [x.version for x in b]
     assert all(np.array_equal(x.embedding, y.embedding) for x, y in zip(a, b))
+
+
+def test_effort_joins_the_overall_score_with_per_version_bounds() -> None:
+    import torch
+
+    from recsift.scoring.effort import EffortScorer
+    from recsift.trainer.prompts import PromptBuilder
+    from tests.helpers import tiny_llm
+
+    model, tokenizer = tiny_llm(seed=1)
+    builder = PromptBuilder(lambda t: tokenizer(t, add_special_tokens=False).input_ids, lambda i: f"game {i}",
+                            tokenizer.eos_token_id, max_prompt_tokens=400, pad_token_id=tokenizer.pad_token_id)
+    effort = EffortScorer(model, builder.batch, batch_size=16)
+    batches = [b[:40] for b in sample_batches(3000)[:3]]
+    scorer = StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0), make_scorer("dealrec", depth=10),
+                          reestimate_every=2, reference_size=60, effort=effort, effort_weight=0.3)
+    for batch in batches:
+        out = scorer(batch)
+        raw = torch.tensor([o.raw for o in out], dtype=torch.float64)
+        eff = torch.tensor([o.effort for o in out], dtype=torch.float64)
+        assert scorer.bounds is not None and scorer.effort_bounds is not None
+        expected = scorer.bounds.normalise(raw) + 0.3 * scorer.effort_bounds.normalise(eff)
+        assert [o.score for o in out] == pytest.approx(expected.tolist(), abs=1e-12)
+        assert (eff > 0).all()
+    assert effort.computed == sum(len(b) for b in batches)
+    # bounds come from the reference reservoir: its raw scores span exactly [0, 1] once normalised
+    ref = scorer.bounds.normalise(scorer.scorer.score(scorer.surrogate, scorer.reference).values)
+    assert ref.min().item() == pytest.approx(0.0) and ref.max().item() == pytest.approx(1.0)
+
+
+def test_lambda_zero_never_computes_effort() -> None:
+    calls: list[int] = []
+    scorer = StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0), make_scorer("loss"),
+                          effort=lambda rows: calls.append(1) or __import__("torch").zeros(len(rows)), effort_weight=0.0)
+    out = scorer(sample_batches(2000)[0])
+    assert not calls and all(np.isnan(o.effort) for o in out)
+    with pytest.raises(ValueError, match="needs an effort scorer"):
+        StreamScorer(Surrogate(80, hidden=16, max_len=20), make_scorer("loss"), effort_weight=0.3)
+
+
+def test_the_stage_scores_fixed_size_batches_and_a_restart_forms_the_same_ones(tmp_path: Path) -> None:
+    from recsift.monitoring.metrics import Metrics
+    from recsift.scoring.stream import ScoredSample, ScoringStage
+
+    windows = sample_batches(3000)
+    received: list[list[ScoredSample]] = []
+    metrics = Metrics()
+    straight = ScoringStage(make(), 150, [received.append], metrics)
+    for w in windows[:9]:
+        straight(w)
+    n = sum(len(w) for w in windows[:9])
+    assert [len(b) for b in received] == [150] * (n // 150) and len(straight.pending) == n % 150
+    assert metrics.registry.get_sample_value("recsift_samples_scored_total") == 150 * (n // 150)
+    assert metrics.registry.get_sample_value("recsift_influence_estimate_version") == straight.scorer.scorer.version > 1
+
+    first = ScoringStage(make(), 150)
+    ckpt = Checkpoint(tmp_path / "c.sqlite", [ScoringStore(first.scorer, first)])
+    for w in windows[:5]:
+        first(w)
+    ckpt.commit({})
+    ckpt.close()
+    resumed = ScoringStage(make(), 150, [])
+    again: list[list[ScoredSample]] = []
+    resumed.downstream.append(again.append)
+    ckpt = Checkpoint(tmp_path / "c.sqlite", [ScoringStore(resumed.scorer, resumed)])
+    ckpt.load({0})
+    assert resumed.pending == first.pending and resumed.pending
+    for w in windows[5:9]:
+        resumed(w)
+    tail = received[-len(again):]
+    assert [[s.sample.sample_id for s in b] for b in again] == [[s.sample.sample_id for s in b] for b in tail]
+    assert [[s.score for s in b] for b in again] == [[s.score for s in b] for b in tail]

@@ -1,0 +1,125 @@
+"""BIGRec prompts as the DEALRec code writes them (Alpaca template), tokenised for training and scoring.
+
+A sample's prompt asks the model to name the next item from the user's history; the response is the
+target item's title followed by end-of-sequence. The loss covers the response only (prompt labels are
+-100). When the prompt is too long for ``max_prompt_tokens``, the oldest history items are dropped
+first, keeping at least the most recent one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from recsift.stream.windows import Sample
+
+IGNORE = -100
+
+PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The words a domain's prompt uses: ``noun`` (plural), ``singular`` and the interaction ``verb``."""
+
+    noun: str = "items"
+    singular: str = "item"
+    verb: str = "interacted with"
+
+    def instruction(self) -> str:
+        return (f"Given a list of {self.noun} the user has {self.verb} before, please recommend a new "
+                f"{self.singular} that the user likes to the user.")
+
+    def history_prefix(self) -> str:
+        return f"The user has {self.verb} the following {self.noun} before, with titles as: "
+
+
+DOMAINS: dict[str, Domain] = {
+    "items": Domain(),
+    "games": Domain("video games", "video game", "played"),
+    "movies": Domain("movies", "movie", "watched"),
+}
+
+
+def domain_named(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise ValueError(f"unknown prompt domain {name!r}; one of {sorted(DOMAINS)}")
+    return DOMAINS[name]
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenised training example: prompt + response ids, labels -100 on the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+    history_used: int  # how many of the most recent history items the prompt kept
+
+
+class PromptBuilder:
+    """Turns (history item ids, target item id) into prompt text and tokenised examples."""
+
+    def __init__(self, encode: Callable[[str], list[int]], title: Callable[[str], str], eos_token_id: int,
+                 domain: Domain = Domain(), max_prompt_tokens: int = 256, max_history: int | None = None,
+                 pad_token_id: int | None = None) -> None:
+        if max_prompt_tokens < 16:
+            raise ValueError("max_prompt_tokens must be at least 16")
+        self.encode, self.title, self.eos = encode, title, eos_token_id
+        self.pad = eos_token_id if pad_token_id is None else pad_token_id
+        self.domain, self.max_prompt_tokens, self.max_history = domain, max_prompt_tokens, max_history
+
+    def prompt_text(self, history: Sequence[str]) -> str:
+        titles = "; ".join(self.title(i) for i in history)
+        return (f"{PREAMBLE}### Instruction:\n{self.domain.instruction()}\n\n### Input:\n"
+                f"{self.domain.history_prefix()}{titles}\n\n### Response:\n")
+
+    def prompt_ids(self, history: Sequence[str]) -> tuple[list[int], int]:
+        """Token ids of the prompt for the longest recent suffix of ``history`` that fits; and its length."""
+        if not history:
+            raise ValueError("a prompt needs at least one history item")
+        if self.max_history is not None:
+            history = history[-self.max_history:]
+        keep = len(history)
+        ids = self.encode(self.prompt_text(history))
+        while len(ids) > self.max_prompt_tokens and keep > 1:
+            # drop enough of the oldest titles at once (estimated from their token counts), then re-check
+            excess = len(ids) - self.max_prompt_tokens
+            drop = 0
+            while drop < keep - 1 and excess > 0:
+                excess -= len(self.encode(self.title(history[len(history) - keep + drop]) + "; "))
+                drop += 1
+            keep -= max(drop, 1)
+            ids = self.encode(self.prompt_text(history[len(history) - keep:]))
+        while keep < len(history):  # the estimate may have dropped one too many: take back what still fits
+            longer = self.encode(self.prompt_text(history[len(history) - keep - 1:]))
+            if len(longer) > self.max_prompt_tokens:
+                break
+            ids, keep = longer, keep + 1
+        return ids, keep
+
+    def example(self, history: Sequence[str], target: str) -> Example:
+        prompt, used = self.prompt_ids(history)
+        response = self.encode(self.title(target)) + [self.eos]
+        return Example(prompt + response, [IGNORE] * len(prompt) + response, used)
+
+    def batch(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
+        """A padded training batch of stream samples (what the effort scorer and the trainer consume)."""
+        return collate([self.example(s.history, s.target) for s in samples], self.pad)
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-padded batch tensors; padded labels are -100 and padded positions are masked."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
