@@ -97,6 +97,7 @@ def main() -> None:
 
     if args.effort_samples:
         rows.update(effort_figures(args.data, train, args.effort_samples))
+    rows.update(stream_stage_figures())
 
     print(f"\nscoring benchmark on Games ({len(batch):,} sequences), {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -112,11 +113,39 @@ def main() -> None:
         print(f"{'effort, batch 8, one backward':34s} {rows['effort_samples_per_s']:>10,.2f} samples/s "
               f"({rows['effort_batched_speedup']:.1f}x; max rel. diff {rows['effort_max_rel_diff']:.1e}; "
               f"{rows['effort_dtype']})")
+    print(f"{'stream stage (synthetic, L<=50)':34s} {rows['stream_stage_samples_per_s']:>10,.0f} samples/s "
+          f"(surrogate step + influence + embedding per {rows['stream_stage_batch']:,}-sample batch, "
+          f"mean history {rows['stream_stage_mean_history']:.1f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "sequences": len(batch),
            "too_short": enc.too_short, **rows}
     (RESULTS / "scoring.json").write_text(json.dumps(out, indent=2))
     print(f"\nwrote {RESULTS / 'scoring.json'}")
+
+
+def stream_stage_figures(events: int = 60_000) -> dict[str, float]:
+    """Steady-state rate of the stream scoring stage on the synthetic stream (re-estimates excluded)."""
+    from recsift.config import load_config
+    from recsift.data.synthetic import SyntheticStream
+    from recsift.service import build_scoring
+    from recsift.stream.events import Catalog
+    from recsift.stream.windows import StreamState
+
+    cfg = load_config()
+    state = StreamState(cfg.window)
+    samples = [s for e in SyntheticStream(cfg.stream.synthetic.model_copy(update={"events": events})).events()
+               for b in state.process(e, 0, now=0.0) for s in b]
+    stage, _ = build_scoring(cfg, Catalog())
+    size = cfg.scoring.batch_size
+    stage(samples[:size])  # first batch: includes the first LiSSA estimate
+    started = time.perf_counter()
+    n = 0
+    for i in range(size, len(samples) - size + 1, size):
+        stage(samples[i:i + size])
+        n += size
+    seconds = time.perf_counter() - started
+    return {"stream_stage_samples_per_s": n / seconds, "stream_stage_batch": size,
+            "stream_stage_mean_history": sum(len(s.history) for s in samples) / len(samples)}
 
 
 def effort_figures(data: Path, train: dict[str, list[str]], n: int) -> dict[str, float | str]:

@@ -1,0 +1,334 @@
+"""The streaming selector: a bounded coreset kept by one reservoir per score stratum.
+
+It follows DEALRec's coverage-enhanced sampling on a stream:
+
+- the hard-prune cut and the stratum edges come from a bounded sketch of recent scores (a ring of the
+  last ``sketch_size`` scores); ``edges=(low, high)`` fixes them instead (then scores above ``high``
+  are hard-pruned and scores below ``low`` fall into the first stratum);
+- stratum counts are kept as the stream flows (exactly, while the edges hold; re-estimated from the
+  sketch when they move) and the per-stratum quotas are recomputed with the fewest-first rule;
+- inside a stratum the members are the samples with the largest keys: key = −ln(−ln u) with u uniform
+  from (seed, sample id), which makes each stratum a uniform sample of what it has seen. With a
+  half-life, key = (t − t₀)·ln2 / half_life − ln(−ln u): the Efraimidis–Spirakis weighted reservoir with
+  weights 2^(t/half_life), in log space, so recent samples are favoured; counts decay with the same
+  half-life;
+- when the edges move or the scorer version changes, members are re-bucketed (after re-scoring, for a
+  new version) in O(budget);
+- options: a per-user cap, and a coverage guard that never evicts the last member of a heavy cluster.
+
+Keys are a hash of (seed, sample id), so the selector needs no RNG state: a restart from the checkpoint
+draws the same keys. A stratum whose quota grows refills from later arrivals (samples it dropped are
+gone); on a static stream this leaves the within-stratum score distribution unchanged.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from recsift.selection.stratified import allocate, stratum_of
+from recsift.stream.windows import Sample
+
+_MASK = (1 << 64) - 1
+
+
+def uniform_key(sample_id: int, seed: int) -> float:
+    """A uniform number in (0, 1) from (seed, sample id): splitmix64."""
+    z = (sample_id * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z ^= z >> 31
+    return ((z >> 11) + 0.5) / float(1 << 53)
+
+
+@dataclass
+class Member:
+    """A coreset member: the sample, its current score and stratum, and what the selector needs."""
+
+    sample: Sample
+    score: float
+    version: int
+    key: float
+    stratum: int
+    embedding: np.ndarray | None = None
+    cluster: int = -1
+    inserted_ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One scored sample offered to the selector."""
+
+    sample: Sample
+    score: float
+    version: int
+    embedding: np.ndarray | None = None
+
+
+@dataclass
+class SelectorStats:
+    offered: int = 0
+    accepted: int = 0
+    evicted: int = 0
+    pruned: int = 0
+    capped: int = 0
+    rebuckets: int = 0
+    rescored: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+Rescore = Callable[[list[Sample]], tuple[list[float], int]]  # samples → (scores, version)
+
+
+class StratifiedReservoir:
+    """Bounded, coverage-preserving coreset of capacity ``budget`` (see the module docstring)."""
+
+    name = "stratified"
+
+    def __init__(self, budget: int = 1024, strata: int = 50, hard_prune: float = 0.1, seed: int = 0,
+                 sketch_size: int = 8192, edges: tuple[float, float] | None = None, half_life_s: float | None = None,
+                 user_cap: int | None = None, edge_tolerance: float = 0.02, rebucket_every: int = 1024) -> None:
+        if budget < 1 or strata < 1 or sketch_size < 16:
+            raise ValueError("budget and strata must be positive and sketch_size at least 16")
+        if not 0.0 <= hard_prune < 1.0:
+            raise ValueError("hard_prune must be in [0, 1)")
+        if half_life_s is not None and half_life_s <= 0:
+            raise ValueError("half_life_s must be positive")
+        if user_cap is not None and user_cap < 1:
+            raise ValueError("user_cap must be positive")
+        if edges is not None and not edges[0] < edges[1]:
+            raise ValueError("edges must be (low, high) with low < high")
+        self.budget, self.strata, self.hard_prune, self.seed = budget, strata, hard_prune, seed
+        self.sketch_size, self.fixed_edges, self.half_life_s = sketch_size, edges, half_life_s
+        self.user_cap, self.edge_tolerance, self.rebucket_every = user_cap, edge_tolerance, rebucket_every
+        self.sketch = np.zeros(0, dtype=np.float64)
+        self.sketch_pos = 0
+        self.edges: tuple[float, float] | None = edges
+        self.counts = np.zeros(strata, dtype=np.float64)
+        self.quotas = [0] * strata
+        self.members: dict[int, Member] = {}
+        self.heaps: list[list[tuple[float, int]]] = [[] for _ in range(strata)]  # (key, sample id), min-heap
+        self.users: Counter[str] = Counter()
+        self.version = 0
+        self.t0: float | None = None
+        self.t_counts: float | None = None
+        self.since_edges = 0
+        self.stats = SelectorStats()
+        self.protect: Callable[[Member], bool] | None = None  # coverage guard: True = do not evict
+
+    # ------------------------------------------------------------------ the stream side
+
+    def offer(self, offers: Iterable[Offer], rescore: Rescore | None = None) -> None:
+        """Consider a batch of scored samples (one scorer version) in stream order.
+
+        Counts and quotas are updated for the whole batch first, then members are drawn: per-sample work
+        is a key and a heap operation, the O(K log K) allocation runs once per batch.
+        """
+        offers = list(offers)
+        if not offers:
+            return
+        scores = np.fromiter((o.score for o in offers), dtype=np.float64, count=len(offers))
+        if not np.isfinite(scores).all():
+            bad = offers[int(np.flatnonzero(~np.isfinite(scores))[0])]
+            raise ValueError(f"sample {bad.sample.sample_id} has score {bad.score}: scores must be finite")
+        if any(o.version != offers[0].version for o in offers):
+            raise ValueError("offers of one call must share the scorer version")
+        if offers[0].version != self.version:
+            self.version = offers[0].version
+            self._rescore(rescore)
+        self._sketch_add(scores)
+        if self.edges is None:
+            self._maybe_move_edges(force=True)
+        assert self.edges is not None
+        low, high = self.edges
+        self.stats.offered += len(offers)
+        kept = scores <= high
+        self.stats.pruned += int((~kept).sum())
+        strata = stratum_of(scores, low, high, self.strata)
+        ts = np.fromiter((o.sample.ts for o in offers), dtype=np.float64, count=len(offers))
+        weights = np.ones(len(offers))
+        if self.half_life_s is not None:
+            self._decay_to(float(ts.max()))
+            weights = 0.5 ** ((float(ts.max()) - ts) / self.half_life_s)
+        self.counts += np.bincount(strata[kept], weights[kept], minlength=self.strata)
+        self.quotas = allocate(np.floor(self.counts + 1e-9).astype(np.int64).tolist(), self.budget)
+        self._shrink_to_quotas()
+        for o, k, ok in zip(offers, strata.tolist(), kept.tolist(), strict=True):
+            if ok:
+                self._offer_one(o, k)
+        self.since_edges += len(offers)
+        if self.fixed_edges is None and self.since_edges >= self.rebucket_every:
+            self._maybe_move_edges()
+
+    def _offer_one(self, o: Offer, k: int) -> None:
+        sid = o.sample.sample_id
+        if sid in self.members:
+            return  # a replay of a sample already kept
+        if self.user_cap is not None and self.users[o.sample.user_id] >= self.user_cap:
+            self.stats.capped += 1
+            return
+        key = self._key(sid, o.sample.ts)
+        heap = self.heaps[k]
+        if len(heap) < self.quotas[k] or (heap and key > heap[0][0] and self._evict_lowest(k)):
+            self._insert(Member(o.sample, o.score, o.version, key, k, o.embedding, inserted_ts=o.sample.ts))
+
+    def _key(self, sample_id: int, ts: float) -> float:
+        base = -math.log(-math.log(uniform_key(sample_id, self.seed)))
+        if self.half_life_s is None:
+            return base
+        if self.t0 is None:
+            self.t0 = ts
+        return (ts - self.t0) * math.log(2) / self.half_life_s + base
+
+    def _decay_to(self, ts: float) -> None:
+        if self.t_counts is not None and ts > self.t_counts:
+            self.counts *= 0.5 ** ((ts - self.t_counts) / self.half_life_s)
+        if self.t_counts is None or ts > self.t_counts:
+            self.t_counts = ts
+
+    def _insert(self, m: Member) -> None:
+        self.members[m.sample.sample_id] = m
+        heapq.heappush(self.heaps[m.stratum], (m.key, m.sample.sample_id))
+        self.users[m.sample.user_id] += 1
+        self.stats.accepted += 1
+
+    def _remove(self, sample_id: int) -> Member:
+        m = self.members.pop(sample_id)
+        self.users[m.sample.user_id] -= 1
+        if self.users[m.sample.user_id] <= 0:
+            del self.users[m.sample.user_id]
+        self.stats.evicted += 1
+        return m
+
+    def _evict_lowest(self, k: int) -> bool:
+        """Evict the lowest-key member of stratum ``k`` that the coverage guard allows; False if none."""
+        heap = self.heaps[k]
+        if self.protect is None:
+            _, sid = heapq.heappop(heap)
+            self._remove(sid)
+            return True
+        for key, sid in heapq.nsmallest(len(heap), heap):
+            if not self.protect(self.members[sid]):
+                heap.remove((key, sid))
+                heapq.heapify(heap)
+                self._remove(sid)
+                return True
+        return False
+
+    def _shrink_to_quotas(self) -> None:
+        for k, heap in enumerate(self.heaps):
+            while len(heap) > self.quotas[k]:
+                if not self._evict_lowest(k):
+                    break
+
+    # ------------------------------------------------------------------ edges, versions
+
+    def _sketch_add(self, scores: np.ndarray) -> None:
+        if not len(scores):
+            return
+        scores = scores[-self.sketch_size:]
+        if len(self.sketch) < self.sketch_size:
+            room = self.sketch_size - len(self.sketch)
+            self.sketch = np.concatenate([self.sketch, scores[:room]])
+            scores = scores[room:]
+            self.sketch_pos = len(self.sketch) % self.sketch_size
+        for s in scores:  # ring overwrite of the oldest
+            self.sketch[self.sketch_pos] = s
+            self.sketch_pos = (self.sketch_pos + 1) % self.sketch_size
+
+    def sketch_edges(self) -> tuple[float, float]:
+        """(low, high): the sketch's minimum and its hard-prune cut."""
+        s = self.sketch
+        n_drop = int(len(s) * self.hard_prune)
+        ordered = np.sort(s)
+        high = float(ordered[len(s) - n_drop - 1])
+        low = float(ordered[0])
+        if high <= low:
+            high = low + 1e-12
+        return low, high
+
+    def _maybe_move_edges(self, force: bool = False) -> None:
+        self.since_edges = 0
+        if self.fixed_edges is not None and self.edges is not None:
+            return
+        if not len(self.sketch):
+            return
+        new = self.sketch_edges()
+        if self.edges is not None and not force:
+            span = self.edges[1] - self.edges[0]
+            if abs(new[0] - self.edges[0]) <= self.edge_tolerance * span and \
+                    abs(new[1] - self.edges[1]) <= self.edge_tolerance * span:
+                return
+        self.edges = new
+        self._rebucket()
+
+    def _rebucket(self) -> None:
+        """Recompute strata of members and counts (from the sketch's proportions) for the current edges."""
+        assert self.edges is not None
+        low, high = self.edges
+        total = float(self.counts.sum())
+        sk = self.sketch[self.sketch <= high]
+        props = np.bincount(stratum_of(sk, low, high, self.strata), minlength=self.strata) / max(len(sk), 1)
+        self.counts = props * total
+        for m in list(self.members.values()):
+            if m.score > high:
+                self._remove(m.sample.sample_id)
+            else:
+                m.stratum = int(stratum_of(np.array([m.score]), low, high, self.strata)[0])
+        self._rebuild_heaps()
+        self.quotas = allocate(np.floor(self.counts + 1e-9).astype(np.int64).tolist(), self.budget)
+        self._shrink_to_quotas()
+        self.stats.rebuckets += 1
+
+    def _rebuild_heaps(self) -> None:
+        self.heaps = [[] for _ in range(self.strata)]
+        for sid, m in self.members.items():
+            self.heaps[m.stratum].append((m.key, sid))
+        for h in self.heaps:
+            heapq.heapify(h)
+
+    def _rescore(self, rescore: Rescore | None) -> None:
+        """A new scorer version: re-score members (when a re-scorer is given), restart the sketch, re-bucket."""
+        if rescore is not None and self.members:
+            ids = list(self.members)
+            scores, version = rescore([self.members[i].sample for i in ids])
+            for sid, score in zip(ids, scores, strict=True):
+                self.members[sid] = replace(self.members[sid], score=float(score), version=version)
+            self.stats.rescored += len(ids)
+            self.sketch = np.fromiter((m.score for m in self.members.values()), dtype=np.float64)
+            self.sketch_pos = len(self.sketch) % self.sketch_size
+        if self.fixed_edges is None:
+            if len(self.sketch):
+                self.edges = self.sketch_edges()
+                self._rebucket()
+        else:
+            self._rebucket()
+
+    # ------------------------------------------------------------------ views
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def member_list(self) -> list[Member]:
+        return sorted(self.members.values(), key=lambda m: m.sample.sample_id)
+
+    def strata_sizes(self) -> list[int]:
+        return [len(h) for h in self.heaps]
+
+
+SELECTOR_TYPES: dict[str, type] = {StratifiedReservoir.name: StratifiedReservoir}
+
+
+def make_selector(name: str, **config: object) -> StratifiedReservoir:
+    if name not in SELECTOR_TYPES:
+        raise ValueError(f"unknown selector {name!r}; registered: {sorted(SELECTOR_TYPES)}")
+    return SELECTOR_TYPES[name](**config)  # type: ignore[no-any-return]
+
+
+def offers_from(samples: Sequence[Sample], scores: Sequence[float], version: int = 1) -> list[Offer]:
+    return [Offer(s, float(v), version) for s, v in zip(samples, scores, strict=True)]
