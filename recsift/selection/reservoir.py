@@ -285,6 +285,11 @@ class StratifiedReservoir:
         self._shrink_to_quotas()
         self.stats.rebuckets += 1
 
+    def restored(self) -> None:
+        """Rebuild what is derived from members and counts (after the store loaded them)."""
+        self._rebuild_heaps()
+        self.quotas = allocate(np.floor(self.counts + 1e-9).astype(np.int64).tolist(), self.budget)
+
     def _rebuild_heaps(self) -> None:
         self.heaps = [[] for _ in range(self.strata)]
         for sid, m in self.members.items():

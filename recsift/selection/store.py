@@ -1,0 +1,193 @@
+"""The coreset store: members and selector state inside the checkpoint transaction, immutable snapshots.
+
+Tables (in the checkpoint database):
+
+- ``coreset_members``: the live coreset (sample, scores, stratum, scorer version, key, times, embedding),
+  rewritten by :meth:`CoresetStore.save` inside the checkpoint transaction, so it always matches the
+  committed source offsets (a crash rolls members back together with the offsets);
+- ``selector_state``: the selector's counts, edges, sketch and clocks (one JSON row + the sketch blob);
+- ``coreset_snapshots`` / ``snapshot_members``: numbered, immutable copies that refresh jobs train on.
+  A snapshot is taken from committed members only, in its own transaction.
+
+Refresh jobs (other processes) read snapshots with :func:`read_snapshot` on their own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from recsift.selection.reservoir import Member, StratifiedReservoir
+from recsift.stream.checkpoint import connect
+from recsift.stream.windows import Sample
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS coreset_members (sample_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
+    " history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL, version INTEGER NOT NULL,"
+    " key REAL NOT NULL, stratum INTEGER NOT NULL, cluster INTEGER NOT NULL, inserted_ts REAL NOT NULL,"
+    " updated_at REAL NOT NULL, embedding BLOB)",
+    "CREATE TABLE IF NOT EXISTS selector_state (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL,"
+    " sketch BLOB NOT NULL, counts BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS coreset_snapshots (snapshot_id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " created_at REAL NOT NULL, size INTEGER NOT NULL, scorer_version INTEGER NOT NULL, reason TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS snapshot_members (snapshot_id INTEGER NOT NULL, sample_id INTEGER NOT NULL,"
+    " user_id TEXT NOT NULL, history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL,"
+    " stratum INTEGER NOT NULL, PRIMARY KEY (snapshot_id, sample_id))",
+)
+
+
+class CoresetStore:
+    """Checkpoint participant for a streaming selector."""
+
+    def __init__(self, selector: StratifiedReservoir) -> None:
+        self.selector = selector
+        self._loaded = False
+
+    def create_schema(self, conn: sqlite3.Connection) -> None:
+        for statement in SCHEMA:
+            conn.execute(statement)
+
+    def save(self, conn: sqlite3.Connection) -> None:
+        sel = self.selector
+        now = time.time()
+        conn.execute("DELETE FROM coreset_members")
+        conn.executemany(
+            "INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            ((m.sample.sample_id, m.sample.user_id, orjson.dumps(m.sample.history).decode(), m.sample.target,
+              m.sample.ts, m.score, m.version, m.key, m.stratum, m.cluster, m.inserted_ts, now,
+              None if m.embedding is None else np.asarray(m.embedding, dtype=np.float32).tobytes())
+             for m in sel.members.values()),
+        )
+        state = {"edges": sel.edges, "version": sel.version, "t0": sel.t0, "t_counts": sel.t_counts,
+                 "since_edges": sel.since_edges, "sketch_pos": sel.sketch_pos, "stats": asdict(sel.stats)}
+        conn.execute("INSERT OR REPLACE INTO selector_state VALUES (1, ?, ?, ?)",
+                     (json.dumps(state), sel.sketch.astype(np.float64).tobytes(), sel.counts.astype(np.float64).tobytes()))
+
+    def committed(self) -> None:
+        return None
+
+    def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
+        """Restore once per process (the coreset is not partitioned)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        row = conn.execute("SELECT state, sketch, counts FROM selector_state WHERE id = 1").fetchone()
+        if row is None:
+            return
+        sel = self.selector
+        state = json.loads(row[0])
+        sel.edges = tuple(state["edges"]) if state["edges"] is not None else None  # type: ignore[assignment]
+        sel.version, sel.t0, sel.t_counts = state["version"], state["t0"], state["t_counts"]
+        sel.since_edges, sel.sketch_pos = state["since_edges"], state["sketch_pos"]
+        for k, v in state["stats"].items():
+            setattr(sel.stats, k, v)
+        sel.sketch = np.frombuffer(row[1], dtype=np.float64).copy()
+        sel.counts = np.frombuffer(row[2], dtype=np.float64).copy()
+        sel.members.clear()
+        sel.users.clear()
+        for r in conn.execute("SELECT sample_id, user_id, history, target, ts, score, version, key, stratum, cluster,"
+                              " inserted_ts, embedding FROM coreset_members"):
+            emb = None if r[11] is None else np.frombuffer(r[11], dtype=np.float32).copy()
+            m = Member(Sample(int(r[0]), r[1], tuple(orjson.loads(r[2])), r[3], float(r[4])), float(r[5]), int(r[6]),
+                       float(r[7]), int(r[8]), emb, int(r[9]), float(r[10]))
+            sel.members[m.sample.sample_id] = m
+            sel.users[m.sample.user_id] += 1
+        sel.restored()
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: int
+    created_at: float
+    size: int
+    scorer_version: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SnapshotMember:
+    sample: Sample
+    score: float
+    stratum: int
+
+
+def take_snapshot(db_path: str | Path, reason: str = "refresh") -> SnapshotInfo:
+    """Copy the committed coreset into a new numbered snapshot (one transaction)."""
+    conn = connect(db_path)
+    try:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        conn.execute("BEGIN IMMEDIATE")
+        size, version = conn.execute("SELECT count(*), coalesce(max(version), 0) FROM coreset_members").fetchone()
+        created = time.time()
+        cur = conn.execute("INSERT INTO coreset_snapshots (created_at, size, scorer_version, reason) VALUES (?,?,?,?)",
+                           (created, size, version, reason))
+        sid = int(cur.lastrowid or 0)
+        conn.execute("INSERT INTO snapshot_members SELECT ?, sample_id, user_id, history, target, ts, score, stratum"
+                     " FROM coreset_members", (sid,))
+        conn.execute("COMMIT")
+        return SnapshotInfo(sid, created, int(size), int(version), reason)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+
+
+def list_snapshots(db_path: str | Path) -> list[SnapshotInfo]:
+    conn = connect(db_path)
+    try:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        return [SnapshotInfo(int(a), float(b), int(c), int(d), e) for a, b, c, d, e in conn.execute(
+            "SELECT snapshot_id, created_at, size, scorer_version, reason FROM coreset_snapshots ORDER BY snapshot_id")]
+    finally:
+        conn.close()
+
+
+def read_snapshot(db_path: str | Path, snapshot_id: int | None = None) -> tuple[SnapshotInfo, list[SnapshotMember]]:
+    """A snapshot's members (the latest snapshot when ``snapshot_id`` is None)."""
+    snaps = list_snapshots(db_path)
+    if not snaps:
+        raise LookupError(f"no coreset snapshot in {db_path}")
+    info = snaps[-1] if snapshot_id is None else next((s for s in snaps if s.snapshot_id == snapshot_id), None)
+    if info is None:
+        raise LookupError(f"no coreset snapshot {snapshot_id} in {db_path}")
+    conn = connect(db_path)
+    try:
+        rows = conn.execute("SELECT sample_id, user_id, history, target, ts, score, stratum FROM snapshot_members"
+                            " WHERE snapshot_id = ? ORDER BY sample_id", (info.snapshot_id,)).fetchall()
+    finally:
+        conn.close()
+    return info, [SnapshotMember(Sample(int(a), b, tuple(orjson.loads(c)), d, float(e)), float(f), int(g))
+                  for a, b, c, d, e, f, g in rows]
+
+
+def export_snapshot(db_path: str | Path, out: Path, snapshot_id: int | None = None) -> SnapshotInfo:
+    """Write a snapshot as JSONL (one member per line) for inspection."""
+    info, members = read_snapshot(db_path, snapshot_id)
+    with out.open("w") as fh:
+        for m in members:
+            s = m.sample
+            fh.write(json.dumps({"sample_id": s.sample_id, "user_id": s.user_id, "history": list(s.history),
+                                 "target": s.target, "ts": s.ts, "score": m.score, "stratum": m.stratum}) + "\n")
+    return info
+
+
+def live_members(db_path: str | Path) -> list[tuple[int, str, str, float, int, int]]:
+    """(sample id, user, target, score, stratum, version) of the committed live coreset."""
+    conn = connect(db_path)
+    try:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+            "SELECT sample_id, user_id, target, score, stratum, version FROM coreset_members ORDER BY sample_id")]
+    finally:
+        conn.close()

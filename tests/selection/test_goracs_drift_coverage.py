@@ -1,0 +1,82 @@
+"""GORACS, drift metrics and coverage on controlled data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recsift.selection.coverage import Coverage
+from recsift.selection.drift import RecentWindow, drift, js_divergence, sliced_wasserstein
+from recsift.selection.goracs import cost_matrix, goracs_select, objective
+from recsift.selection.reservoir import Member
+from recsift.stream.windows import Sample
+
+
+def blobs(n: int, seed: int, centers: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return centers[rng.integers(0, len(centers), n)] + rng.normal(0, 0.3, (n, centers.shape[1]))
+
+
+CENTERS = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 4.0]])
+
+
+def test_goracs_objective_never_increases_and_beats_random_subsets() -> None:
+    rng = np.random.default_rng(0)
+    candidates = np.concatenate([blobs(300, 1, CENTERS[:1]), blobs(100, 2, CENTERS)])  # skewed pool
+    validation = blobs(200, 3, CENTERS)  # balanced target
+    grads = rng.random(len(candidates))
+    result = goracs_select(candidates, validation, 20, grads, lam=0.05, max_exchanges=15, exchange_candidates=8)
+    assert len(result.selected) == 20 and len(set(result.selected.tolist())) == 20
+    assert all(b <= a + 1e-12 for a, b in zip(result.history, result.history[1:], strict=False))
+    cost = cost_matrix(candidates, validation, grads, 0.05)
+    assert objective(cost, result.selected)[0] == pytest.approx(result.objective)
+    randoms = [objective(cost, rng.choice(len(candidates), 20, replace=False))[0] for _ in range(30)]
+    assert result.objective < min(randoms)
+    with pytest.raises(ValueError, match="size"):
+        goracs_select(candidates, validation, 0)
+
+
+def member(i: int, target: str, score: float, emb: np.ndarray, ts: float = 100.0) -> Member:
+    return Member(Sample(i, f"u{i}", ("x",), target, ts), score, 1, 0.0, 0, emb.astype(np.float32), inserted_ts=ts - i)
+
+
+def test_drift_is_zero_for_identical_distributions_and_rises_with_a_shift() -> None:
+    rng = np.random.default_rng(0)
+    items = [f"i{k}" for k in range(20)]
+    base = [(items[rng.integers(0, 20)], float(rng.normal()), rng.normal(size=4)) for _ in range(400)]
+    members = [member(i, t, s, e) for i, (t, s, e) in enumerate(base)]
+    recent = RecentWindow(1000)
+    for t, s, e in base:
+        recent.add(t, s, e)
+    same = drift(members, recent)
+    assert same.target_js == pytest.approx(0.0, abs=1e-12) and same.score_ks == 0.0
+    assert same.embedding_sw < 0.05
+    values = []
+    for share in (0.0, 0.25, 0.5, 1.0):  # this share of the recent stream moves to new items and higher values
+        window = RecentWindow(1000)
+        for i, (t, s, e) in enumerate(base):
+            moved = i % 100 < share * 100
+            window.add(f"new{i % 7}" if moved else t, s + 2.0 * moved, e + 2.0 * moved)
+        values.append(drift(members, window))
+    for metric in ("target_js", "embedding_sw", "score_ks"):
+        series = [getattr(v, metric) for v in values]
+        assert all(b > a for a, b in zip(series, series[1:], strict=False)), (metric, series)
+    assert js_divergence({"a": 1}, {"b": 1}) == pytest.approx(1.0)
+    assert sliced_wasserstein(np.zeros((0, 2)), np.ones((3, 2))) == 0.0
+    half = drift(members, recent, last_snapshot=[m.sample.sample_id for m in members[:200]])
+    assert half.turnover == pytest.approx(0.5)
+
+
+def test_coverage_counts_the_mass_of_clusters_with_members() -> None:
+    cov = Coverage(clusters=4, sample_size=2000, refresh_every=10**9, seed=0)
+    cov.add(blobs(2000, 0, CENTERS).astype(np.float32))
+    assert cov.ready
+    assert cov.coverage(blobs(50, 1, CENTERS)) == pytest.approx(1.0)
+    one_blob = cov.coverage(blobs(50, 1, CENTERS[:1]))
+    assert 0.15 < one_blob < 0.35  # one of four equal clusters
+    assert cov.coverage(np.zeros((0, 2))) == 0.0
+    members = [member(i, "t", 0.0, e) for i, e in enumerate(blobs(8, 2, CENTERS[:1]))]
+    protect = cov.guard(lambda: members[:1], budget=100)
+    assert protect(members[0])  # the only member of a heavy cluster
+    protect_many = cov.guard(lambda: members, budget=100)
+    assert not protect_many(members[0])
