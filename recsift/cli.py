@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--epochs", type=int, default=10, help="surrogate training epochs")
     prune.add_argument("--out", type=Path, help="output directory (default: state/prune/DATASET-METHOD)")
 
+    coreset = sub.add_parser("coreset", help="inspect the committed coreset and its snapshots")
+    coreset_sub = coreset.add_subparsers(dest="coreset_command", required=True)
+    c_show = coreset_sub.add_parser("show", help="size, strata, scorer versions and snapshots")
+    c_export = coreset_sub.add_parser("export", help="write a snapshot as JSONL (takes one when --snapshot is not given)")
+    for p in (c_show, c_export):
+        _common(p)
+        p.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path)
+    c_export.add_argument("--snapshot", type=int, help="snapshot id (default: take a new one now)")
+    c_export.add_argument("--out", type=Path, required=True)
+
     broker = sub.add_parser("broker", help="run the embedded tansu broker in the foreground")
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
 
@@ -141,14 +151,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from recsift.data.datasets import resolve_dataset
-    from recsift.scoring.prune import prune
+    from recsift.data.datasets import catalog_for, resolve_dataset
+    from recsift.selection.prune import prune
+    from recsift.stream.events import Catalog
 
     cfg = settings_from(args)
     path = resolve_dataset(args.dataset, cfg.stream.data_dir)
     out = args.out or cfg.checkpoint.state_dir / "prune" / f"{path.name}-{args.method}"
+    effort_weight = cfg.scoring.effort_weight if args.method == "dealrec" else 0.0
+    effort = None
+    if effort_weight > 0:
+        from recsift.service import build_effort
+
+        effort = build_effort(cfg, catalog_for(path) or Catalog())
     report = prune(path, args.method, args.budget, out, epochs=args.epochs, seed=cfg.scoring.seed,
-                   lissa_depth=cfg.scoring.lissa_depth, hidden=cfg.scoring.hidden,
+                   lissa_depth=cfg.scoring.lissa_depth, hidden=cfg.scoring.hidden, strata=cfg.selection.strata,
+                   hard_prune=cfg.selection.hard_prune, effort_weight=effort_weight, effort=effort,
                    progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_table(f"recsift prune: {args.method} on {path.name}", [
         ("users", f"{report.users:,}"),
@@ -157,8 +175,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ("surrogate epochs", f"{report.epochs} ({sum(report.epoch_seconds):.1f} s, final loss {report.final_loss:.4f})"),
         ("prepare (LiSSA for dealrec)", f"{report.prepare_seconds:.1f} s"),
         ("scoring", f"{report.score_seconds:.1f} s ({report.rate:,.0f} samples/s)"),
-        ("budget", f"{report.budget:,} (selection: the selection stage reads the scores)"),
+        ("effort weight λ", f"{effort_weight}"),
+        ("selected", f"{report.selected:,} of budget {report.budget:,}"),
         ("scores", report.scores_path),
+        ("selection", report.selected_path),
     ])
     return 0
 
@@ -178,6 +198,32 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coreset(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from recsift.selection.store import export_snapshot, list_snapshots, live_members, take_snapshot
+
+    db = settings_from(args).checkpoint.path
+    if not db.is_file():
+        raise FileNotFoundError(f"no checkpoint at {db}: run `recsift run` first (or pass --state-dir)")
+    if args.coreset_command == "export":
+        sid = args.snapshot if args.snapshot is not None else take_snapshot(db, "export").snapshot_id
+        info = export_snapshot(db, args.out, sid)
+        print(f"snapshot {info.snapshot_id}: {info.size:,} members written to {args.out}")
+        return 0
+    members = live_members(db)
+    strata = Counter(m[4] for m in members)
+    versions = Counter(m[5] for m in members)
+    snaps = list_snapshots(db)
+    rows = [("members", f"{len(members):,}"), ("users", f"{len({m[1] for m in members}):,}"),
+            ("scorer versions", ", ".join(f"v{v}: {n}" for v, n in sorted(versions.items())) or "-"),
+            ("members per stratum", " ".join(f"{k}:{n}" for k, n in sorted(strata.items())) or "-"),
+            ("snapshots", f"{len(snaps)}" + (f" (latest {snaps[-1].snapshot_id}: {snaps[-1].size:,} members, "
+                                              f"{snaps[-1].reason})" if snaps else ""))]
+    print_table(f"coreset in {db}", rows)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -186,7 +232,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "broker": cmd_broker, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "coreset": cmd_coreset, "broker": cmd_broker,
+            "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

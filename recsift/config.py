@@ -164,6 +164,14 @@ class SelectionConfig(_Section):
     budget: int = Field(1024, gt=0)
     strata: int = Field(50, gt=0)
     hard_prune: float = Field(0.1, ge=0.0, lt=1.0)
+    sketch_size: int = Field(8192, ge=16, description="recent scores the stratum edges and the hard-prune cut come from")
+    half_life_s: float | None = Field(None, gt=0, description="event-time half-life favouring recent samples; unset: off")
+    user_cap: int | None = Field(None, gt=0, description="at most this many members per user; unset: no cap")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="hash-chosen share kept out of the coreset")
+    validation_size: int = Field(2048, gt=0, description="recent validation samples kept")
+    recent_window: int = Field(4096, gt=0, description="recent samples drift is measured against")
+    coverage_clusters: int = Field(32, ge=2)
+    coverage_constraint: bool = Field(False, description="never evict the last member of a heavy cluster")
 
 
 class TrainerConfig(_Section):

@@ -30,6 +30,11 @@ from recsift.scoring.effort import EffortScorer
 from recsift.scoring.scorer import make_scorer
 from recsift.scoring.stream import ScoringStage, ScoringStore, StreamScorer
 from recsift.scoring.surrogate import Surrogate
+from recsift.selection.coverage import Coverage
+from recsift.selection.drift import RecentWindow
+from recsift.selection.reservoir import make_selector
+from recsift.selection.stage import SelectionStage, ValidationReservoir
+from recsift.selection.store import CoresetStore
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
 from recsift.stream.events import (
@@ -174,6 +179,28 @@ def build_scoring(cfg: Settings, catalog: Catalog, metrics: Metrics | None = Non
     return stage, ScoringStore(stream_scorer, stage)
 
 
+def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
+                    metrics: Metrics | None = None) -> tuple[SelectionStage, CoresetStore]:
+    """Streaming selector, validation reservoir, coverage and drift, and their checkpoint participant."""
+    sel = cfg.selection
+    selector = make_selector("stratified", budget=sel.budget, strata=sel.strata, hard_prune=sel.hard_prune,
+                             seed=sel.seed, sketch_size=sel.sketch_size, half_life_s=sel.half_life_s,
+                             user_cap=sel.user_cap)
+    validation = ValidationReservoir(sel.validation_size)
+
+    def category(item_id: str) -> str | None:
+        item = catalog.get(item_id)
+        return item.attributes.get("category") if item is not None else None
+
+    selection = SelectionStage(selector, validation, RecentWindow(sel.recent_window),
+                               Coverage(sel.coverage_clusters, seed=sel.seed),
+                               stage.scorer.rescore if stage is not None else None, metrics, sel.validation_fraction,
+                               sel.seed, sel.coverage_constraint, category)
+    if metrics is not None:
+        metrics.init_strata(sel.strata, sel.budget)
+    return selection, CoresetStore(selector, validation)
+
+
 @dataclass
 class ServiceSummary:
     """What ``recsift run`` prints at the end: the ingest summary plus the later stages."""
@@ -185,6 +212,11 @@ class ServiceSummary:
     scorer_version: int = 0
     surrogate_loss: float = float("nan")
     scoring_busy_s: float = 0.0
+    coreset: int = 0
+    budget: int = 0
+    validation: int = 0
+    coverage: float = 0.0
+    drift: dict[str, float] | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         rate = self.scored / self.scoring_busy_s if self.scoring_busy_s else 0.0
@@ -194,6 +226,10 @@ class ServiceSummary:
             ("samples unscorable", f"{self.unscorable:,}"),
             ("scorer version", str(self.scorer_version)),
             ("surrogate loss", f"{self.surrogate_loss:.4f}"),
+            ("coreset", f"{self.coreset:,} / {self.budget:,}"),
+            ("validation samples", f"{self.validation:,}"),
+            ("coverage", f"{self.coverage:.3f}"),
+            *((f"  drift: {k}", f"{v:.4f}") for k, v in (self.drift or {}).items()),
         ]
 
 
@@ -217,7 +253,12 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
                 target=produce_events, args=(cfg.stream, True, feed.payloads, cfg.stream.topic), daemon=True, name="feed"
             ).start()
         stage, store = build_scoring(cfg, catalog, metrics) if cfg.scoring.enabled else (None, None)
-        ingest = Ingest(cfg, metrics, catalog, participants=[store] if store else [], handlers=[stage] if stage else [],
+        participants: list[Participant] = []
+        if stage is not None and store is not None:
+            selection, coreset_store = build_selection(cfg, catalog, stage, metrics)
+            stage.downstream.append(selection)
+            participants = [store, coreset_store]
+        ingest = Ingest(cfg, metrics, catalog, participants=participants, handlers=[stage] if stage else [],
                         threaded=stage is not None)
         stack.callback(ingest.close)
         if cfg.stream.catalog_topic and cfg.stream.source != "file":
@@ -231,8 +272,10 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         if stage is None:
             return ServiceSummary(summary)
         scorer = stage.scorer
+        report = selection.measure()
         return ServiceSummary(summary, stage.scored, len(stage.pending), scorer.excluded, scorer.scorer.version,
-                              scorer.last_loss, stage.busy_s)
+                              scorer.last_loss, stage.busy_s, len(selection.selector), cfg.selection.budget,
+                              len(selection.validation), selection.last_coverage, report.as_dict())
 
 
 def _progress_ticker(pipeline: Pipeline, total: int | None, stack: ExitStack) -> Callable[[], None]:

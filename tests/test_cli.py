@@ -30,6 +30,17 @@ def test_embedded_default_run_consumes_the_synthetic_stream(tmp_path: Path, caps
     samples, scored, waiting = count("samples emitted"), count("samples scored"), count("samples awaiting scoring")
     assert 0 < samples < 3000
     assert scored % 500 == 0 and 0 < scored + waiting <= samples  # the rest wait in open windows
+    coreset, validation = count("coreset"), count("validation samples")
+    assert 0 < coreset <= 1024 and 0 < validation < scored * 0.15  # about 5% held out
+    assert coreset + validation <= scored
+
+    # the committed coreset is what `recsift coreset` shows and exports
+    assert main(["coreset", "show", "--state-dir", str(tmp_path)]) == 0
+    assert f"members              {coreset:,}" in capsys.readouterr().out
+    assert main(["coreset", "export", "--state-dir", str(tmp_path), "--out", str(tmp_path / "c.jsonl")]) == 0
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert len(lines) == coreset and "snapshot 1" in capsys.readouterr().out
+    assert main(["coreset", "show", "--state-dir", str(tmp_path / "absent")]) == 2
     assert (tmp_path / "recsift.sqlite").exists()
 
 

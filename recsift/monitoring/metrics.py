@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from recsift import __version__
 from recsift.stream.events import RejectReason
 
+DRIFT_METRICS = ("target_js", "category_js", "embedding_sw", "score_ks", "turnover", "member_age_s")
+
 STAGES = ("poll", "validate", "window", "sink", "checkpoint", "score", "select")
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -105,3 +107,25 @@ class Metrics:
         self.effort_cache_hits = Counter(
             "recsift_effort_cache_hits_total", "Effort scores served from the per-sample cache", registry=r
         )
+
+        # selection
+        self.coreset_size = Gauge("recsift_coreset_size", "Samples in the coreset", registry=r)
+        self.coreset_capacity = Gauge("recsift_coreset_capacity", "Coreset budget", registry=r)
+        self.coreset_stratum_members = Gauge(
+            "recsift_coreset_stratum_members", "Coreset members per score stratum", ["stratum"], registry=r
+        )
+        self.validation_size = Gauge(
+            "recsift_validation_samples", "Samples in the recent validation reservoir", registry=r
+        )
+        self.coverage = Gauge(
+            "recsift_coverage_ratio", "Share of the recent stream's mass whose cluster has a coreset member", registry=r
+        )
+        self.drift = Gauge("recsift_drift", "Coreset vs. recent stream, by drift metric", ["metric"], registry=r)
+        for name in DRIFT_METRICS:
+            self.drift.labels(name)
+
+    def init_strata(self, strata: int, budget: int) -> None:
+        """Initialise the per-stratum series and the capacity once the selector's shape is known."""
+        self.coreset_capacity.set(budget)
+        for k in range(strata):
+            self.coreset_stratum_members.labels(str(k))

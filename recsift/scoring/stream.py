@@ -107,6 +107,21 @@ class StreamScorer:
             for row, (i, o, r, e) in enumerate(zip(kept, overall.tolist(), scores.values.tolist(), efforts, strict=True))
         ]
 
+    def rescore(self, samples: Sequence[Sample]) -> tuple[list[float], int]:
+        """Overall scores of earlier samples under the current version (no training): for re-bucketing
+        coreset members when the version changes. Unscorable samples get the version's minimum (0)."""
+        if self.bounds is None or not samples:
+            return [0.0] * len(samples), self.scorer.version
+        enc = self.surrogate.encode([s.history for s in samples], [s.target for s in samples],
+                                    [s.sample_id for s in samples], grow=False)
+        out = [0.0] * len(samples)
+        if len(enc.batch):
+            effort = self.effort([samples[i] for i in enc.kept.tolist()]) if self.effort is not None else None
+            overall = self.overall(self.scorer.score(self.surrogate, enc.batch).values, effort)
+            for i, v in zip(enc.kept.tolist(), overall.tolist(), strict=True):
+                out[i] = v
+        return out, self.scorer.version
+
     def reestimate(self) -> None:
         """Start a new scorer version: re-prepare on the reference reservoir and fix its score range."""
         self.scorer.prepare(self.surrogate, self.reference)

@@ -19,9 +19,8 @@ import ot
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
+from recsift.monitoring.metrics import DRIFT_METRICS  # noqa: F401  (one list of names, shared with the gauges)
 from recsift.selection.reservoir import Member
-
-DRIFT_METRICS = ("target_js", "category_js", "embedding_sw", "score_ks", "turnover", "member_age_s")
 
 
 def js_divergence(p: Counter[str] | dict[str, float], q: Counter[str] | dict[str, float]) -> float:

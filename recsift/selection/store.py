@@ -19,12 +19,16 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
 from recsift.selection.reservoir import Member, StratifiedReservoir
-from recsift.stream.checkpoint import connect
+
+if TYPE_CHECKING:
+    from recsift.selection.stage import ValidationReservoir
+from recsift.stream.checkpoint import connect, sample_from_json, sample_to_json
 from recsift.stream.windows import Sample
 
 SCHEMA = (
@@ -34,6 +38,7 @@ SCHEMA = (
     " updated_at REAL NOT NULL, embedding BLOB)",
     "CREATE TABLE IF NOT EXISTS selector_state (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL,"
     " sketch BLOB NOT NULL, counts BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS validation_samples (pos INTEGER PRIMARY KEY, sample BLOB NOT NULL, embedding BLOB)",
     "CREATE TABLE IF NOT EXISTS coreset_snapshots (snapshot_id INTEGER PRIMARY KEY AUTOINCREMENT,"
     " created_at REAL NOT NULL, size INTEGER NOT NULL, scorer_version INTEGER NOT NULL, reason TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS snapshot_members (snapshot_id INTEGER NOT NULL, sample_id INTEGER NOT NULL,"
@@ -45,8 +50,9 @@ SCHEMA = (
 class CoresetStore:
     """Checkpoint participant for a streaming selector."""
 
-    def __init__(self, selector: StratifiedReservoir) -> None:
+    def __init__(self, selector: StratifiedReservoir, validation: ValidationReservoir | None = None) -> None:
         self.selector = selector
+        self.validation = validation
         self._loaded = False
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
@@ -64,8 +70,15 @@ class CoresetStore:
               None if m.embedding is None else np.asarray(m.embedding, dtype=np.float32).tobytes())
              for m in sel.members.values()),
         )
+        if self.validation is not None:
+            v = self.validation
+            conn.execute("DELETE FROM validation_samples")
+            conn.executemany("INSERT INTO validation_samples VALUES (?, ?, ?)",
+                             ((i, sample_to_json(smp), np.asarray(e, dtype=np.float32).tobytes())
+                              for i, (smp, e) in enumerate(zip(v.samples, v.embeddings, strict=True))))
         state = {"edges": sel.edges, "version": sel.version, "t0": sel.t0, "t_counts": sel.t_counts,
-                 "since_edges": sel.since_edges, "sketch_pos": sel.sketch_pos, "stats": asdict(sel.stats)}
+                 "since_edges": sel.since_edges, "sketch_pos": sel.sketch_pos, "stats": asdict(sel.stats),
+                 "validation": [self.validation.pos, self.validation.seen] if self.validation is not None else None}
         conn.execute("INSERT OR REPLACE INTO selector_state VALUES (1, ?, ?, ?)",
                      (json.dumps(state), sel.sketch.astype(np.float64).tobytes(), sel.counts.astype(np.float64).tobytes()))
 
@@ -99,6 +112,12 @@ class CoresetStore:
             sel.members[m.sample.sample_id] = m
             sel.users[m.sample.user_id] += 1
         sel.restored()
+        if self.validation is not None and state.get("validation") is not None:
+            v = self.validation
+            v.pos, v.seen = state["validation"]
+            rows = conn.execute("SELECT sample, embedding FROM validation_samples ORDER BY pos").fetchall()
+            v.samples = [sample_from_json(a) for a, _ in rows]
+            v.embeddings = [np.frombuffer(b, dtype=np.float32).copy() for _, b in rows]
 
 
 @dataclass(frozen=True)
@@ -189,5 +208,16 @@ def live_members(db_path: str | Path) -> list[tuple[int, str, str, float, int, i
             conn.execute(statement)
         return [tuple(r) for r in conn.execute(  # type: ignore[misc]
             "SELECT sample_id, user_id, target, score, stratum, version FROM coreset_members ORDER BY sample_id")]
+    finally:
+        conn.close()
+
+
+def read_validation(db_path: str | Path) -> list[Sample]:
+    """The committed recent validation reservoir (refresh evaluation reads it)."""
+    conn = connect(db_path)
+    try:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        return [sample_from_json(a) for (a,) in conn.execute("SELECT sample FROM validation_samples ORDER BY pos")]
     finally:
         conn.close()

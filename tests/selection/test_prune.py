@@ -22,7 +22,7 @@ def write_dealrec(root: Path) -> Path:
 def test_prune_writes_scores_and_a_report(tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_dealrec(tmp_path)
     out = tmp_path / "out"
-    assert main(["prune", "--dataset", str(data), "--method", method, "--epochs", "2", "--out", str(out),
+    assert main(["prune", "--dataset", str(data), "--method", method, "--epochs", "2", "--out", str(out), "--budget", "10",
                  "--set", "scoring.lissa_depth=20", "--set", "scoring.hidden=16"]) == 0
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     report = json.loads((out / "report.json").read_text())
@@ -31,3 +31,9 @@ def test_prune_writes_scores_and_a_report(tmp_path: Path, method: str, capsys: p
     assert all(isinstance(r["score"], float) for r in rows)
     assert len(report["epoch_seconds"]) == 2
     assert "samples scored" in capsys.readouterr().out
+    chosen = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert len(chosen) == report["selected"] == 10 and len({c["sample_id"] for c in chosen}) == 10
+    by_id = {r["sample_id"]: r["score"] for r in rows}
+    assert all(by_id[c["sample_id"]] == c["score"] for c in chosen if method != "random")
+    if method == "grand":  # top-k hardest
+        assert min(c["score"] for c in chosen) >= sorted(by_id.values())[-10]

@@ -1,9 +1,10 @@
-"""Batch pruning on a DEALRec dataset: train the surrogate, score every training sample, write the scores.
+"""Batch pruning on a DEALRec dataset: train the surrogate, score every training sample, select the budget.
 
 A training sample is a user's training sequence (history → last item), as in the DEALRec paper. Users
 whose sequence has a single item cannot form an input; they are excluded and counted in the report,
-never given a silent score. Selection of the budget joins once the selection stage exists; until then
-the output is the scores, which the selection stage reads.
+never given a silent score. Selection: DEALRec's coverage-enhanced sampling for ``dealrec`` (and for
+``ccs``, over EL2N), top-k hardest for GraNd/EL2N/loss (as those baselines are used in the paper),
+uniform for ``random``. The effort term (λ > 0) needs an effort function over the samples.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from recsift.data.datasets import catalog_for, read_dealrec_split
-from recsift.scoring.scorer import DEALRecScorer, make_scorer
+from recsift.scoring.scorer import DEALRecScorer, combine, make_scorer
+from recsift.scoring.stream import EffortFn
 from recsift.scoring.surrogate import Surrogate
+from recsift.selection.stratified import dealrec_select, random_select, topk_select
+from recsift.stream.windows import Sample
 
 METHOD_SCORERS = {"dealrec": "dealrec", "random": "random", "grand": "grand", "el2n": "el2n", "ccs": "el2n", "loss": "loss"}
 
@@ -39,6 +44,8 @@ class PruneReport:
     score_seconds: float = 0.0
     score_version: int = 0
     scores_path: str = ""
+    selected: int = 0
+    selected_path: str = ""
 
     @property
     def rate(self) -> float:
@@ -46,9 +53,12 @@ class PruneReport:
 
 
 def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int = 10, seed: int = 0,
-          reference_size: int = 4096, lissa_depth: int = 500, hidden: int = 64,
+          reference_size: int = 4096, lissa_depth: int = 500, hidden: int = 64, strata: int = 50,
+          hard_prune: float = 0.1, effort_weight: float = 0.0, effort: EffortFn | None = None,
           progress: Callable[[str], None] = print) -> PruneReport:
-    """Run the pipeline and write ``scores.jsonl`` (user, sample id, score) and ``report.json`` into ``out_dir``."""
+    """Run the pipeline; write ``scores.jsonl`` (every sample), ``selected.jsonl`` (the budget) and ``report.json``."""
+    if effort_weight > 0 and effort is None:
+        raise ValueError("effort_weight > 0 needs an effort function (the LLM's gradient norm)")
     if method not in METHOD_SCORERS:
         raise ValueError(f"unknown method {method!r}; one of {sorted(METHOD_SCORERS)}")
     train = read_dealrec_split(data_dir, "train")
@@ -84,11 +94,34 @@ def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int =
     report.score_version = scores.version
     progress(f"scored {len(enc.batch):,} samples in {report.score_seconds:.1f} s ({report.rate:,.0f}/s)")
 
+    kept = enc.kept.tolist()
+    overall = scores.values
+    if effort_weight > 0 and effort is not None and scorer_name == "dealrec":
+        samples = [Sample(row, users[row], tuple(train[users[row]][:-1]), train[users[row]][-1], 0.0) for row in kept]
+        progress(f"effort on {len(samples):,} samples (LLM gradient norms) ...")
+        overall = combine(scores.values, effort(samples), effort_weight)
+    values = overall.numpy()
+    ids = np.asarray(kept, dtype=np.int64)
+    if method in ("dealrec", "ccs"):
+        selection = dealrec_select(ids, values, budget, strata, hard_prune, seed)
+    elif method == "random":
+        selection = random_select(ids, budget, seed)
+    else:
+        selection = topk_select(ids, values, budget)
+    report.selected = len(selection)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "scores.jsonl"
     with path.open("w") as fh:
-        for row, value in zip(enc.kept.tolist(), scores.values.tolist(), strict=True):
-            fh.write(json.dumps({"user_id": users[row], "sample_id": row, "score": value}) + "\n")
+        for row, raw, value in zip(kept, scores.values.tolist(), values.tolist(), strict=True):
+            fh.write(json.dumps({"user_id": users[row], "sample_id": row, "raw": raw, "score": value}) + "\n")
     report.scores_path = str(path)
+    chosen = out_dir / "selected.jsonl"
+    with chosen.open("w") as fh:
+        for sid, value, stratum in zip(selection.ids.tolist(), selection.scores.tolist(), selection.strata.tolist(),
+                                       strict=True):
+            fh.write(json.dumps({"user_id": users[sid], "sample_id": sid, "score": value, "stratum": stratum}) + "\n")
+    report.selected_path = str(chosen)
+    progress(f"selected {len(selection):,} of {len(kept):,} samples ({method})")
     (out_dir / "report.json").write_text(json.dumps({**asdict(report), "rate": report.rate}, indent=2))
     return report
