@@ -201,7 +201,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_coreset(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from recsift.selection.store import export_snapshot, list_snapshots, live_members, take_snapshot
+    from recsift.selection.store import (
+        export_snapshot,
+        list_snapshots,
+        live_members,
+        take_snapshot,
+    )
 
     db = settings_from(args).checkpoint.path
     if not db.is_file():

@@ -172,6 +172,12 @@ class SelectionConfig(_Section):
     recent_window: int = Field(4096, gt=0, description="recent samples drift is measured against")
     coverage_clusters: int = Field(32, ge=2)
     coverage_constraint: bool = Field(False, description="never evict the last member of a heavy cluster")
+    goracs_size: int | None = Field(None, gt=0, description="run GORACS over the coreset pool to choose this many "
+                                    "(the refresh subset); unset: off")
+    goracs_every: int = Field(16, gt=0, description="selection batches between GORACS runs")
+    goracs_lambda: float = Field(0.1, ge=0.0, description="weight of the normalised gradient norm in the OT cost")
+    goracs_max_exchanges: int = Field(20, ge=0)
+    goracs_exchange_candidates: int = Field(5, gt=0)
 
 
 class TrainerConfig(_Section):

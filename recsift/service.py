@@ -33,7 +33,7 @@ from recsift.scoring.surrogate import Surrogate
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
 from recsift.selection.reservoir import make_selector
-from recsift.selection.stage import SelectionStage, ValidationReservoir
+from recsift.selection.stage import GoracsSettings, SelectionStage, ValidationReservoir
 from recsift.selection.store import CoresetStore
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
@@ -195,7 +195,10 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
     selection = SelectionStage(selector, validation, RecentWindow(sel.recent_window),
                                Coverage(sel.coverage_clusters, seed=sel.seed),
                                stage.scorer.rescore if stage is not None else None, metrics, sel.validation_fraction,
-                               sel.seed, sel.coverage_constraint, category)
+                               sel.seed, sel.coverage_constraint, category,
+                               goracs=GoracsSettings(sel.goracs_size, sel.goracs_every, sel.goracs_lambda,
+                                                     sel.goracs_max_exchanges, sel.goracs_exchange_candidates)
+                               if sel.goracs_size else None)
     if metrics is not None:
         metrics.init_strata(sel.strata, sel.budget)
     return selection, CoresetStore(selector, validation)

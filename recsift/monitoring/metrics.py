@@ -120,6 +120,9 @@ class Metrics:
         self.coverage = Gauge(
             "recsift_coverage_ratio", "Share of the recent stream's mass whose cluster has a coreset member", registry=r
         )
+        self.goracs_objective = Gauge(
+            "recsift_goracs_objective", "OT cost of the last GORACS subset to the validation reservoir", registry=r
+        )
         self.drift = Gauge("recsift_drift", "Coreset vs. recent stream, by drift metric", ["metric"], registry=r)
         for name in DRIFT_METRICS:
             self.drift.labels(name)

@@ -58,6 +58,7 @@ class Member:
     embedding: np.ndarray | None = None
     cluster: int = -1
     inserted_ts: float = 0.0
+    effort: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Offer:
     score: float
     version: int
     embedding: np.ndarray | None = None
+    effort: float = float("nan")
 
 
 @dataclass
@@ -175,7 +177,8 @@ class StratifiedReservoir:
         key = self._key(sid, o.sample.ts)
         heap = self.heaps[k]
         if len(heap) < self.quotas[k] or (heap and key > heap[0][0] and self._evict_lowest(k)):
-            self._insert(Member(o.sample, o.score, o.version, key, k, o.embedding, inserted_ts=o.sample.ts))
+            self._insert(Member(o.sample, o.score, o.version, key, k, o.embedding, inserted_ts=o.sample.ts,
+                                effort=o.effort))
 
     def _key(self, sample_id: int, ts: float) -> float:
         base = -math.log(-math.log(uniform_key(sample_id, self.seed)))

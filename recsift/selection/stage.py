@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from recsift.monitoring.metrics import Metrics
 from recsift.scoring.stream import ScoredSample
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import DriftReport, RecentWindow, drift
+from recsift.selection.goracs import goracs_select
 from recsift.selection.reservoir import Offer, Rescore, StratifiedReservoir, uniform_key
 from recsift.stream.windows import Sample
 
@@ -52,16 +54,28 @@ def is_validation(sample_id: int, fraction: float, seed: int) -> bool:
     return fraction > 0 and uniform_key(sample_id, seed ^ 0x5EED) < fraction
 
 
+@dataclass(frozen=True)
+class GoracsSettings:
+    size: int
+    every: int = 16
+    lam: float = 0.1
+    max_exchanges: int = 20
+    exchange_candidates: int = 5
+
+
 class SelectionStage:
     def __init__(self, selector: StratifiedReservoir, validation: ValidationReservoir, recent: RecentWindow,
                  coverage: Coverage | None = None, rescore: Rescore | None = None, metrics: Metrics | None = None,
                  validation_fraction: float = 0.05, seed: int = 0, coverage_constraint: bool = False,
-                 category: Callable[[str], str | None] = lambda _: None, drift_every: int = 8) -> None:
+                 category: Callable[[str], str | None] = lambda _: None, drift_every: int = 8,
+                 goracs: GoracsSettings | None = None) -> None:
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in [0, 1)")
         self.selector, self.validation, self.recent, self.coverage = selector, validation, recent, coverage
         self.rescore, self.metrics, self.fraction, self.seed = rescore, metrics, validation_fraction, seed
-        self.category, self.drift_every = category, drift_every
+        self.category, self.drift_every, self.goracs = category, drift_every, goracs
+        self.goracs_subset: list[int] = []  # member ids GORACS chose last (the refresh subset when enabled)
+        self.goracs_objective = float("nan")
         self.batches = 0
         self.last_snapshot: set[int] = set()
         self.last_drift: DriftReport | None = None
@@ -77,13 +91,15 @@ class SelectionStage:
             if is_validation(s.sample.sample_id, self.fraction, self.seed):
                 self.validation.add(s.sample, s.embedding)
             else:
-                offers.append(Offer(s.sample, s.score, s.version, s.embedding))
+                offers.append(Offer(s.sample, s.score, s.version, s.embedding, s.effort))
         if self.coverage is not None and scored:
             self.coverage.add(np.stack([s.embedding for s in scored]))
         self.selector.offer(offers, self.rescore)
         self.batches += 1
         if self.batches % self.drift_every == 0:
             self.measure()
+        if self.goracs is not None and self.batches % self.goracs.every == 0:
+            self.run_goracs()
         if self.metrics is not None:
             self._export(time.perf_counter() - started)
 
@@ -95,6 +111,26 @@ class SelectionStage:
             embs = [m.embedding for m in members if m.embedding is not None]
             self.last_coverage = self.coverage.coverage(np.stack(embs)) if embs else 0.0
         return self.last_drift
+
+    def run_goracs(self) -> list[int]:
+        """GORACS over the coreset pool against the validation reservoir; remembers the chosen member ids.
+
+        The gradient term uses each member's LLM effort (a gradient norm) when effort is on, else its
+        overall score, which for DEALRec is itself a gradient inner product."""
+        g = self.goracs
+        members = [m for m in self.selector.members.values() if m.embedding is not None]
+        if g is None or not members or not len(self.validation):
+            return self.goracs_subset
+        size = min(g.size, len(members))
+        grads = np.array([m.effort if np.isfinite(m.effort) else m.score for m in members])
+        grads = grads - grads.min()
+        result = goracs_select(np.stack([m.embedding for m in members]), np.stack(self.validation.embeddings), size,
+                               grads, g.lam, g.max_exchanges, g.exchange_candidates)
+        self.goracs_subset = sorted(members[i].sample.sample_id for i in result.selected)
+        self.goracs_objective = result.objective
+        if self.metrics is not None:
+            self.metrics.goracs_objective.set(result.objective)
+        return self.goracs_subset
 
     def snapshot_taken(self, member_ids: Sequence[int]) -> None:
         """Turnover is measured against the members of the last refresh's snapshot."""

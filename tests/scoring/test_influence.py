@@ -10,7 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian
 
-from recsift.scoring.influence import InfluenceError, InfluenceEstimator, cosine, default_block, spearman
+from recsift.scoring.influence import (
+    InfluenceError,
+    InfluenceEstimator,
+    cosine,
+    default_block,
+    spearman,
+)
 from recsift.scoring.surrogate import SeqBatch, Surrogate
 
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from recsift.scoring.checks import check_scorer
-from recsift.scoring.scorer import SCORERS, Bounds, DEALRecScorer, combine, make_scorer, minmax
+from recsift.scoring.scorer import (
+    SCORERS,
+    Bounds,
+    DEALRecScorer,
+    combine,
+    make_scorer,
+    minmax,
+)
 from recsift.scoring.surrogate import SeqBatch, Surrogate
 
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from recsift.selection.coverage import Coverage
-from recsift.selection.drift import RecentWindow, drift, js_divergence, sliced_wasserstein
+from recsift.selection.drift import (
+    RecentWindow,
+    drift,
+    js_divergence,
+    sliced_wasserstein,
+)
 from recsift.selection.goracs import cost_matrix, goracs_select, objective
 from recsift.selection.reservoir import Member
 from recsift.stream.windows import Sample

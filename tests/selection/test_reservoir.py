@@ -10,8 +10,19 @@ from scipy.stats import ks_2samp
 
 from recsift.selection.checks import check_selector, synthetic_offers
 from recsift.selection.reservoir import Offer, StratifiedReservoir, make_selector
-from recsift.selection.store import CoresetStore, export_snapshot, live_members, read_snapshot, take_snapshot
-from recsift.selection.stratified import allocate, dealrec_select, hard_prune_cut, stratum_of
+from recsift.selection.store import (
+    CoresetStore,
+    export_snapshot,
+    live_members,
+    read_snapshot,
+    take_snapshot,
+)
+from recsift.selection.stratified import (
+    allocate,
+    dealrec_select,
+    hard_prune_cut,
+    stratum_of,
+)
 from recsift.stream.checkpoint import Checkpoint
 from recsift.stream.windows import Sample
 

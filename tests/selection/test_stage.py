@@ -35,3 +35,20 @@ def test_scored_samples_flow_into_the_coreset_and_the_validation_reservoir() -> 
     assert sum(value("recsift_coreset_stratum_members", {"stratum": str(k)}) for k in range(6)) == len(selector)
     assert value("recsift_drift", {"metric": "target_js"}) > 0
     assert 0 < value("recsift_coverage_ratio") <= 1
+
+
+def test_goracs_runs_periodically_over_the_coreset_pool() -> None:
+    from recsift.selection.stage import GoracsSettings
+
+    scorer = StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0), make_scorer("loss"), reference_size=200)
+    metrics = Metrics()
+    selector = StratifiedReservoir(budget=80, strata=4)
+    selection = SelectionStage(selector, ValidationReservoir(200), RecentWindow(500), None, scorer.rescore, metrics,
+                               validation_fraction=0.2, goracs=GoracsSettings(size=20, every=3, max_exchanges=5))
+    stage = ScoringStage(scorer, 200, [selection], metrics)
+    for batch in sample_batches(4000):
+        stage(batch)
+    assert len(selection.goracs_subset) == 20  # ran on schedule (members have moved on since)
+    now = selection.run_goracs()
+    assert len(now) == 20 and set(now) <= set(selector.members)
+    assert metrics.registry.get_sample_value("recsift_goracs_objective") == selection.goracs_objective

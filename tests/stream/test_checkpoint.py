@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from recsift.config import WindowConfig
-from recsift.stream.checkpoint import Checkpoint, CheckpointError, SampleJournal, StreamStateStore
+from recsift.stream.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    SampleJournal,
+    StreamStateStore,
+)
 from recsift.stream.events import DedupIndex, Event
 from recsift.stream.windows import Sample, StreamState
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from recsift.trainer.prompts import DOMAINS, IGNORE, PromptBuilder, collate, domain_named
+from recsift.trainer.prompts import (
+    DOMAINS,
+    IGNORE,
+    PromptBuilder,
+    collate,
+    domain_named,
+)
 from tests.helpers import tiny_llm
 
 TITLES = {str(i): f"game number {i}" for i in range(1, 60)}
