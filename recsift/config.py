@@ -195,6 +195,17 @@ class TrainerConfig(_Section):
     domain: Literal["items", "games", "movies"] = Field("items", description="the prompt's wording")
     max_prompt_tokens: int = Field(256, ge=16, description="oldest history items are dropped to fit")
     effort_batch_size: int = Field(8, gt=0)
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, description="bf16 batch 8 is the measured sweet spot on a 2-core CPU")
+    early_stopping_patience: int = Field(1, ge=0, description="epochs without validation improvement before stopping")
+    eval_samples: int = Field(128, gt=0, description="validation-reservoir samples a refresh is judged on")
+    promote_tolerance: float = Field(0.01, ge=0.0, description="promote unless the new validation loss is worse "
+                                     "than the serving adapter's by more than this fraction")
+    refresh_interval_s: float | None = Field(1800.0, gt=0, description="interval trigger; unset: no interval refreshes")
+    drift_thresholds: dict[str, float] = Field(default_factory=lambda: {"target_js": 0.3, "embedding_sw": 0.5},
+                                               description="drift trigger: a metric above its threshold")
+    drift_cooldown_s: float = Field(600.0, ge=0.0, description="at least this long between drift-triggered refreshes")
+    max_new_tokens: int = Field(32, gt=0, description="generation length before grounding")
 
 
 class MonitoringConfig(_Section):

@@ -1,0 +1,94 @@
+"""Versioned adapter directories with an atomically updated ``current`` pointer.
+
+Layout under the registry root::
+
+    v0001/  adapter_config.json, adapter_model.safetensors (peft save_pretrained), recsift.json (metadata)
+    v0002/  ...
+    current  (a one-line file naming the serving version; replaced atomically with os.replace)
+    history  (one JSON line per pointer change, for rollback)
+
+A version is written into a hidden temporary directory and renamed into place, so a crash mid-save
+leaves no half version; the pointer only ever names complete versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    path: Path
+    metadata: dict[str, Any]
+
+
+class AdapterRegistry:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[AdapterVersion]:
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if _VERSION.match(p.name) and (p / "recsift.json").is_file():
+                out.append(AdapterVersion(p.name, p, json.loads((p / "recsift.json").read_text())))
+        return out
+
+    def get(self, name: str) -> AdapterVersion:
+        for v in self.versions():
+            if v.name == name:
+                return v
+        raise LookupError(f"no adapter version {name!r} in {self.root}")
+
+    def save(self, write: Callable[[Path], None], metadata: dict[str, Any]) -> AdapterVersion:
+        """Write a new version: ``write(tmpdir)`` saves the adapter (``model.save_pretrained``)."""
+        existing = [int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION.match(p.name))]
+        name = f"v{(max(existing) + 1) if existing else 1:04d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
+        try:
+            write(tmp)
+            (tmp / "recsift.json").write_text(json.dumps({**metadata, "version": name, "saved_at": time.time()},
+                                                         indent=2, default=str))
+            os.rename(tmp, self.root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.get(name)
+
+    def current(self) -> AdapterVersion | None:
+        pointer = self.root / "current"
+        if not pointer.is_file():
+            return None
+        return self.get(pointer.read_text().strip())
+
+    def promote(self, name: str, reason: str = "promote") -> AdapterVersion:
+        version = self.get(name)
+        previous = self.current()
+        tmp = self.root / ".current.tmp"
+        tmp.write_text(name + "\n")
+        os.replace(tmp, self.root / "current")
+        with (self.root / "history").open("a") as fh:
+            fh.write(json.dumps({"at": time.time(), "from": previous.name if previous else None, "to": name,
+                                 "reason": reason}) + "\n")
+        return version
+
+    def rollback(self) -> AdapterVersion:
+        """Point ``current`` back at the version served before the current one."""
+        history = self.root / "history"
+        changes = [json.loads(line) for line in history.read_text().splitlines()] if history.is_file() else []
+        current = self.current()
+        if current is None or not changes or changes[-1]["from"] is None:
+            raise LookupError("nothing to roll back to")
+        return self.promote(changes[-1]["from"], reason=f"rollback from {current.name}")

@@ -1,0 +1,110 @@
+"""Refresh end to end on a tiny Llama (snapshot → train → evaluate → promote) and its refusal paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsift.config import Settings, load_config
+from recsift.selection.checks import synthetic_offers
+from recsift.selection.reservoir import StratifiedReservoir
+from recsift.selection.stage import ValidationReservoir
+from recsift.selection.store import CoresetStore
+from recsift.stream.checkpoint import Checkpoint
+from recsift.stream.events import Catalog
+from recsift.trainer.llm import wrap_llm
+from recsift.trainer.refresh import list_runs, refresh, refresh_in_process, registry_for
+from recsift.trainer.registry import AdapterRegistry
+from tests.helpers import tiny_llm
+
+
+def state_with_coreset(tmp: Path, members: int = 24) -> Path:
+    """A checkpoint holding a small coreset and a validation reservoir from the synthetic offers."""
+    selector = StratifiedReservoir(budget=members, strata=2)
+    validation = ValidationReservoir(16)
+    ckpt = Checkpoint(tmp / "state" / "recsift.sqlite", [CoresetStore(selector, validation)])
+    batches = synthetic_offers(400, seed=0)
+    for b in batches[:3]:
+        selector.offer(b)
+    for o in batches[3][:16]:
+        validation.add(o.sample, o.embedding)
+    ckpt.commit({})
+    ckpt.close()
+    return tmp / "state"
+
+
+def settings(state: Path, **trainer: object) -> Settings:
+    base = {"checkpoint.state_dir": str(state), "trainer.dtype": "fp32", "trainer.batch_size": 8,
+            "trainer.eval_samples": 16, "trainer.max_prompt_tokens": 400}
+    base.update({f"trainer.{k}": v for k, v in trainer.items()})
+    return load_config(overrides=base)
+
+
+def tiny(seed: int = 0):  # type: ignore[no-untyped-def]
+    model, tokenizer = tiny_llm(seed=seed, lora=False)
+    return wrap_llm("tiny", model, tokenizer, "fp32")
+
+
+def test_refresh_trains_evaluates_and_promotes(tmp_path: Path) -> None:
+    cfg = settings(state_with_coreset(tmp_path), learning_rate=5e-3, epochs=3)
+    outcome = refresh(cfg, "manual", llm=tiny())
+    assert outcome.outcome == "promoted", outcome.error
+    assert outcome.new_loss is not None and outcome.serving_loss is not None
+    assert outcome.new_loss < outcome.serving_loss  # it learned the coreset's distribution
+    assert outcome.snapshot_id == 1 and outcome.train["steps"] > 0 and outcome.train["samples_per_s"] > 0
+    registry = registry_for(cfg)
+    current = registry.current()
+    assert current is not None and current.name == outcome.version == "v0001"
+    assert (current.path / "adapter_model.safetensors").is_file()
+    assert current.metadata["snapshot_id"] == 1 and current.metadata["promoted"] is True
+    runs = list_runs(cfg.checkpoint.path)
+    assert [(r["trigger"], r["outcome"]) for r in runs] == [("manual", "promoted")]
+
+    again = refresh(cfg, "interval", llm=tiny())  # incremental: starts from the serving adapter
+    assert again.serving_before == "v0001" and again.outcome in ("promoted", "rejected")
+
+
+def test_a_worse_adapter_is_recorded_and_not_promoted(tmp_path: Path) -> None:
+    cfg = settings(state_with_coreset(tmp_path), learning_rate=5e-3, epochs=2)
+    assert refresh(cfg, "manual", llm=tiny()).outcome == "promoted"
+    wrecked = settings(cfg.checkpoint.state_dir, learning_rate=3.0, epochs=1, promote_tolerance=0.0,
+                       early_stopping_patience=5)
+    outcome = refresh(wrecked, "drift", llm=tiny())
+    assert outcome.outcome == "rejected" and "worse than serving" in (outcome.error or "")
+    assert registry_for(cfg).current().name == "v0001"  # type: ignore[union-attr]
+
+
+def test_nan_fails_and_saves_nothing(tmp_path: Path) -> None:
+    cfg = settings(state_with_coreset(tmp_path))
+    llm = tiny()
+    with torch.no_grad():
+        llm.model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
+    outcome = refresh(cfg, "manual", llm=llm)
+    assert outcome.outcome == "failed" and "FloatingPointError" in (outcome.error or "")
+    assert registry_for(cfg).versions() == [] and registry_for(cfg).current() is None
+    assert list_runs(cfg.checkpoint.path)[-1]["outcome"] == "failed"
+
+
+def test_empty_coreset_is_skipped(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Checkpoint(state / "recsift.sqlite", [CoresetStore(StratifiedReservoir(4, 2))]).close()
+    assert refresh(settings(state), "interval", llm=tiny()).outcome == "skipped"
+
+
+@pytest.mark.slow
+def test_a_crash_mid_training_leaves_the_serving_adapter_untouched(tmp_path: Path) -> None:
+    model, tokenizer = tiny_llm(lora=False)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    cfg = settings(state_with_coreset(tmp_path), base_model=str(tmp_path / "tiny"), learning_rate=5e-3, epochs=1)
+    first = refresh_in_process(cfg, "manual", catalog=Catalog())
+    assert first.outcome == "promoted", first.error
+    endless = settings(cfg.checkpoint.state_dir, base_model=str(tmp_path / "tiny"), epochs=100_000,
+                       early_stopping_patience=100_000)
+    killed = refresh_in_process(endless, "manual", catalog=Catalog(),
+                                timeout_s=20)
+    assert killed.outcome == "failed" and "exited" in (killed.error or "")
+    registry = AdapterRegistry(cfg.checkpoint.state_dir / "adapters")
+    assert [v.name for v in registry.versions()] == ["v0001"] and registry.current().name == "v0001"  # type: ignore[union-attr]
