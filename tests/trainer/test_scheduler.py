@@ -1,0 +1,59 @@
+"""The refresh scheduler: one run at a time, manual triggers coalesce, drift fires once per cooldown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from recsift.trainer.scheduler import RefreshScheduler
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_manual_triggers_during_a_run_coalesce_and_runs_never_overlap() -> None:
+    release = threading.Event()
+    active, peak = [0], [0]
+
+    def run(trigger: str) -> str:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        release.wait(5)
+        active[0] -= 1
+        return trigger
+
+    sched = RefreshScheduler(run)
+    sched.start()
+    try:
+        sched.trigger()
+        wait_for(lambda: sched.running)
+        for _ in range(5):  # while it runs
+            sched.trigger()
+            time.sleep(0.05)
+        release.set()
+        wait_for(lambda: len(sched.runs) >= 2)
+        time.sleep(0.5)
+        assert [t for t, _ in sched.runs] == ["manual", "manual"]  # five triggers → one more run
+        assert peak[0] == 1
+    finally:
+        release.set()
+        sched.shutdown()
+
+
+def test_interval_and_drift_triggers() -> None:
+    sched = RefreshScheduler(lambda trigger: trigger, interval_s=0.3, drift_thresholds={"target_js": 0.2},
+                             drift_cooldown_s=60)
+    sched.start()
+    try:
+        wait_for(lambda: len(sched.runs) >= 1)
+        assert sched.runs[0][0] == "interval"
+        assert sched.check_drift({"target_js": 0.1}) is None
+        assert sched.check_drift({"target_js": 0.5}) == "target_js"
+        assert sched.check_drift({"target_js": 0.9}) is None  # cooldown
+        wait_for(lambda: any(t == "drift" for t, _ in sched.runs))
+    finally:
+        sched.shutdown()
