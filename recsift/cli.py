@@ -80,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     c_export.add_argument("--snapshot", type=int, help="snapshot id (default: take a new one now)")
     c_export.add_argument("--out", type=Path, required=True)
 
+    adapters = sub.add_parser("adapters", help="the adapter registry: list, promote, roll back")
+    a_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    for name, text in (("list", "versions and the serving one"), ("promote", "serve VERSION"),
+                       ("rollback", "serve the version served before the current one")):
+        p = a_sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path)
+        if name == "promote":
+            p.add_argument("version")
+
+    refresh = sub.add_parser("refresh", help="run one LoRA refresh on the committed coreset now")
+    _common(refresh)
+    refresh.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path)
+    refresh.add_argument("--catalog", dest="stream.catalog_path", type=Path, help="item titles for the prompts")
+
+    evaluate = sub.add_parser("evaluate", help="Recall/NDCG@10,20 of an adapter on a DEALRec dataset's test users")
+    _common(evaluate)
+    evaluate.add_argument("--dataset", default="games")
+    evaluate.add_argument("--adapter", type=Path, help="an adapter directory (default: the base model)")
+    evaluate.add_argument("--users", type=int, default=200, help="seeded sample of test users (0: all)")
+    evaluate.add_argument("--no-generate", action="store_true", help="ground from the prompt (no generation)")
+
     broker = sub.add_parser("broker", help="run the embedded tansu broker in the foreground")
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
 
@@ -229,6 +251,71 @@ def cmd_coreset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from recsift.trainer.refresh import registry_for
+
+    registry = registry_for(settings_from(args))
+    if args.adapters_command == "promote":
+        print(f"serving {registry.promote(args.version, reason='cli').name}")
+        return 0
+    if args.adapters_command == "rollback":
+        print(f"serving {registry.rollback().name}")
+        return 0
+    current = registry.current()
+    rows = [(("* " if current and v.name == current.name else "  ") + v.name,
+             f"snapshot {v.metadata.get('snapshot_id')}, {v.metadata.get('trigger')}, "
+             f"validation loss {v.metadata.get('metrics', {}).get('validation_loss')}") for v in registry.versions()]
+    print_table(f"adapters in {registry.root}", rows or [("(none)", "")])
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from recsift.service import load_catalog
+    from recsift.trainer.refresh import refresh
+
+    cfg = settings_from(args)
+    if not cfg.checkpoint.path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {cfg.checkpoint.path}: run `recsift run` first")
+    outcome = refresh(cfg, "manual", load_catalog(cfg), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print_table("recsift refresh", [("outcome", outcome.outcome), ("snapshot", str(outcome.snapshot_id)),
+                                    ("version", str(outcome.version)), ("serving before", str(outcome.serving_before)),
+                                    ("validation loss before / after", f"{outcome.serving_loss} / {outcome.new_loss}"),
+                                    ("seconds", f"{outcome.seconds:.1f}"), ("error", outcome.error or "-")])
+    return 0 if outcome.outcome in ("promoted", "skipped") else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset
+    from recsift.trainer.evaluate import evaluate_dealrec, test_users
+    from recsift.trainer.llm import load_llm
+    from recsift.trainer.prompts import PromptBuilder, domain_named
+    from recsift.trainer.recommender import Recommender
+
+    cfg = settings_from(args)
+    t = cfg.trainer
+    path = resolve_dataset(args.dataset, cfg.stream.data_dir)
+    catalog = catalog_for(path)
+    if catalog is None:
+        raise FileNotFoundError(f"{path} has no items.tsv: grounding needs titles")
+    llm = load_llm(t.base_model, t.cache_dir, t.dtype)
+    model = llm.model
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(args.adapter))
+    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, domain_named(t.domain), t.max_prompt_tokens,
+                            pad_token_id=llm.pad_token_id)
+    print(f"embedding {len(catalog):,} titles (cached under {t.cache_dir}) ...", file=sys.stderr, flush=True)
+    rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens)
+    train, valid, test = (read_dealrec_split(path, s) for s in ("train", "valid", "test"))
+    users = test_users(test, args.users or None, t.seed)
+    metrics = evaluate_dealrec(lambda h, k: rec.recommend(h, k, generate=not args.no_generate), train, valid, test,
+                               users, progress=lambda i: print(f"\r{i}/{len(users)} users", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    print_table(f"recsift evaluate on {path.name} ({len(users)} users)", [(k, f"{v:.4f}") for k, v in metrics.items()])
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -237,8 +324,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "coreset": cmd_coreset, "broker": cmd_broker,
-            "config": cmd_config}
+COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "coreset": cmd_coreset, "adapters": cmd_adapters,
+            "refresh": cmd_refresh, "evaluate": cmd_evaluate, "broker": cmd_broker, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFound, FileNotFoundError) as exc:
+    except (ConfigError, DatasetNotFound, FileNotFoundError, LookupError) as exc:
         print(f"recsift: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokerUnavailable as exc:

@@ -7,7 +7,7 @@ number of targets; NDCG@K = DCG of the hits / ideal DCG over min(number of targe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def recall_ndcg(ranked: Sequence[Sequence[str]], targets: Sequence[Sequence[str]],
@@ -32,3 +32,27 @@ def recall_ndcg(ranked: Sequence[Sequence[str]], targets: Sequence[Sequence[str]
     if users == 0:
         raise ValueError("no user has a target item")
     return {name: total / users for name, total in sums.items()}
+
+
+def test_users(test: dict[str, list[str]], n: int | None, seed: int) -> list[str]:
+    """A fixed, seeded sample of users that have test items (all of them when ``n`` is None)."""
+    import random
+
+    users = sorted((u for u, items in test.items() if items), key=lambda u: (len(u), u))
+    if n is not None and n < len(users):
+        users = sorted(random.Random(seed).sample(users, n), key=lambda u: (len(u), u))
+    return users
+
+
+def evaluate_dealrec(recommend: Callable[[Sequence[str], int], list[str]], train: dict[str, list[str]],
+                     valid: dict[str, list[str]], test: dict[str, list[str]], users: Sequence[str],
+                     ks: Sequence[int] = (10, 20), progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Recall/NDCG@K on the test period: history = train + valid items, targets = the user's test items."""
+    ranked, targets = [], []
+    for i, u in enumerate(users):
+        history = train.get(u, []) + valid.get(u, [])
+        ranked.append(recommend(history, max(ks)) if history else [])
+        targets.append(test[u])
+        if progress is not None:
+            progress(i + 1)
+    return recall_ndcg(ranked, targets, ks)

@@ -89,6 +89,7 @@ class AdapterRegistry:
         history = self.root / "history"
         changes = [json.loads(line) for line in history.read_text().splitlines()] if history.is_file() else []
         current = self.current()
-        if current is None or not changes or changes[-1]["from"] is None:
+        previous = next((c["to"] for c in reversed(changes) if current is None or c["to"] != current.name), None)
+        if current is None or previous is None:
             raise LookupError("nothing to roll back to")
-        return self.promote(changes[-1]["from"], reason=f"rollback from {current.name}")
+        return self.promote(previous, reason=f"rollback from {current.name}")

