@@ -206,6 +206,10 @@ class TrainerConfig(_Section):
                                                description="drift trigger: a metric above its threshold")
     drift_cooldown_s: float = Field(600.0, ge=0.0, description="at least this long between drift-triggered refreshes")
     max_new_tokens: int = Field(32, gt=0, description="generation length before grounding")
+    refresh_every_samples: int | None = Field(None, gt=0, description="also refresh after this many scored samples")
+    refresh_samples: int | None = Field(None, gt=0, description="train on a seeded uniform subset of this many "
+                                        "snapshot members (CPU demos); unset: the whole snapshot")
+    refresh_timeout_s: float = Field(3600.0, gt=0, description="a refresh process running longer is killed (failed)")
 
 
 class MonitoringConfig(_Section):

@@ -25,16 +25,22 @@ from recsift.data.datasets import (
     resolve_dataset,
 )
 from recsift.data.synthetic import SyntheticStream
+from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.scoring.effort import EffortScorer
 from recsift.scoring.scorer import make_scorer
-from recsift.scoring.stream import ScoringStage, ScoringStore, StreamScorer
+from recsift.scoring.stream import (
+    ScoredSample,
+    ScoringStage,
+    ScoringStore,
+    StreamScorer,
+)
 from recsift.scoring.surrogate import Surrogate
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
 from recsift.selection.reservoir import make_selector
 from recsift.selection.stage import GoracsSettings, SelectionStage, ValidationReservoir
-from recsift.selection.store import CoresetStore
+from recsift.selection.store import CoresetStore, read_snapshot
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
 from recsift.stream.events import (
@@ -64,6 +70,8 @@ from recsift.stream.sources import (
 from recsift.stream.windows import Batch
 from recsift.trainer.llm import add_lora, load_llm
 from recsift.trainer.prompts import PromptBuilder, domain_named
+from recsift.trainer.refresh import RefreshOutcome, refresh_in_process, registry_for
+from recsift.trainer.scheduler import RefreshScheduler
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +212,96 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
     return selection, CoresetStore(selector, validation)
 
 
+class Operations:
+    """Refresh scheduling, the HTTP surface and admin actions around a running pipeline."""
+
+    def __init__(self, cfg: Settings, metrics: Metrics, catalog: Catalog, selection: SelectionStage | None) -> None:
+        t = cfg.trainer
+        self.cfg, self.metrics, self.catalog, self.selection = cfg, metrics, catalog, selection
+        self.registry = registry_for(cfg)
+        self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds, t.drift_cooldown_s)
+        self.pipeline: Pipeline | None = None
+        self.outcomes: list[RefreshOutcome] = []
+        self._since_refresh = 0
+        self._serving_gauge()
+
+    def _serving_gauge(self) -> None:
+        current = self.registry.current()
+        self.metrics.serving_version.set(int(current.name[1:]) if current else 0)
+
+    def refresh_job(self, trigger: str) -> RefreshOutcome:
+        """The scheduler's job: one refresh in its own process, then metrics and turnover bookkeeping."""
+        log.info("refresh (%s) starting", trigger)
+        if self.pipeline is not None and not self.pipeline.request_checkpoint():
+            log.warning("no checkpoint before the refresh; it trains on the last committed coreset")
+        outcome = refresh_in_process(self.cfg, trigger, self.catalog, self.cfg.trainer.refresh_timeout_s)
+        m = self.metrics
+        m.refresh_runs.labels(trigger, outcome.outcome).inc()
+        m.refresh_duration.observe(outcome.seconds)
+        if outcome.outcome == "promoted":
+            m.last_refresh.set(time.time())
+        for name, value in (("validation_loss", outcome.new_loss), ("serving_loss", outcome.serving_loss)):
+            if value is not None:
+                m.eval_metric.labels(name).set(value)
+        self._serving_gauge()
+        if self.selection is not None and outcome.snapshot_id is not None:
+            _, members = read_snapshot(self.cfg.checkpoint.path, outcome.snapshot_id)
+            self.selection.snapshot_taken([mm.sample.sample_id for mm in members])
+        self.outcomes.append(outcome)
+        log.info("refresh (%s): %s %s", trigger, outcome.outcome, outcome.error or "")
+        return outcome
+
+    def on_scored(self, scored: list[ScoredSample]) -> None:
+        every = self.cfg.trainer.refresh_every_samples
+        self._since_refresh += len(scored)
+        if every is not None and self._since_refresh >= every:
+            self._since_refresh = 0
+            self.scheduler.trigger("interval")
+
+    def status(self) -> dict[str, object]:
+        p, sel = self.pipeline, self.selection
+        current = self.registry.current()
+        last = self.outcomes[-1] if self.outcomes else None
+        return {
+            "offsets": dict(p.offsets) if p else {},
+            "lag": dict(p.lag) if p else {},
+            "paused": bool(p and p.held.is_set() and getattr(p.source, "paused", False)),
+            "events_consumed": p.summary.consumed if p else 0,
+            "coreset": {"size": len(sel.selector), "budget": sel.selector.budget,
+                        "strata": sel.selector.strata_sizes(), "scorer_version": sel.selector.version,
+                        "validation": len(sel.validation), "coverage": sel.last_coverage,
+                        "drift": sel.last_drift.as_dict() if sel.last_drift else None} if sel else None,
+            "refresh_running": self.scheduler.running,
+            "last_refresh": {"trigger": last.trigger, "outcome": last.outcome, "version": last.version,
+                             "validation_loss": last.new_loss, "error": last.error} if last else None,
+            "adapter": current.name if current else None,
+        }
+
+    def actions(self) -> dict[str, Callable[[], dict[str, object]]]:
+        def refresh_now() -> dict[str, object]:
+            self.scheduler.trigger("manual")
+            return {"queued": True, "runs_so_far": len(self.outcomes)}
+
+        def pause() -> dict[str, object]:
+            assert self.pipeline is not None
+            self.pipeline.hold(True)
+            self.metrics.paused.set(1)
+            return {"paused": True}
+
+        def resume() -> dict[str, object]:
+            assert self.pipeline is not None
+            self.pipeline.hold(False)
+            self.metrics.paused.set(0)
+            return {"paused": False}
+
+        def rollback() -> dict[str, object]:
+            version = self.registry.rollback()
+            self._serving_gauge()
+            return {"adapter": version.name}
+
+        return {"refresh": refresh_now, "pause": pause, "resume": resume, "rollback": rollback}
+
+
 @dataclass
 class ServiceSummary:
     """What ``recsift run`` prints at the end: the ingest summary plus the later stages."""
@@ -220,6 +318,9 @@ class ServiceSummary:
     validation: int = 0
     coverage: float = 0.0
     drift: dict[str, float] | None = None
+    refreshes: list[RefreshOutcome] | None = None
+    adapter: str | None = None
+    http_url: str | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         rate = self.scored / self.scoring_busy_s if self.scoring_busy_s else 0.0
@@ -233,6 +334,10 @@ class ServiceSummary:
             ("validation samples", f"{self.validation:,}"),
             ("coverage", f"{self.coverage:.3f}"),
             *((f"  drift: {k}", f"{v:.4f}") for k, v in (self.drift or {}).items()),
+            ("refreshes", str(len(self.refreshes or []))),
+            *((f"  {r.trigger}: {r.outcome}", f"{r.version or '-'}, validation loss {r.serving_loss} → {r.new_loss}, "
+               f"{r.seconds:.0f} s" + (f" ({r.error})" if r.error else "")) for r in self.refreshes or []),
+            ("serving adapter", self.adapter or "base model"),
         ]
 
 
@@ -257,13 +362,28 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             ).start()
         stage, store = build_scoring(cfg, catalog, metrics) if cfg.scoring.enabled else (None, None)
         participants: list[Participant] = []
+        selection = None
         if stage is not None and store is not None:
             selection, coreset_store = build_selection(cfg, catalog, stage, metrics)
             stage.downstream.append(selection)
             participants = [store, coreset_store]
+        ops = Operations(cfg, metrics, catalog, selection)
+        if stage is not None and selection is not None:
+            stage.downstream.append(ops.on_scored)
+            selection.on_drift = ops.scheduler.check_drift
         ingest = Ingest(cfg, metrics, catalog, participants=participants, handlers=[stage] if stage else [],
                         threaded=stage is not None)
         stack.callback(ingest.close)
+        ops.pipeline = ingest.pipeline
+        http = None
+        if cfg.monitoring.port:
+            pipeline = ingest.pipeline
+            http = HttpServer(Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag, ops.status,
+                                        ops.actions(), cfg.admin.token), cfg.monitoring.host, cfg.monitoring.port).start()
+            stack.callback(http.close)
+        if stage is not None:
+            ops.scheduler.start()
+            stack.callback(ops.scheduler.shutdown)  # waits for a running refresh
         if cfg.stream.catalog_topic and cfg.stream.source != "file":
             reader = CatalogTopicReader(cfg.stream, ingest.embedded, catalog)
             stack.callback(reader.close)
@@ -272,13 +392,17 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         if progress:
             ingest.pipeline.ticks.append(_progress_ticker(ingest.pipeline, max_events, stack))
         summary = ingest.pipeline.run(ingest.source(), max_events=max_events)
-        if stage is None:
-            return ServiceSummary(summary)
+        url = http.url if http else None
+        if stage is None or selection is None:
+            return ServiceSummary(summary, http_url=url)
+        ops.scheduler.shutdown(wait=True)  # a refresh that is running finishes and is reported
         scorer = stage.scorer
         report = selection.measure()
+        current = ops.registry.current()
         return ServiceSummary(summary, stage.scored, len(stage.pending), scorer.excluded, scorer.scorer.version,
                               scorer.last_loss, stage.busy_s, len(selection.selector), cfg.selection.budget,
-                              len(selection.validation), selection.last_coverage, report.as_dict())
+                              len(selection.validation), selection.last_coverage, report.as_dict(), ops.outcomes,
+                              current.name if current else None, url)
 
 
 def _progress_ticker(pipeline: Pipeline, total: int | None, stack: ExitStack) -> Callable[[], None]:

@@ -127,6 +127,29 @@ class Metrics:
         for name in DRIFT_METRICS:
             self.drift.labels(name)
 
+        # refresh and operations
+        self.refresh_runs = Counter("recsift_refresh_runs_total", "Refresh runs by trigger and outcome",
+                                    ["trigger", "outcome"], registry=r)
+        for trigger in ("interval", "drift", "manual"):
+            for outcome in ("promoted", "rejected", "failed", "skipped"):
+                self.refresh_runs.labels(trigger, outcome)
+        self.refresh_duration = Histogram("recsift_refresh_duration_seconds", "Refresh duration",
+                                          buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600), registry=r)
+        self.last_refresh = Gauge("recsift_last_successful_refresh_timestamp_seconds",
+                                  "Wall-clock time of the last promoted refresh", registry=r)
+        self.serving_version = Gauge("recsift_serving_adapter_version", "Serving adapter version (0: base model)",
+                                     registry=r)
+        self.eval_metric = Gauge("recsift_eval", "Validation metrics of the last refresh, by metric",
+                                 ["metric"], registry=r)
+        for name in ("validation_loss", "serving_loss"):
+            self.eval_metric.labels(name)
+        self.admin_requests = Counter("recsift_admin_requests_total", "Admin actions performed", ["action"], registry=r)
+        for action in ("refresh", "pause", "resume", "rollback"):
+            self.admin_requests.labels(action)
+        self.admin_auth_failures = Counter("recsift_admin_auth_failures_total",
+                                           "Admin requests refused for a missing or wrong token", registry=r)
+        self.paused = Gauge("recsift_consumption_paused", "1 while consumption is paused by an admin", registry=r)
+
     def init_strata(self, strata: int, budget: int) -> None:
         """Initialise the per-stratum series and the capacity once the selector's shape is known."""
         self.coreset_capacity.set(budget)

@@ -68,12 +68,14 @@ class SelectionStage:
                  coverage: Coverage | None = None, rescore: Rescore | None = None, metrics: Metrics | None = None,
                  validation_fraction: float = 0.05, seed: int = 0, coverage_constraint: bool = False,
                  category: Callable[[str], str | None] = lambda _: None, drift_every: int = 8,
-                 goracs: GoracsSettings | None = None) -> None:
+                 goracs: GoracsSettings | None = None,
+                 on_drift: Callable[[dict[str, float]], None] | None = None) -> None:
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in [0, 1)")
         self.selector, self.validation, self.recent, self.coverage = selector, validation, recent, coverage
         self.rescore, self.metrics, self.fraction, self.seed = rescore, metrics, validation_fraction, seed
         self.category, self.drift_every, self.goracs = category, drift_every, goracs
+        self.on_drift = on_drift
         self.goracs_subset: list[int] = []  # member ids GORACS chose last (the refresh subset when enabled)
         self.goracs_objective = float("nan")
         self.batches = 0
@@ -97,7 +99,9 @@ class SelectionStage:
         self.selector.offer(offers, self.rescore)
         self.batches += 1
         if self.batches % self.drift_every == 0:
-            self.measure()
+            report = self.measure()
+            if self.on_drift is not None:
+                self.on_drift(report.as_dict())
         if self.goracs is not None and self.batches % self.goracs.every == 0:
             self.run_goracs()
         if self.metrics is not None:

@@ -207,6 +207,11 @@ class Pipeline:
         self.offsets: dict[int, int] = {}
         self.summary = RunSummary()
         self._stop = threading.Event()
+        self.held = threading.Event()  # admin pause
+        self._checkpoint_requests: queue.SimpleQueue[threading.Event] = queue.SimpleQueue()
+        self.looping = False
+        self.heartbeat = time.monotonic()  # last loop iteration (liveness)
+        self.lag: dict[int, int] = {}
         self._stop_reason = ""
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -269,8 +274,10 @@ class Pipeline:
         last_record = started
         first_record: float | None = None
         last_lag = 0.0
+        self.looping = True
         try:
             while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
                 t0 = time.perf_counter()
                 records = source.poll(cfg.poll_max_records, cfg.poll_timeout_ms)
                 self.metrics.stage_duration.labels("poll").observe(time.perf_counter() - t0)
@@ -290,10 +297,15 @@ class Pipeline:
                 if now - last_lag >= 1.0:
                     self._update_gauges(source)
                     last_lag = now
-                if self._since_checkpoint >= self.cfg.checkpoint.interval_events or (
+                requested = []
+                while not self._checkpoint_requests.empty():
+                    requested.append(self._checkpoint_requests.get())
+                if requested or self._since_checkpoint >= self.cfg.checkpoint.interval_events or (
                     now - self._last_checkpoint >= self.cfg.checkpoint.interval_s and self._since_checkpoint
                 ):
                     self.checkpoint_now()
+                for done in requested:
+                    done.set()
                 if max_events is not None and self.summary.consumed >= max_events:
                     self.stop("max-events")
                 elif getattr(source, "exhausted", False):
@@ -303,6 +315,7 @@ class Pipeline:
             self._update_gauges(source)
             self.checkpoint_now()
         finally:
+            self.looping = False
             self.summary.elapsed_s = time.monotonic() - started
             self.summary.busy_s = time.monotonic() - first_record if first_record is not None else 0.0
             self.summary.stopped_by = self._stop_reason
@@ -354,22 +367,45 @@ class Pipeline:
             self.metrics.samples_emitted.inc(len(batch))
         self.metrics.stage_duration.labels("sink").observe(time.perf_counter() - t0)
 
+    def request_checkpoint(self, timeout: float = 120.0) -> bool:
+        """From another thread: have the loop checkpoint now (downstream drained); True once committed."""
+        if not self.looping:
+            return False
+        done = threading.Event()
+        self._checkpoint_requests.put(done)
+        end = time.monotonic() + timeout
+        while self.looping and time.monotonic() < end:
+            if done.wait(0.2):
+                return True
+        return done.is_set()
+
+    def hold(self, paused: bool) -> None:
+        """Admin pause/resume: the loop keeps polling (group membership stays alive) but reads nothing."""
+        if paused:
+            self.held.set()
+        else:
+            self.held.clear()
+        log.info("consumption %s by an admin request", "paused" if paused else "resumed")
+
     def _backpressure(self, source: Source) -> None:
         backlog = self.sink.backlog()
         paused = getattr(source, "paused", False)
-        if not paused and backlog > self.cfg.stream.backpressure_high:
+        if not paused and self.held.is_set():
+            source.pause()
+        elif not paused and backlog > self.cfg.stream.backpressure_high:
             source.pause()
             self.metrics.backpressure_pauses.inc()
             self.metrics.backpressure_paused.set(1)
             log.info("paused the source: %d samples waiting downstream", backlog)
-        elif paused and backlog < self.cfg.stream.backpressure_low:
+        elif paused and not self.held.is_set() and backlog < self.cfg.stream.backpressure_low:
             source.resume()
             self.metrics.backpressure_paused.set(0)
         self.metrics.downstream_backlog.set(backlog)
 
     def _update_gauges(self, source: Source) -> None:
         m = self.metrics
-        for part, lag in source.lag(self.offsets).items():
+        self.lag = source.lag(self.offsets)
+        for part, lag in self.lag.items():
             m.consumer_lag.labels(str(part)).set(lag)
             self._lag_labels.add(str(part))
         m.users_tracked.set(self.state.users)

@@ -209,6 +209,10 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
                                 t.max_prompt_tokens, pad_token_id=llm.pad_token_id)
         model, outcome.serving_before = model_for(llm, t, registry)
         samples = [m.sample for m in members]
+        if t.refresh_samples is not None and len(samples) > t.refresh_samples:
+            import random
+
+            samples = random.Random(t.seed + snap.snapshot_id).sample(samples, t.refresh_samples)
         progress(f"refresh ({trigger}): snapshot {snap.snapshot_id}, {len(samples)} samples, "
                  f"{len(validation)} validation samples, serving {outcome.serving_before or 'base model'}")
         outcome.serving_loss = mean_loss(model, builder, validation, t.batch_size, llm.autocast_dtype)

@@ -1,0 +1,138 @@
+"""The HTTP surface: unit checks of the endpoints, and the admin flow against a running service."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from recsift.monitoring.http import Endpoints, HttpServer
+from recsift.monitoring.metrics import Metrics
+from recsift.stream.broker import EmbeddedBroker, free_port
+
+
+def call(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = resp.read().decode()
+            return resp.status, json.loads(body) if resp.headers.get_content_type() == "application/json" else body
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read().decode())
+
+
+def test_endpoints_health_readiness_and_token_checks() -> None:
+    metrics = Metrics()
+    beat, lag = [time.monotonic()], [{0: 5}]
+    done: list[str] = []
+    ep = Endpoints(metrics, lambda: beat[0], lambda: lag[0], lambda: {"ok": True},
+                   {"pause": lambda: done.append("pause") or {"paused": True}}, SecretStr("s3cret"),
+                   liveness_s=5, ready_lag=10)
+    server = HttpServer(ep, port=0).start()
+    try:
+        assert call(server.url + "/healthz")[0] == 200
+        beat[0] -= 60
+        assert call(server.url + "/healthz") == (503, {"alive": False, "loop_age_s": pytest.approx(60, abs=2)})
+        assert call(server.url + "/readyz")[0] == 200
+        lag[0] = {0: 50, 1: 1}
+        assert call(server.url + "/readyz") == (503, {"ready": False, "lag": 51})
+        assert call(server.url + "/status") == (200, {"ok": True})
+        status, text = call(server.url + "/metrics")
+        assert status == 200 and "recsift_build_info" in text
+        assert call(server.url + "/admin/pause", "POST")[0] == 401
+        assert call(server.url + "/admin/pause", "POST", "wrong")[0] == 401
+        assert metrics.registry.get_sample_value("recsift_admin_auth_failures_total") == 2
+        assert call(server.url + "/admin/pause", "POST", "s3cret") == (200, {"action": "pause", "paused": True})
+        assert done == ["pause"]
+        assert call(server.url + "/admin/nope", "POST", "s3cret")[0] == 404
+        assert call(server.url + "/nope")[0] == 404
+    finally:
+        server.close()
+    ep.token = None  # no token configured: admin disabled
+    server = HttpServer(ep, port=0).start()
+    try:
+        status, body = call(server.url + "/admin/pause", "POST", "s3cret")
+        assert status == 404 and "disabled" in body["error"]
+    finally:
+        server.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic: Callable[..., str],
+                                              tmp_path: Path) -> None:
+    from recsift import service
+    from recsift.data.synthetic import SyntheticStream
+    from recsift.config import SyntheticConfig
+    from recsift.stream.sources import produce_events
+    from tests.helpers import kafka_settings, tiny_llm
+
+    model, tokenizer = tiny_llm(lora=False)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    topic = make_topic(1)
+    payloads = list(SyntheticStream(SyntheticConfig(events=4000, users=100, items=80)).payloads())
+    produce_events(kafka_settings(broker, topic).stream, True, payloads[:3000], topic)
+    port = free_port()
+    cfg = kafka_settings(broker, topic, tmp_path, **{
+        "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 8.0,
+        "scoring.batch_size": 500, "scoring.lissa_depth": 20, "selection.budget": 64,
+        "trainer.base_model": str(tmp_path / "tiny"), "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 600,
+        "trainer.refresh_samples": 16, "trainer.eval_samples": 8,
+    })
+    url = f"http://127.0.0.1:{port}"
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(summary=service.run(cfg, progress=False)))
+    thread.start()
+    try:
+        wait_for(lambda: _ok(url + "/healthz"))
+        wait_for(lambda: call(url + "/status")[1]["events_consumed"] == 3000)
+        assert call(url + "/admin/pause", "POST", "nope")[0] == 401
+        assert call(url + "/admin/pause", "POST", "s3cret")[0] == 200
+        wait_for(lambda: call(url + "/status")[1]["paused"])  # the source has paused its partitions
+        time.sleep(1.0)  # a fetch already in flight lands before the pause
+        consumed = call(url + "/status")[1]["events_consumed"]
+        produce_events(kafka_settings(broker, topic).stream, True, payloads[3000:], topic)
+        time.sleep(3)
+        status = call(url + "/status")[1]
+        assert status["paused"] and status["events_consumed"] == consumed == 3000  # nothing read while paused
+        assert call(url + "/admin/resume", "POST", "s3cret")[0] == 200
+        wait_for(lambda: call(url + "/status")[1]["events_consumed"] == 4000)
+        assert call(url + "/admin/rollback", "POST", "s3cret")[0] == 409  # nothing to roll back to yet
+        assert call(url + "/admin/refresh", "POST", "s3cret")[0] == 200
+        wait_for(lambda: (call(url + "/status")[1]["last_refresh"] or {}).get("outcome") is not None, 120)
+        status = call(url + "/status")[1]
+        assert status["last_refresh"]["outcome"] == "promoted", status["last_refresh"]
+        assert status["adapter"] == "v0001" and status["coreset"]["size"] > 0
+        metrics_text = call(url + "/metrics")[1]
+        assert 'recsift_refresh_runs_total{outcome="promoted",trigger="manual"} 1.0' in metrics_text
+        assert "recsift_serving_adapter_version 1.0" in metrics_text
+        assert 'recsift_admin_requests_total{action="pause"} 1.0' in metrics_text
+    finally:
+        thread.join(120)
+    summary = result["summary"]
+    assert summary.ingest.consumed == 4000 and summary.adapter == "v0001"
+    assert [(r.trigger, r.outcome) for r in summary.refreshes] == [("manual", "promoted")]
+
+
+def _ok(url: str) -> bool:
+    try:
+        return call(url)[0] == 200
+    except OSError:
+        return False
