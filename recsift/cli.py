@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--users", type=int, default=200, help="seeded sample of test users (0: all)")
     evaluate.add_argument("--no-generate", action="store_true", help="ground from the prompt (no generation)")
 
+    admin = sub.add_parser("admin", help="talk to a running service: status, refresh, pause, resume, rollback")
+    admin.add_argument("action", choices=["status", "refresh", "pause", "resume", "rollback"])
+    admin.add_argument("--url", default="http://127.0.0.1:9400", help="the service's monitoring address")
+    admin.add_argument("--token-file", type=Path, help="read the bearer token from this file "
+                       "(default: the RECSIFT_ADMIN__TOKEN environment variable)")
+    admin.add_argument("--wait", action="store_true", help="refresh: follow the run to its outcome")
+    admin.add_argument("--timeout", type=float, default=3600.0)
+
     broker = sub.add_parser("broker", help="run the embedded tansu broker in the foreground")
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
 
@@ -316,6 +324,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": exc.reason}
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    import os
+    import time as _time
+    import urllib.error
+
+    base = args.url.rstrip("/")
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("RECSIFT_ADMIN__TOKEN")
+    try:
+        if args.action == "status":
+            code, body = _http(base + "/status")
+        else:
+            if not token:
+                print("recsift admin: no token (set RECSIFT_ADMIN__TOKEN or pass --token-file)", file=sys.stderr)
+                return EXIT_USAGE
+            if any(c.isspace() for c in token):
+                print("recsift admin: the token must be one line without spaces", file=sys.stderr)
+                return EXIT_USAGE
+            before = _http(base + "/status")[1].get("last_refresh") if args.action == "refresh" and args.wait else None
+            code, body = _http(f"{base}/admin/{args.action}", "POST", token)
+            if code == 200 and args.action == "refresh" and args.wait:
+                end = _time.monotonic() + args.timeout
+                while _time.monotonic() < end:
+                    status = _http(base + "/status")[1]
+                    last = status.get("last_refresh")
+                    if last and last != before and not status.get("refresh_running"):
+                        body = {"refresh": last, "adapter": status.get("adapter")}
+                        code = 200 if last.get("outcome") in ("promoted", "skipped") else 1
+                        break
+                    _time.sleep(1.0)
+                else:
+                    print("recsift admin: timed out waiting for the refresh", file=sys.stderr)
+                    return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"recsift admin: cannot reach {base}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(json.dumps(body, indent=2, default=str))
+    if code == 401:
+        print("recsift admin: the token was refused", file=sys.stderr)
+    return 0 if code == 200 else 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -325,7 +391,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "coreset": cmd_coreset, "adapters": cmd_adapters,
-            "refresh": cmd_refresh, "evaluate": cmd_evaluate, "broker": cmd_broker, "config": cmd_config}
+            "refresh": cmd_refresh, "evaluate": cmd_evaluate, "admin": cmd_admin, "broker": cmd_broker, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

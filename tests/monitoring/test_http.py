@@ -115,8 +115,15 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
         assert call(url + "/admin/resume", "POST", "s3cret")[0] == 200
         wait_for(lambda: call(url + "/status")[1]["events_consumed"] == 4000)
         assert call(url + "/admin/rollback", "POST", "s3cret")[0] == 409  # nothing to roll back to yet
-        assert call(url + "/admin/refresh", "POST", "s3cret")[0] == 200
-        wait_for(lambda: (call(url + "/status")[1]["last_refresh"] or {}).get("outcome") is not None, 120)
+        from recsift.cli import main
+
+        token_file = tmp_path / "token"
+        token_file.write_text("s3cret\n")
+        assert main(["admin", "refresh", "--url", url, "--token-file", str(token_file), "--wait"]) == 0
+        (tmp_path / "wrong").write_text("nope")
+        assert main(["admin", "pause", "--url", url, "--token-file", str(tmp_path / "wrong")]) == 1  # 401
+        assert main(["admin", "pause", "--url", url, "--token-file", str(tmp_path / "tiny" / "config.json")]) == 2
+        assert main(["admin", "status", "--url", url]) == 0
         status = call(url + "/status")[1]
         assert status["last_refresh"]["outcome"] == "promoted", status["last_refresh"]
         assert status["adapter"] == "v0001" and status["coreset"]["size"] > 0
