@@ -9,7 +9,8 @@
 ``max_instances=1`` and ``coalesce=True``: at most one refresh runs at a time, and triggers that arrive
 while one runs collapse into (at most) one more run. The run function receives the trigger that woke it
 and its outcome is recorded by the caller. APScheduler skips a due run while the instance is still
-running, so triggers that arrive during a run are remembered and fire one run when it ends.
+running, so triggers that arrive during a run are remembered and run once more, inside the same job
+instance, when it ends.
 """
 
 from __future__ import annotations
@@ -59,18 +60,20 @@ class RefreshScheduler:
             trigger = self._pending or "interval"
             self._pending = None
             self.running = True
-        try:
-            result = self.run_fn(trigger)
-            self.runs.append((trigger, result))
-        except Exception:  # a failed run is logged; the scheduler keeps going
-            log.exception("refresh job failed")
-            self.runs.append((trigger, None))
-        finally:
+        while True:
+            try:
+                result = self.run_fn(trigger)
+                self.runs.append((trigger, result))
+            except Exception:  # a failed run is logged; the scheduler keeps going
+                log.exception("refresh job failed")
+                self.runs.append((trigger, None))
             with self._lock:
-                self.running = False
-                again = self._pending is not None
-            if again:  # a trigger arrived during the run (APScheduler skipped it): one more run, now
-                self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(timezone.utc))
+                if self._pending is None:
+                    self.running = False
+                    return
+                # a trigger arrived during the run (APScheduler skips a due run while this instance is
+                # alive): run once more inside this instance, so it cannot be lost
+                trigger, self._pending = self._pending, None
 
     def trigger(self, reason: str = "manual") -> None:
         """Run the refresh job now (or right after the running one: triggers coalesce)."""
