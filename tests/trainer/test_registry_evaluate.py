@@ -64,3 +64,28 @@ def test_recall_and_ndcg_by_hand() -> None:
     assert recall_ndcg([["a"], ["b"]], [["a"], []], ks=(1,))["recall@1"] == 1.0  # users without targets skipped
     with pytest.raises(ValueError):
         recall_ndcg([["a"]], [[]], ks=(1,))
+
+
+def test_evaluate_command_on_a_tiny_dealrec_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recsift.cli import main
+    from tests.helpers import tiny_llm
+
+    model, tokenizer = tiny_llm(lora=False)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    data = tmp_path / "data"
+    data.mkdir()
+    titles = ["zelda", "mario racing", "halo", "doom space quest", "tetris", "portal chess"]
+    (data / "items.tsv").write_text("item_id\ttitle\tcategory\n" + "".join(f"{i + 1}\t{t}\tx\n" for i, t in enumerate(titles)))
+    (data / "train.txt").write_text("".join(f"{u} {1 + u % 6} {1 + (u + 1) % 6}\n" for u in range(1, 9)))
+    (data / "valid.txt").write_text("".join(f"{u}\n" for u in range(1, 9)))
+    (data / "test.txt").write_text("".join(f"{u} {1 + (u + 2) % 6}\n" for u in range(1, 7)) + "7\n8\n")
+    args = ["evaluate", "--dataset", str(data), "--users", "0", "--set", f"trainer.base_model={tmp_path / 'tiny'}",
+            "--set", "trainer.dtype=fp32", "--set", f"trainer.cache_dir={tmp_path / 'cache'}",
+            "--set", "trainer.max_new_tokens=3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "(6 users)" in out  # users 7 and 8 have no test items
+    recall20 = float(next(line for line in out.splitlines() if line.startswith("recall@20")).split()[-1])
+    assert recall20 == 1.0  # 6 items in the catalogue: every target is in the top 20
+    assert main([*args, "--no-generate"]) == 0
