@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/recsift run --max-events 20000
+	$(VENV)/bin/recsift run --max-events 20000 --set trainer.refresh_every_samples=10000 --set trainer.refresh_samples=64
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
