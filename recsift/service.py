@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from recsift.config import Settings
+from recsift.config import ConfigError, Settings
 from recsift.data.datasets import (
     catalog_for,
     detect_format,
@@ -378,8 +378,13 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         http = None
         if cfg.monitoring.port:
             pipeline = ingest.pipeline
-            http = HttpServer(Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag, ops.status,
-                                        ops.actions(), cfg.admin.token), cfg.monitoring.host, cfg.monitoring.port).start()
+            try:
+                http = HttpServer(Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag, ops.status,
+                                            ops.actions(), cfg.admin.token), cfg.monitoring.host, cfg.monitoring.port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {cfg.monitoring.host}:{cfg.monitoring.port}: "
+                                  f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None
+            http.start()
             stack.callback(http.close)
         if stage is not None:
             ops.scheduler.start()

@@ -24,6 +24,7 @@ def kafka_settings(broker: EmbeddedBroker, topic: str, tmp: Path | None = None, 
         "stream.session_timeout_ms": 2000,
         "stream.heartbeat_interval_ms": 500,
         "monitoring.progress": False,
+        "monitoring.port": 0,  # tests that need the HTTP surface pick a free port
     }
     if tmp is not None:
         base["checkpoint.state_dir"] = str(tmp / "state")

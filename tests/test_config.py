@@ -75,7 +75,7 @@ def test_run_applies_the_configured_log_level(tmp_path: Path, capsys: pytest.Cap
     before = root.level
     try:
         assert main(["run", "--input", str(src), "--state-dir", str(tmp_path / "s"), "--no-progress",
-                     "--set", "monitoring.log_level=WARNING"]) == 0
+                     "--set", "monitoring.log_level=WARNING", "--set", "monitoring.port=0"]) == 0
         assert root.level == logging.WARNING
     finally:
         root.setLevel(before)

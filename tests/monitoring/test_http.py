@@ -94,7 +94,7 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
         "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 8.0,
         "scoring.batch_size": 500, "scoring.lissa_depth": 20, "selection.budget": 64,
         "trainer.base_model": str(tmp_path / "tiny"), "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 600,
-        "trainer.refresh_samples": 16, "trainer.eval_samples": 8,
+        "trainer.refresh_samples": 16, "trainer.eval_samples": 8, "trainer.learning_rate": 5e-3, "trainer.epochs": 2,
     })
     url = f"http://127.0.0.1:{port}"
     result: dict[str, Any] = {}
@@ -143,3 +143,17 @@ def _ok(url: str) -> bool:
         return call(url)[0] == 200
     except OSError:
         return False
+
+
+def test_a_busy_monitoring_port_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    from recsift.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["run", "--max-events", "10", "--no-progress", "--state-dir", str(tmp_path),
+                     "--set", f"monitoring.port={port}"])
+    assert code == 2

@@ -30,7 +30,7 @@ def run_cmd(broker: EmbeddedBroker, topic: str, group: str, state: Path, *extra:
         "--set", f"stream.dead_letter_topic={topic}.dlq",
         "--set", "stream.session_timeout_ms=2000", "--set", "stream.heartbeat_interval_ms=500",
         "--set", "checkpoint.interval_events=4000", "--set", "checkpoint.interval_s=1.0",
-        "--set", "scoring.enabled=false",  # the stream state is under test here; scoring restarts: tests/scoring
+        "--set", "scoring.enabled=false", "--set", "monitoring.port=0",  # the stream state is under test here; scoring restarts: tests/scoring
         *extra,
     ]
 

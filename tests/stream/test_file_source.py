@@ -34,7 +34,7 @@ def db_state(state: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, 
 
 
 def run(*args: str) -> int:
-    return main(["run", "--no-progress", "--journal", *args])
+    return main(["run", "--no-progress", "--journal", "--set", "monitoring.port=0", *args])
 
 
 def test_file_replay_dead_letters_bad_lines_to_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
