@@ -46,6 +46,20 @@ def test_every_queried_metric_exists_and_drift_panels_show_thresholds() -> None:
         assert any(f'metric=\\"{metric}\\"' in json.dumps(e) for e in exprs), metric
 
 
+PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="Debian's prometheus (promtool) is not installed (.ci/run installs it)")
+def test_promtool_accepts_the_rules_and_the_config() -> None:
+    rules = subprocess.run([PROMTOOL, "check", "rules", str(MON / "prometheus" / "rules.yml")], capture_output=True,
+                           text=True, check=False)
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert "SUCCESS" in rules.stdout
+    config = subprocess.run([PROMTOOL, "check", "config", str(MON / "prometheus" / "prometheus.yml")],
+                            capture_output=True, text=True, check=False)
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
 
 
