@@ -263,8 +263,8 @@ class Operations:
         current = self.registry.current()
         last = self.outcomes[-1] if self.outcomes else None
         return {
-            "offsets": dict(p.offsets) if p else {},
-            "lag": dict(p.lag) if p else {},
+            "offsets": _copy(p.offsets) if p else {},
+            "lag": _copy(p.lag) if p else {},
             "paused": bool(p and p.held.is_set() and getattr(p.source, "paused", False)),
             "events_consumed": p.summary.consumed if p else 0,
             "coreset": {"size": len(sel.selector), "budget": sel.selector.budget,
@@ -279,8 +279,8 @@ class Operations:
 
     def actions(self) -> dict[str, Callable[[], dict[str, object]]]:
         def refresh_now() -> dict[str, object]:
-            self.scheduler.trigger("manual")
-            return {"queued": True, "runs_so_far": len(self.outcomes)}
+            started = self.scheduler.trigger("manual")
+            return {"queued": started, "coalesced": not started, "runs_so_far": len(self.outcomes)}
 
         def pause() -> dict[str, object]:
             assert self.pipeline is not None
@@ -300,6 +300,16 @@ class Operations:
             return {"adapter": version.name}
 
         return {"refresh": refresh_now, "pause": pause, "resume": resume, "rollback": rollback}
+
+
+def _copy(d: dict[int, int]) -> dict[int, int]:
+    """A copy of a dict the ingest thread may be resizing (retries the rare concurrent resize)."""
+    for _ in range(10):
+        try:
+            return dict(d)
+        except RuntimeError:
+            continue
+    return {}
 
 
 @dataclass

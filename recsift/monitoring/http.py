@@ -73,7 +73,11 @@ class _Handler(BaseHTTPRequestHandler):
             lag = sum(ep.lag().values())
             self._json(200 if lag <= ep.ready_lag else 503, {"ready": lag <= ep.ready_lag, "lag": lag})
         elif self.path == "/status":
-            self._json(200, ep.status())
+            try:
+                self._json(200, ep.status())
+            except Exception as exc:  # a status read racing the pipeline must not reset the connection
+                log.exception("status failed")
+                self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
         else:
             self._json(404, {"error": "not found"})
 

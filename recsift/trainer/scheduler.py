@@ -6,11 +6,9 @@
 - manual: :meth:`RefreshScheduler.trigger` — ``modify_job(next_run_time=now)``, reached through the admin
   endpoint; never a second scheduler.
 
-``max_instances=1`` and ``coalesce=True``: at most one refresh runs at a time, and triggers that arrive
-while one runs collapse into (at most) one more run. The run function receives the trigger that woke it
-and its outcome is recorded by the caller. APScheduler skips a due run while the instance is still
-running, so triggers that arrive during a run are remembered and run once more, inside the same job
-instance, when it ends.
+``max_instances=1`` and ``coalesce=True``: at most one refresh runs at a time, and a trigger that
+arrives while one is running or already due coalesces into it (nothing more runs). The run function
+receives the trigger that woke it and its outcome is recorded by the caller.
 """
 
 from __future__ import annotations
@@ -60,27 +58,26 @@ class RefreshScheduler:
             trigger = self._pending or "interval"
             self._pending = None
             self.running = True
-        while True:
-            try:
-                result = self.run_fn(trigger)
-                self.runs.append((trigger, result))
-            except Exception:  # a failed run is logged; the scheduler keeps going
-                log.exception("refresh job failed")
-                self.runs.append((trigger, None))
+        try:
+            result = self.run_fn(trigger)
+            self.runs.append((trigger, result))
+        except Exception:  # a failed run is logged; the scheduler keeps going
+            log.exception("refresh job failed")
+            self.runs.append((trigger, None))
+        finally:
             with self._lock:
-                if self._pending is None:
-                    self.running = False
-                    return
-                # a trigger arrived during the run (APScheduler skips a due run while this instance is
-                # alive): run once more inside this instance, so it cannot be lost
-                trigger, self._pending = self._pending, None
+                self.running = False
 
-    def trigger(self, reason: str = "manual") -> None:
-        """Run the refresh job now (or right after the running one: triggers coalesce)."""
+    def trigger(self, reason: str = "manual") -> bool:
+        """Run the refresh job now. A trigger while a refresh is running or already due coalesces into
+        it (returns False): the refresh in progress is the one asked for."""
         with self._lock:
-            if self._pending is None:
-                self._pending = reason
+            if self.running or self._pending is not None:
+                log.info("refresh already %s: the %s trigger coalesces", "running" if self.running else "due", reason)
+                return False
+            self._pending = reason
         self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(timezone.utc))
+        return True
 
     def check_drift(self, metrics: dict[str, float]) -> str | None:
         """Fire a drift refresh when a metric exceeds its threshold (once per cooldown); returns the metric."""

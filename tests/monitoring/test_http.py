@@ -91,7 +91,7 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
     produce_events(kafka_settings(broker, topic).stream, True, payloads[:3000], topic)
     port = free_port()
     cfg = kafka_settings(broker, topic, tmp_path, **{
-        "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 8.0,
+        "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 25.0,
         "scoring.batch_size": 500, "scoring.lissa_depth": 20, "selection.budget": 64,
         "trainer.base_model": str(tmp_path / "tiny"), "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 600,
         "trainer.refresh_samples": 16, "trainer.eval_samples": 8, "trainer.learning_rate": 5e-3, "trainer.epochs": 2,
@@ -119,23 +119,33 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
 
         token_file = tmp_path / "token"
         token_file.write_text("s3cret\n")
+        assert call(url + "/admin/refresh", "POST", "wrong")[0] == 401  # nothing runs
         assert main(["admin", "refresh", "--url", url, "--token-file", str(token_file), "--wait"]) == 0
-        (tmp_path / "wrong").write_text("nope")
-        assert main(["admin", "pause", "--url", url, "--token-file", str(tmp_path / "wrong")]) == 1  # 401
-        assert main(["admin", "pause", "--url", url, "--token-file", str(tmp_path / "tiny" / "config.json")]) == 2
-        assert main(["admin", "status", "--url", url]) == 0
         status = call(url + "/status")[1]
         assert status["last_refresh"]["outcome"] == "promoted", status["last_refresh"]
         assert status["adapter"] == "v0001" and status["coreset"]["size"] > 0
+        assert "s3cret" not in json.dumps(status)
+        (tmp_path / "wrong").write_text("nope")
+        assert main(["admin", "pause", "--url", url, "--token-file", str(tmp_path / "wrong")]) == 1  # 401
+        assert main(["admin", "pause", "--url", url, "--token-file", str(tmp_path / "tiny" / "config.json")]) == 2
+        assert call(url + "/admin/refresh", "POST", "s3cret")[1]["queued"]  # twice quickly: the second coalesces
+        assert call(url + "/admin/refresh", "POST", "s3cret")[1]["coalesced"]
+        wait_for(lambda: manual_runs(call(url + "/metrics")[1]) == 2 and not call(url + "/status")[1]["refresh_running"],
+                 120)
         metrics_text = call(url + "/metrics")[1]
-        assert 'recsift_refresh_runs_total{outcome="promoted",trigger="manual"} 1.0' in metrics_text
-        assert "recsift_serving_adapter_version 1.0" in metrics_text
         assert 'recsift_admin_requests_total{action="pause"} 1.0' in metrics_text
+        assert 'recsift_admin_requests_total{action="refresh"} 3.0' in metrics_text
+        assert "recsift_serving_adapter_version" in metrics_text
     finally:
         thread.join(120)
     summary = result["summary"]
-    assert summary.ingest.consumed == 4000 and summary.adapter == "v0001"
-    assert [(r.trigger, r.outcome) for r in summary.refreshes] == [("manual", "promoted")]
+    assert summary.ingest.consumed == 4000 and summary.adapter in ("v0001", "v0002")
+    assert [r.trigger for r in summary.refreshes] == ["manual", "manual"]  # three admin requests → two runs
+
+
+def manual_runs(metrics_text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
+               if line.startswith("recsift_refresh_runs_total{") and 'trigger="manual"' in line)
 
 
 def _ok(url: str) -> bool:

@@ -15,7 +15,7 @@ def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-de
         time.sleep(0.02)
 
 
-def test_manual_triggers_during_a_run_coalesce_and_runs_never_overlap() -> None:
+def test_triggers_while_a_refresh_is_due_or_running_coalesce_into_it() -> None:
     release = threading.Event()
     active, peak = [0], [0]
 
@@ -29,15 +29,18 @@ def test_manual_triggers_during_a_run_coalesce_and_runs_never_overlap() -> None:
     sched = RefreshScheduler(run)
     sched.start()
     try:
-        sched.trigger()
+        assert sched.trigger()
+        assert not sched.trigger()  # twice quickly: already due
         wait_for(lambda: sched.running)
         for _ in range(5):  # while it runs
-            sched.trigger()
+            assert not sched.trigger()
             time.sleep(0.05)
         release.set()
-        wait_for(lambda: len(sched.runs) >= 2)
+        wait_for(lambda: len(sched.runs) >= 1 and not sched.running)
         time.sleep(0.5)
-        assert [t for t, _ in sched.runs] == ["manual", "manual"]  # five triggers → one more run
+        assert [t for t, _ in sched.runs] == ["manual"]  # seven triggers → one run
+        assert sched.trigger("manual")  # after it ended, a trigger runs again
+        wait_for(lambda: len(sched.runs) == 2)
         assert peak[0] == 1
     finally:
         release.set()
