@@ -19,7 +19,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -160,15 +160,20 @@ def take_snapshot(db_path: str | Path, reason: str = "refresh") -> SnapshotInfo:
         conn.close()
 
 
-def list_snapshots(db_path: str | Path) -> list[SnapshotInfo]:
+def _rows(db_path: str | Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    """All rows of one read query on its own connection (readers in other processes use this)."""
     conn = connect(db_path)
     try:
         for statement in SCHEMA:
             conn.execute(statement)
-        return [SnapshotInfo(int(a), float(b), int(c), int(d), e) for a, b, c, d, e in conn.execute(
-            "SELECT snapshot_id, created_at, size, scorer_version, reason FROM coreset_snapshots ORDER BY snapshot_id")]
+        return [tuple(r) for r in conn.execute(sql, params)]
     finally:
         conn.close()
+
+
+def list_snapshots(db_path: str | Path) -> list[SnapshotInfo]:
+    return [SnapshotInfo(int(a), float(b), int(c), int(d), e) for a, b, c, d, e in _rows(
+        db_path, "SELECT snapshot_id, created_at, size, scorer_version, reason FROM coreset_snapshots ORDER BY snapshot_id")]
 
 
 def read_snapshot(db_path: str | Path, snapshot_id: int | None = None) -> tuple[SnapshotInfo, list[SnapshotMember]]:
@@ -179,12 +184,8 @@ def read_snapshot(db_path: str | Path, snapshot_id: int | None = None) -> tuple[
     info = snaps[-1] if snapshot_id is None else next((s for s in snaps if s.snapshot_id == snapshot_id), None)
     if info is None:
         raise LookupError(f"no coreset snapshot {snapshot_id} in {db_path}")
-    conn = connect(db_path)
-    try:
-        rows = conn.execute("SELECT sample_id, user_id, history, target, ts, score, stratum FROM snapshot_members"
-                            " WHERE snapshot_id = ? ORDER BY sample_id", (info.snapshot_id,)).fetchall()
-    finally:
-        conn.close()
+    rows = _rows(db_path, "SELECT sample_id, user_id, history, target, ts, score, stratum FROM snapshot_members"
+                          " WHERE snapshot_id = ? ORDER BY sample_id", (info.snapshot_id,))
     return info, [SnapshotMember(Sample(int(a), b, tuple(orjson.loads(c)), d, float(e)), float(f), int(g))
                   for a, b, c, d, e, f, g in rows]
 
@@ -200,24 +201,12 @@ def export_snapshot(db_path: str | Path, out: Path, snapshot_id: int | None = No
     return info
 
 
-def live_members(db_path: str | Path) -> list[tuple[int, str, str, float, int, int]]:
+def live_members(db_path: str | Path) -> list[tuple[Any, ...]]:
     """(sample id, user, target, score, stratum, version) of the committed live coreset."""
-    conn = connect(db_path)
-    try:
-        for statement in SCHEMA:
-            conn.execute(statement)
-        return [tuple(r) for r in conn.execute(  # type: ignore[misc]
-            "SELECT sample_id, user_id, target, score, stratum, version FROM coreset_members ORDER BY sample_id")]
-    finally:
-        conn.close()
+    return _rows(db_path, "SELECT sample_id, user_id, target, score, stratum, version FROM coreset_members"
+                          " ORDER BY sample_id")
 
 
 def read_validation(db_path: str | Path) -> list[Sample]:
     """The committed recent validation reservoir (refresh evaluation reads it)."""
-    conn = connect(db_path)
-    try:
-        for statement in SCHEMA:
-            conn.execute(statement)
-        return [sample_from_json(a) for (a,) in conn.execute("SELECT sample FROM validation_samples ORDER BY pos")]
-    finally:
-        conn.close()
+    return [sample_from_json(a) for (a,) in _rows(db_path, "SELECT sample FROM validation_samples ORDER BY pos")]
