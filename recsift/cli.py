@@ -294,7 +294,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset
-    from recsift.trainer.evaluate import evaluate_dealrec, test_users
+    from recsift.trainer.evaluate import evaluate_dealrec, sample_test_users
     from recsift.trainer.llm import load_llm
     from recsift.trainer.prompts import PromptBuilder, domain_named
     from recsift.trainer.recommender import Recommender
@@ -316,7 +316,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"embedding {len(catalog):,} titles (cached under {t.cache_dir}) ...", file=sys.stderr, flush=True)
     rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens)
     train, valid, test = (read_dealrec_split(path, s) for s in ("train", "valid", "test"))
-    users = test_users(test, args.users or None, t.seed)
+    users = sample_test_users(test, args.users or None, t.seed)
     metrics = evaluate_dealrec(lambda h, k: rec.recommend(h, k, generate=not args.no_generate), train, valid, test,
                                users, progress=lambda i: print(f"\r{i}/{len(users)} users", end="", file=sys.stderr))
     print(file=sys.stderr)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,7 +56,6 @@ class Member:
     key: float
     stratum: int
     embedding: np.ndarray | None = None
-    cluster: int = -1
     inserted_ts: float = 0.0
     effort: float = float("nan")
 
@@ -81,7 +80,6 @@ class SelectorStats:
     capped: int = 0
     rebuckets: int = 0
     rescored: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 Rescore = Callable[[list[Sample]], tuple[list[float], int]]  # samples → (scores, version)
@@ -336,7 +334,3 @@ def make_selector(name: str, **config: object) -> StratifiedReservoir:
     if name not in SELECTOR_TYPES:
         raise ValueError(f"unknown selector {name!r}; registered: {sorted(SELECTOR_TYPES)}")
     return SELECTOR_TYPES[name](**config)  # type: ignore[no-any-return]
-
-
-def offers_from(samples: Sequence[Sample], scores: Sequence[float], version: int = 1) -> list[Offer]:
-    return [Offer(s, float(v), version) for s, v in zip(samples, scores, strict=True)]

@@ -34,7 +34,7 @@ from recsift.stream.windows import Sample
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS coreset_members (sample_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
     " history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL, version INTEGER NOT NULL,"
-    " key REAL NOT NULL, stratum INTEGER NOT NULL, cluster INTEGER NOT NULL, inserted_ts REAL NOT NULL,"
+    " key REAL NOT NULL, stratum INTEGER NOT NULL, inserted_ts REAL NOT NULL,"
     " updated_at REAL NOT NULL, embedding BLOB)",
     "CREATE TABLE IF NOT EXISTS selector_state (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL,"
     " sketch BLOB NOT NULL, counts BLOB NOT NULL)",
@@ -64,9 +64,9 @@ class CoresetStore:
         now = time.time()
         conn.execute("DELETE FROM coreset_members")
         conn.executemany(
-            "INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             ((m.sample.sample_id, m.sample.user_id, orjson.dumps(m.sample.history).decode(), m.sample.target,
-              m.sample.ts, m.score, m.version, m.key, m.stratum, m.cluster, m.inserted_ts, now,
+              m.sample.ts, m.score, m.version, m.key, m.stratum, m.inserted_ts, now,
               None if m.embedding is None else np.asarray(m.embedding, dtype=np.float32).tobytes())
              for m in sel.members.values()),
         )
@@ -104,11 +104,11 @@ class CoresetStore:
         sel.counts = np.frombuffer(row[2], dtype=np.float64).copy()
         sel.members.clear()
         sel.users.clear()
-        for r in conn.execute("SELECT sample_id, user_id, history, target, ts, score, version, key, stratum, cluster,"
+        for r in conn.execute("SELECT sample_id, user_id, history, target, ts, score, version, key, stratum,"
                               " inserted_ts, embedding FROM coreset_members"):
-            emb = None if r[11] is None else np.frombuffer(r[11], dtype=np.float32).copy()
+            emb = None if r[10] is None else np.frombuffer(r[10], dtype=np.float32).copy()
             m = Member(Sample(int(r[0]), r[1], tuple(orjson.loads(r[2])), r[3], float(r[4])), float(r[5]), int(r[6]),
-                       float(r[7]), int(r[8]), emb, int(r[9]), float(r[10]))
+                       float(r[7]), int(r[8]), emb, float(r[9]))
             sel.members[m.sample.sample_id] = m
             sel.users[m.sample.user_id] += 1
         sel.restored()

@@ -34,7 +34,7 @@ def recall_ndcg(ranked: Sequence[Sequence[str]], targets: Sequence[Sequence[str]
     return {name: total / users for name, total in sums.items()}
 
 
-def test_users(test: dict[str, list[str]], n: int | None, seed: int) -> list[str]:
+def sample_test_users(test: dict[str, list[str]], n: int | None, seed: int) -> list[str]:
     """A fixed, seeded sample of users that have test items (all of them when ``n`` is None)."""
     import random
 

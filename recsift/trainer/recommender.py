@@ -14,6 +14,7 @@ Games than id order). ``use_adapter`` hot-swaps to a newly promoted adapter with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -99,8 +100,6 @@ class Recommender:
 
     def _base_only(self) -> Any:
         disable = getattr(self.model, "disable_adapter", None)
-        import contextlib
-
         return disable() if callable(disable) else contextlib.nullcontext()
 
     def use_adapter(self, path: str | Path, name: str) -> None:
