@@ -139,7 +139,7 @@ class ScoringConfig(_Section):
     effort_weight: float = Field(
         0.0, ge=0.0,
         description="λ in overall = minmax(influence) + λ·minmax(effort). DEALRec uses 0.3 on Games; the LLM "
-                    "gradient costs ~0.13 s per sample on a 2-core CPU (bench/scoring.py), so 0 (off) is the CPU default")
+                    "gradient costs ~0.16 s per sample on a 2-core CPU (bench/scoring.py), so 0 (off) is the CPU default")
     hidden: int = Field(64, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(2, gt=0)
