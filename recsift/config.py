@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     SecretStr,
     ValidationError,
     model_validator,
@@ -199,6 +200,8 @@ class TrainerConfig(_Section):
     batch_size: int = Field(8, gt=0, description="bf16 batch 8 is the measured sweet spot on a 2-core CPU")
     early_stopping_patience: int = Field(1, ge=0, description="epochs without validation improvement before stopping")
     eval_samples: int = Field(128, gt=0, description="validation-reservoir samples a refresh is judged on")
+    eval_k: list[PositiveInt] = Field(default_factory=lambda: [10, 20], min_length=1,
+                              description="Recall/NDCG@K of each refresh on the validation samples (needs titles)")
     promote_tolerance: float = Field(0.01, ge=0.0, description="promote unless the new validation loss is worse "
                                      "than the serving adapter's by more than this fraction")
     refresh_interval_s: float | None = Field(1800.0, gt=0, description="interval trigger; unset: no interval refreshes")

@@ -240,7 +240,8 @@ class Operations:
         m.refresh_duration.observe(outcome.seconds)
         if outcome.outcome == "promoted":
             m.last_refresh.set(time.time())
-        for name, value in (("validation_loss", outcome.new_loss), ("serving_loss", outcome.serving_loss)):
+        for name, value in (("validation_loss", outcome.new_loss), ("serving_loss", outcome.serving_loss),
+                            *outcome.metrics.items()):
             if value is not None:
                 m.eval_metric.labels(name).set(value)
         self._serving_gauge()
@@ -273,7 +274,8 @@ class Operations:
                         "drift": sel.last_drift.as_dict() if sel.last_drift else None} if sel else None,
             "refresh_running": self.scheduler.running,
             "last_refresh": {"trigger": last.trigger, "outcome": last.outcome, "version": last.version,
-                             "validation_loss": last.new_loss, "error": last.error} if last else None,
+                             "validation_loss": last.new_loss, "metrics": last.metrics,
+                             "error": last.error} if last else None,
             "adapter": current.name if current else None,
         }
 
@@ -345,10 +347,15 @@ class ServiceSummary:
             ("coverage", f"{self.coverage:.3f}"),
             *((f"  drift: {k}", f"{v:.4f}") for k, v in (self.drift or {}).items()),
             ("refreshes", str(len(self.refreshes or []))),
-            *((f"  {r.trigger}: {r.outcome}", f"{r.version or '-'}, validation loss {r.serving_loss} → {r.new_loss}, "
-               f"{r.seconds:.0f} s" + (f" ({r.error})" if r.error else "")) for r in self.refreshes or []),
+            *((f"  {r.trigger}: {r.outcome}", f"{r.version or '-'}, validation loss {_num(r.serving_loss)} → "
+               f"{_num(r.new_loss)}" + "".join(f", {k} {v:.4f}" for k, v in r.metrics.items()) + f", {r.seconds:.0f} s"
+               + (f" ({r.error})" if r.error else "")) for r in self.refreshes or []),
             ("serving adapter", self.adapter or "base model"),
         ]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = None,

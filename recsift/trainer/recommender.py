@@ -124,6 +124,11 @@ class Recommender:
         _, idx = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.item_ids)))
         return [[self.item_ids[j] for j in row] for row in idx]
 
+    def rank_from_prompts(self, histories: Sequence[Sequence[str]], k: int, batch_size: int = 32) -> list[list[str]]:
+        """Top-``k`` items per history, grounded from each prompt's last-token state (no generation), batched."""
+        texts = [self.builder.prompt_text(h[len(h) - self.builder.prompt_ids(h)[1]:]) for h in histories]
+        return self.ground(last_token_states(self.llm, self.model, texts, batch_size), k)
+
     def recommend(self, history: Sequence[str], k: int = 10, generate: bool = True) -> list[str]:
         """The top-``k`` catalogue items for a history (oldest first)."""
         if generate:

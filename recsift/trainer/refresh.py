@@ -142,6 +142,7 @@ class RefreshOutcome:
     serving_loss: float | None = None
     new_loss: float | None = None
     train: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # Recall/NDCG@K of the new adapter on validation
     seconds: float = 0.0
     error: str | None = None
 
@@ -221,10 +222,14 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
         outcome.new_loss = mean_loss(model, builder, validation, t.batch_size, llm.autocast_dtype)
         if not math.isfinite(outcome.new_loss if validation else 0.0):
             raise FloatingPointError(f"validation loss is {outcome.new_loss}")
+        if validation and len(catalog):
+            outcome.metrics = ranking_metrics(llm, model, catalog, builder, validation, t)
+            progress("validation " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
         better = (not validation or outcome.serving_loss is None
                   or outcome.new_loss <= outcome.serving_loss * (1 + t.promote_tolerance))
         meta = {"snapshot_id": snap.snapshot_id, "scorer_version": snap.scorer_version, "trigger": trigger,
-                "metrics": {"serving_loss": outcome.serving_loss, "validation_loss": outcome.new_loss},
+                "metrics": {"serving_loss": outcome.serving_loss, "validation_loss": outcome.new_loss,
+                            **outcome.metrics},
                 "config_hash": _config_hash(cfg), "timings": {"train_s": result.seconds},
                 "base_model": t.base_model, "promoted": better}
         version = registry.save(model.save_pretrained, meta)
@@ -245,6 +250,18 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
     finally:
         outcome.seconds = time.perf_counter() - started
         record_run(db, outcome, started_at)
+
+
+def ranking_metrics(llm: LLM, model: Any, catalog: Catalog, builder: PromptBuilder, validation: Sequence[Sample],
+                    cfg: TrainerConfig) -> dict[str, float]:
+    """Recall/NDCG@K over the full catalogue on the validation samples (history → held-out target),
+    grounded from the prompt's last-token state as the quick benchmark does (no generation)."""
+    from recsift.trainer.evaluate import recall_ndcg
+    from recsift.trainer.recommender import Recommender
+
+    rec = Recommender(llm, model, catalog, builder, cache_dir=cfg.cache_dir / "titles")
+    ranked = rec.rank_from_prompts([s.history for s in validation], max(cfg.eval_k), cfg.batch_size)
+    return recall_ndcg(ranked, [[s.target] for s in validation], cfg.eval_k)
 
 
 def _config_hash(cfg: Settings) -> str:
@@ -277,7 +294,7 @@ def refresh_in_process(cfg: Settings, trigger: str, catalog: Catalog, timeout_s:
     runs = list_runs(cfg.checkpoint.path)
     if len(runs) > before:
         r = runs[-1]
-        return RefreshOutcome(**{k: r[k] for k in RefreshOutcome.__dataclass_fields__})
+        return RefreshOutcome(**{k: r[k] for k in RefreshOutcome.__dataclass_fields__ if k in r})
     outcome = RefreshOutcome(trigger, "failed", error=f"the refresh process exited with code {proc.exitcode}")
     record_run(cfg.checkpoint.path, outcome, started_at)
     return outcome

@@ -65,3 +65,10 @@ def test_hot_swap_to_a_promoted_adapter(tmp_path: Path) -> None:
     with torch.no_grad():
         after = rec.model(prompt).logits
     assert rec.adapter == "v0001" and not torch.allclose(before, after)
+
+
+def test_batched_prompt_ranking_equals_one_history_at_a_time(tmp_path: Path) -> None:
+    rec = make(tmp_path)
+    histories = [["0"], ["1", "2", "3"], ["4", "5", "6", "7", "0", "1"], ["3", "3"]]
+    batched = rec.rank_from_prompts(histories, k=5, batch_size=3)
+    assert batched == [rec.recommend(h, k=5, generate=False) for h in histories]

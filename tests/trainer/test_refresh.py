@@ -13,7 +13,7 @@ from recsift.selection.reservoir import StratifiedReservoir
 from recsift.selection.stage import ValidationReservoir
 from recsift.selection.store import CoresetStore
 from recsift.stream.checkpoint import Checkpoint
-from recsift.stream.events import Catalog
+from recsift.stream.events import Catalog, Item
 from recsift.trainer.llm import wrap_llm
 from recsift.trainer.refresh import list_runs, refresh, refresh_in_process, registry_for
 from recsift.trainer.registry import AdapterRegistry
@@ -64,6 +64,19 @@ def test_refresh_trains_evaluates_and_promotes(tmp_path: Path) -> None:
 
     again = refresh(cfg, "interval", llm=tiny())  # incremental: starts from the serving adapter
     assert again.serving_before == "v0001" and again.outcome in ("promoted", "rejected")
+    assert again.metrics == {}  # no titles, no ranking metrics
+
+
+def test_a_refresh_with_titles_reports_recall_and_ndcg_on_the_validation_samples(tmp_path: Path) -> None:
+    cfg = settings(state_with_coreset(tmp_path), learning_rate=5e-3, cache_dir=str(tmp_path / "cache"))
+    catalog = Catalog(Item(f"i{i}", f"zelda {i} space quest") for i in range(101))
+    outcome = refresh(cfg, "manual", catalog, llm=tiny())
+    assert outcome.outcome == "promoted", outcome.error
+    assert set(outcome.metrics) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
+    m = outcome.metrics
+    assert 0.0 <= m["recall@10"] <= m["recall@20"] <= 1.0 and 0.0 <= m["ndcg@10"] <= m["ndcg@20"] <= 1.0
+    assert registry_for(cfg).current().metadata["metrics"]["recall@20"] == m["recall@20"]  # type: ignore[union-attr]
+    assert list((tmp_path / "cache" / "titles").glob("titles-*.npy"))  # title embeddings cached
 
 
 def test_a_worse_adapter_is_recorded_and_not_promoted(tmp_path: Path) -> None:
