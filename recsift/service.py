@@ -219,6 +219,8 @@ class Operations:
         t = cfg.trainer
         self.cfg, self.metrics, self.catalog, self.selection = cfg, metrics, catalog, selection
         self.registry = registry_for(cfg)
+        if leftovers := self.registry.discard_partial():
+            log.warning("removed partial adapter writes from an interrupted refresh: %s", ", ".join(leftovers))
         self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds, t.drift_cooldown_s)
         self.pipeline: Pipeline | None = None
         self.outcomes: list[RefreshOutcome] = []
@@ -266,6 +268,7 @@ class Operations:
         return {
             "offsets": _copy(p.offsets) if p else {},
             "lag": _copy(p.lag) if p else {},
+            "source_connected": bool(p and p.connected),
             "paused": bool(p and p.held.is_set() and getattr(p.source, "paused", False)),
             "events_consumed": p.summary.consumed if p else 0,
             "coreset": {"size": len(sel.selector), "budget": sel.selector.budget,
@@ -396,8 +399,8 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         if cfg.monitoring.port:
             pipeline = ingest.pipeline
             try:
-                http = HttpServer(Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag, ops.status,
-                                            ops.actions(), cfg.admin.token), cfg.monitoring.host, cfg.monitoring.port)
+                http = HttpServer(Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag,
+                                            lambda: pipeline.connected, ops.status, ops.actions(), cfg.admin.token), cfg.monitoring.host, cfg.monitoring.port)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.monitoring.host}:{cfg.monitoring.port}: "
                                   f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None

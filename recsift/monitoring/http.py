@@ -2,7 +2,8 @@
 
 - ``GET /metrics``: Prometheus text format from this process's registry;
 - ``GET /healthz``: 200 while the ingest loop is alive (it iterated within ``liveness_s``), else 503;
-- ``GET /readyz``: 200 when caught up (total consumer lag ≤ ``ready_lag``), else 503;
+- ``GET /readyz``: 200 when the source reaches its broker and is caught up (total consumer lag ≤
+  ``ready_lag``), else 503;
 - ``GET /status``: JSON (offsets, lag, coreset, last refresh, serving adapter, paused);
 - ``POST /admin/refresh | pause | resume | rollback``: need ``Authorization: Bearer <token>``. With no
   token configured the admin endpoints answer 404 (disabled); a wrong or missing token answers 401 and
@@ -39,6 +40,7 @@ class Endpoints:
     metrics: Metrics
     heartbeat: Callable[[], float] = time.monotonic  # monotonic time of the loop's last iteration
     lag: Callable[[], dict[int, int]] = dict
+    connected: Callable[[], bool] = lambda: True  # the source reaches its broker
     status: Callable[[], dict[str, Any]] = dict
     actions: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     token: SecretStr | None = None
@@ -70,8 +72,9 @@ class _Handler(BaseHTTPRequestHandler):
             age = time.monotonic() - ep.heartbeat()
             self._json(200 if age <= ep.liveness_s else 503, {"alive": age <= ep.liveness_s, "loop_age_s": age})
         elif self.path == "/readyz":
-            lag = sum(ep.lag().values())
-            self._json(200 if lag <= ep.ready_lag else 503, {"ready": lag <= ep.ready_lag, "lag": lag})
+            lag, connected = sum(ep.lag().values()), ep.connected()
+            ready = connected and lag <= ep.ready_lag
+            self._json(200 if ready else 503, {"ready": ready, "lag": lag, "connected": connected})
         elif self.path == "/status":
             try:
                 self._json(200, ep.status())

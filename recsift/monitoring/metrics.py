@@ -52,6 +52,9 @@ class Metrics:
         self.consumer_lag = Gauge(
             "recsift_consumer_lag_records", "Records behind the log end, per owned partition", ["partition"], registry=r
         )
+        self.source_connected = Gauge(
+            "recsift_source_connected", "1 while the consumer's heartbeats reach the broker within the session timeout",
+            registry=r)
         self.partitions_owned = Gauge("recsift_partitions_owned", "Source partitions assigned to this process", registry=r)
         self.rebalances = Counter(
             "recsift_rebalances_total", "Partition assignment changes, by outcome (assigned, revoked)", ["outcome"], registry=r

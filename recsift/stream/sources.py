@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
@@ -86,6 +87,7 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._paused = False
         self._in_callback = False
+        self._session_s = consumer_timeouts(cfg, embedded)["session_timeout_ms"] / 1000.0
         self.consumer = KafkaConsumer(
             **kafka_client_config(cfg, embedded),
             **consumer_timeouts(cfg, embedded),
@@ -173,6 +175,17 @@ class KafkaSource:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the last heartbeat the group coordinator answered (inf before the first).
+        It grows during a broker outage or a network partition, whether connections are refused or hang."""
+        coordinator = self.consumer.metrics().get("consumer-coordinator-metrics", {})
+        age = coordinator.get("last-heartbeat-seconds-ago")
+        return float(age) if age is not None else math.inf
+
+    def connected(self) -> bool:
+        """True while heartbeats reach the broker within the session timeout."""
+        return self.heartbeat_age() <= self._session_s
 
     def lag(self, processed: dict[int, int]) -> dict[int, int]:
         """Records behind the log end per owned partition, counted from ``processed`` (next offset to
@@ -276,6 +289,9 @@ class FileSource:
 
     def lag(self, processed: dict[int, int]) -> dict[int, int]:
         return {}
+
+    def connected(self) -> bool:
+        return True  # a local file is always there
 
     def close(self) -> None:
         self._iter = None

@@ -272,8 +272,10 @@ def _config_hash(cfg: Settings) -> str:
 
 def _child(cfg_json: str, trigger: str, catalog_items: list[tuple[str, str]]) -> None:
     from recsift.config import Settings as S
+    from recsift.stream.broker import die_with_parent
     from recsift.stream.events import Item
 
+    die_with_parent()  # a killed service takes its refresh with it: no orphan writing to the registry
     cfg = S.model_validate_json(cfg_json)
     outcome = refresh(cfg, trigger, Catalog(Item(i, t) for i, t in catalog_items))
     raise SystemExit(0 if outcome.outcome != "failed" else 1)

@@ -67,6 +67,14 @@ class AdapterRegistry:
             raise
         return self.get(name)
 
+    def discard_partial(self) -> list[str]:
+        """Remove what a writer killed mid-save left behind (hidden temp dirs, a pointer temp file).
+        Call only where no refresh is running (service start), since a running save writes there."""
+        leftovers = [p for p in self.root.iterdir() if p.name.startswith(".v") or p.name == ".current.tmp"]
+        for p in leftovers:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return [p.name for p in leftovers]
+
     def current(self) -> AdapterVersion | None:
         pointer = self.root / "current"
         if not pointer.is_file():

@@ -33,9 +33,9 @@ def call(url: str, method: str = "GET", token: str | None = None) -> tuple[int, 
 
 def test_endpoints_health_readiness_and_token_checks() -> None:
     metrics = Metrics()
-    beat, lag = [time.monotonic()], [{0: 5}]
+    beat, lag, up = [time.monotonic()], [{0: 5}], [True]
     done: list[str] = []
-    ep = Endpoints(metrics, lambda: beat[0], lambda: lag[0], lambda: {"ok": True},
+    ep = Endpoints(metrics, lambda: beat[0], lambda: lag[0], lambda: up[0], lambda: {"ok": True},
                    {"pause": lambda: done.append("pause") or {"paused": True}}, SecretStr("s3cret"),
                    liveness_s=5, ready_lag=10)
     server = HttpServer(ep, port=0).start()
@@ -45,7 +45,9 @@ def test_endpoints_health_readiness_and_token_checks() -> None:
         assert call(server.url + "/healthz") == (503, {"alive": False, "loop_age_s": pytest.approx(60, abs=2)})
         assert call(server.url + "/readyz")[0] == 200
         lag[0] = {0: 50, 1: 1}
-        assert call(server.url + "/readyz") == (503, {"ready": False, "lag": 51})
+        assert call(server.url + "/readyz") == (503, {"ready": False, "lag": 51, "connected": True})
+        lag[0], up[0] = {0: 0}, False  # caught up but the broker is unreachable: not ready
+        assert call(server.url + "/readyz") == (503, {"ready": False, "lag": 0, "connected": False})
         assert call(server.url + "/status") == (200, {"ok": True})
         status, text = call(server.url + "/metrics")
         assert status == 200 and "recsift_build_info" in text

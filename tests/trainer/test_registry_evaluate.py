@@ -33,6 +33,9 @@ def test_versions_are_atomic_and_the_pointer_moves(tmp_path: Path) -> None:
     (tmp_path / ".v0003-leftover").mkdir()  # what a SIGKILL would leave: hidden, never listed
     assert [v.name for v in reg.versions()] == ["v0001", "v0002"]
     assert reg.save(write_files, {}).name == "v0003"
+    (tmp_path / ".current.tmp").write_text("v0099\n")  # a pointer write cut short
+    assert sorted(reg.discard_partial()) == [".current.tmp", ".v0003-leftover"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v0001", "v0002", "v0003"]
 
     reg.promote("v0001")
     reg.promote("v0002")
