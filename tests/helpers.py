@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +66,74 @@ def tiny_llm(seed: int = 0, lora: bool = True, layers: int = 2) -> tuple[Any, An
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                  lora_dropout=0.1))
     return model, tokenizer
+
+
+def save_tiny_llm(path: Path) -> Path:
+    """Write the tiny Llama and its tokenizer where ``trainer.base_model`` can load them with from_pretrained."""
+    model, tokenizer = tiny_llm(lora=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def call(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Any]:
+    """One HTTP request; (status, JSON body or text)."""
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = resp.read().decode()
+            return resp.status, json.loads(body) if resp.headers.get_content_type() == "application/json" else body
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read().decode())
+
+
+def reachable(url: str) -> bool:
+    try:
+        return call(url)[0] == 200
+    except OSError:
+        return False
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "a condition") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+
+
+PROMETHEUS = _which("prometheus")
+MONITORING = ROOT / "recsift" / "monitoring"
+
+
+def start_prometheus(tmp: Path, target_port: int, port: int, scrape_interval: str = "5s") -> Any:
+    """The real Prometheus (Debian's package) with the shipped config and rules, scraping 127.0.0.1:target_port."""
+    import shutil
+    import subprocess
+
+    assert PROMETHEUS is not None
+    config = (MONITORING / "prometheus" / "prometheus.yml").read_text()
+    config = config.replace("127.0.0.1:9400", f"127.0.0.1:{target_port}").replace("5s", scrape_interval)
+    (tmp / "prometheus.yml").write_text(config)
+    shutil.copy(MONITORING / "prometheus" / "rules.yml", tmp / "rules.yml")
+    return subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=(tmp / "prometheus.log").open("w"))
+
+
+def prom_query(port: int, expr: str) -> list[dict[str, Any]]:
+    """An instant PromQL query; the result vector ([] while Prometheus is starting)."""
+    from urllib.parse import quote
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={quote(expr)}", timeout=5) as r:
+            return list(json.loads(r.read())["data"]["result"])
+    except OSError:
+        return []

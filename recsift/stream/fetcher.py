@@ -22,13 +22,14 @@ import logging
 import multiprocessing
 import signal
 import struct
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from recsift.config import StreamConfig
-from recsift.stream.sources import KafkaSource, SourceRecord
+from recsift.stream.sources import KafkaSource, SourceRecord, consumer_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ _HEADER = struct.Struct("<iqii")
 BATCH, ASSIGN, REVOKE, COMMITTED, CLOSED, ERROR = b"B", b"A", b"R", b"c", b"X", b"E"
 # parent → child
 POLL, ASSIGNED, REVOKED, COMMIT, PAUSE, RESUME, CLOSE = b"P", b"a", b"r", b"C", b"Z", b"U", b"Q"
+
+
+POLL_GRACE_S = 2.0  # beyond the poll timeout, how long the parent waits for a batch before looping on
+CLOSE_TIMEOUT_S = 30.0
 
 
 class FetcherError(RuntimeError):
@@ -192,16 +197,23 @@ class ProcessKafkaSource:
         self._high: dict[int, int] = {}
         self._position: dict[int, int] = {}
         self._connected = False
+        self._last_batch = time.monotonic()
+        # no batch for this long means the child is stuck on the broker (an outage), whatever it last said
+        self._stall_s = consumer_timeouts(cfg, embedded)["session_timeout_ms"] / 1000.0 + cfg.poll_timeout_ms / 1000.0 \
+            + POLL_GRACE_S
         self.paused = False
         self.closed = False
 
     def _send(self, kind: bytes, obj: Any = None) -> None:
         self.conn.send_bytes(kind + (json.dumps(obj).encode() if obj is not None else b""))
 
-    def _recv(self) -> bytes:
-        while not self.conn.poll(1.0):
+    def _recv(self, deadline: float | None = None) -> bytes | None:
+        """The child's next message; None when ``deadline`` (monotonic) passes first."""
+        while not self.conn.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))):
             if not self.process.is_alive():
                 raise FetcherError(f"the fetch process died (exit code {self.process.exitcode})")
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
         try:
             return self.conn.recv_bytes()
         except (EOFError, OSError) as exc:
@@ -217,6 +229,7 @@ class ProcessKafkaSource:
             self._high = {int(p): h for p, h in meta["high"].items()}
             self._position = {int(p): h for p, h in meta["position"].items()}
             self._connected = bool(meta["connected"])
+            self._last_batch = time.monotonic()
             return decode_records(msg, 5 + hlen)
         if kind == ASSIGN:
             partitions = set(json.loads(msg[1:]))
@@ -238,12 +251,18 @@ class ProcessKafkaSource:
         return None
 
     def poll(self, max_records: int, timeout_ms: int) -> list[SourceRecord]:
+        """The next batch. Returns [] (the request stays outstanding) when the child has not answered
+        within the poll timeout plus a grace period, so a broker outage never stalls the ingest loop."""
         self._request = (max_records, timeout_ms)
         if not self._outstanding:
             self._send(POLL, self._request)
             self._outstanding = True
+        deadline = time.monotonic() + timeout_ms / 1000.0 + POLL_GRACE_S
         while True:
-            records = self._handle(self._recv())
+            msg = self._recv(deadline)
+            if msg is None:
+                return []
+            records = self._handle(msg)
             if records is not None:
                 # ask for the next batch at once: the child fetches it while we process this one
                 self._send(POLL, self._request)
@@ -274,8 +293,9 @@ class ProcessKafkaSource:
         }
 
     def connected(self) -> bool:
-        """Whether the child's consumer reached the broker within the session timeout at its last poll."""
-        return self._connected
+        """Whether the child's consumer reached the broker within the session timeout at its last poll,
+        and that poll answered recently."""
+        return self._connected and time.monotonic() - self._last_batch < self._stall_s
 
     def close(self) -> None:
         """Close the consumer in the child (its revoke callback comes back here first), then reap it."""
@@ -283,8 +303,11 @@ class ProcessKafkaSource:
             return
         try:
             self._send(CLOSE)
+            deadline = time.monotonic() + CLOSE_TIMEOUT_S
             while True:
-                msg = self._recv()
+                msg = self._recv(deadline)
+                if msg is None:
+                    raise FetcherError(f"no answer to close within {CLOSE_TIMEOUT_S:.0f} s (is the broker down?)")
                 if msg[:1] == CLOSED:
                     break
                 self._handle(msg)  # a prefetched batch is dropped: the checkpoint's offsets are the truth

@@ -158,7 +158,7 @@ class KafkaSource:
             self.consumer.commit_async(todo, callback=_log_commit_failure)
             return True
         try:
-            self.consumer.commit(todo)
+            self.consumer.commit(todo, timeout_ms=int(self._session_s * 1000))  # bounded: a broker outage must not hang
             return True
         except (CommitFailedError, KafkaError) as exc:
             log.warning("offset commit to Kafka failed (%s); the checkpoint holds the offsets", type(exc).__name__)

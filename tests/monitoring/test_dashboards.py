@@ -16,6 +16,7 @@ import pytest
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.stream.broker import free_port
+from tests.helpers import PROMETHEUS, prom_query, start_prometheus
 
 MON = Path(__file__).resolve().parents[2] / "recsift" / "monitoring"
 METRIC = re.compile(r"\b(recsift_[a-z_]+)")
@@ -60,9 +61,6 @@ def test_promtool_accepts_the_rules_and_the_config() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
 
 
-PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (.ci/run installs it)")
 def test_real_prometheus_loads_the_rules_and_scrapes_recsift(tmp_path: Path) -> None:
@@ -71,31 +69,18 @@ def test_real_prometheus_loads_the_rules_and_scrapes_recsift(tmp_path: Path) -> 
     metrics.drift.labels("target_js").set(0.9)
     server = HttpServer(Endpoints(metrics), port=0).start()
     prom_port = free_port()
-    config = (MON / "prometheus" / "prometheus.yml").read_text().replace("127.0.0.1:9400", f"127.0.0.1:{server.port}")
-    (tmp_path / "prometheus.yml").write_text(config)
-    shutil.copy(MON / "prometheus" / "rules.yml", tmp_path / "rules.yml")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_prometheus(tmp_path, server.port, prom_port)
     try:
-        api = f"http://127.0.0.1:{prom_port}/api/v1"
         deadline = time.monotonic() + 60
-        value = None
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{api}/query?query=recsift_events_consumed_total", timeout=5) as r:
-                    result = json.loads(r.read())["data"]["result"]
-                if result:
-                    value = float(result[0]["value"][1])
-                    break
-            except OSError:
-                pass
+        result: list[dict[str, object]] = []
+        while not result and time.monotonic() < deadline:
+            result = prom_query(prom_port, "recsift_events_consumed_total")
             time.sleep(0.5)
-        assert value == 42.0
-        with urllib.request.urlopen(f"{api}/rules", timeout=5) as r:
+        assert result and float(result[0]["value"][1]) == 42.0  # type: ignore[index]
+        with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/rules", timeout=5) as r:
             groups = json.loads(r.read())["data"]["groups"]
         names = {rule["name"] for g in groups for rule in g["rules"]}
-        assert {"RecsiftCoresetDrift", "recsift:events_consumed:rate1m"} <= names
+        assert {"RecsiftCoresetDrift", "RecsiftBrokerUnreachable", "recsift:events_consumed:rate1m"} <= names
         assert all(rule.get("health") != "err" for g in groups for rule in g["rules"])
     finally:
         proc.terminate()

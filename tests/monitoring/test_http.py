@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,18 +15,7 @@ from pydantic import SecretStr
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.stream.broker import EmbeddedBroker, free_port
-
-
-def call(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            body = resp.read().decode()
-            return resp.status, json.loads(body) if resp.headers.get_content_type() == "application/json" else body
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read().decode())
+from tests.helpers import call, reachable, save_tiny_llm, wait_for
 
 
 def test_endpoints_health_readiness_and_token_checks() -> None:
@@ -69,25 +56,16 @@ def test_endpoints_health_readiness_and_token_checks() -> None:
         server.close()
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic: Callable[..., str],
                                               tmp_path: Path) -> None:
     from recsift import service
-    from recsift.data.synthetic import SyntheticStream
     from recsift.config import SyntheticConfig
+    from recsift.data.synthetic import SyntheticStream
     from recsift.stream.sources import produce_events
-    from tests.helpers import kafka_settings, tiny_llm
+    from tests.helpers import kafka_settings
 
-    model, tokenizer = tiny_llm(lora=False)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_llm(tmp_path / "tiny")
     topic = make_topic(1)
     payloads = list(SyntheticStream(SyntheticConfig(events=4000, users=100, items=80)).payloads())
     produce_events(kafka_settings(broker, topic).stream, True, payloads[:3000], topic)
@@ -103,7 +81,7 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
     thread = threading.Thread(target=lambda: result.update(summary=service.run(cfg, progress=False)))
     thread.start()
     try:
-        wait_for(lambda: _ok(url + "/healthz"))
+        wait_for(lambda: reachable(url + "/healthz"))
         wait_for(lambda: call(url + "/status")[1]["events_consumed"] == 3000)
         assert call(url + "/admin/pause", "POST", "nope")[0] == 401
         assert call(url + "/admin/pause", "POST", "s3cret")[0] == 200
@@ -148,13 +126,6 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
 def manual_runs(metrics_text: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
                if line.startswith("recsift_refresh_runs_total{") and 'trigger="manual"' in line)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return call(url)[0] == 200
-    except OSError:
-        return False
 
 
 def test_a_busy_monitoring_port_is_a_clear_error(tmp_path: Path) -> None:

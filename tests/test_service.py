@@ -1,0 +1,278 @@
+"""`recsift run` end to end as a real process, with the real broker, models and Prometheus:
+
+- an ml-100k run scraped by Prometheus fills every query of the shipped Grafana dashboard;
+- SIGKILL of the whole service (a refresh in flight included), several times, then a restart: no event
+  lost, no sample handed on or offered twice, the coreset and the adapter registry consistent;
+- a 30 s broker outage: the service stays up, reports it (metric, /readyz), and resumes where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from recsift.data.datasets import recbole_events
+from recsift.selection.stage import is_validation
+from recsift.stream.broker import EmbeddedBroker, free_port
+from recsift.stream.checkpoint import sample_from_json
+from recsift.stream.sources import ensure_topic, keyed, produce_events
+from tests.helpers import (
+    MONITORING,
+    PROMETHEUS,
+    ROOT,
+    call,
+    kafka_settings,
+    prom_query,
+    reachable,
+    save_tiny_llm,
+    start_prometheus,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+BUDGET = 64
+
+
+def service_cmd(state: Path, tiny: Path, port: int, *extra: str) -> list[str]:
+    """`recsift run` with small scoring batches, a 64-sample coreset and the tiny model as the LLM."""
+    sets = {
+        "monitoring.port": port, "scoring.batch_size": 500, "scoring.lissa_depth": 20, "selection.budget": BUDGET,
+        "trainer.base_model": tiny, "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 256,
+        "trainer.refresh_samples": 16, "trainer.eval_samples": 16, "trainer.learning_rate": 0.005,
+        "trainer.promote_tolerance": 1000, "trainer.cache_dir": state.parent / "cache",
+        "checkpoint.interval_s": 1.0,
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return [sys.executable, "-m", "recsift.cli", "run", "--state-dir", str(state), "--no-progress", *args, *extra]
+
+
+def kafka_args(broker: EmbeddedBroker, topic: str) -> list[str]:
+    return ["--source", "kafka", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
+            "--group-id", f"g-{topic}", "--set", f"stream.dead_letter_topic={topic}.dlq",
+            "--set", "stream.session_timeout_ms=2000", "--set", "stream.heartbeat_interval_ms=500"]
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads((MONITORING / "grafana" / "recsift.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def has_data(port: int, expr: str) -> bool:
+    return any(math.isfinite(float(r["value"][1])) for r in prom_query(port, expr))
+
+
+def value(port: int, expr: str) -> float:
+    result = prom_query(port, expr)
+    assert result, f"no data for {expr}"
+    return float(result[0]["value"][1])
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (.ci/run installs it)")
+def test_an_ml100k_run_scraped_by_prometheus_fills_every_dashboard_query(tmp_path: Path, ml100k: Path) -> None:
+    tiny = save_tiny_llm(tmp_path / "tiny")
+    port, prom_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        service_cmd(tmp_path / "state", tiny, port, "--dataset", str(ml100k), "--set", "trainer.domain=movies",
+                    "--set", "trainer.refresh_every_samples=3000"),
+        env=ENV, stdout=subprocess.DEVNULL, stderr=(tmp_path / "service.log").open("w"))
+    prom = start_prometheus(tmp_path, port, prom_port, scrape_interval="1s")
+    queries = dashboard_queries()
+    try:
+        deadline = time.monotonic() + 300
+        missing = queries
+        while time.monotonic() < deadline and proc.poll() is None:
+            missing = [q for q in queries if not has_data(prom_port, q)]
+            if not missing and value(prom_port, "recsift_serving_adapter_version") >= 1:
+                break
+            time.sleep(2)
+        assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
+        assert not missing, f"dashboard queries without data: {missing}"
+        # the data is the run's, not zero-initialised gauges
+        assert value(prom_port, "rate(recsift_events_consumed_total[1m])") > 0
+        assert value(prom_port, "recsift_source_connected") == 1
+        assert value(prom_port, "recsift_influence_estimate_version") >= 1
+        assert 0 < value(prom_port, "recsift_coreset_size") <= BUDGET
+        assert value(prom_port, 'recsift_drift{metric="target_js"}') > 0
+        assert value(prom_port, 'sum(recsift_refresh_runs_total{outcome="promoted"})') >= 1
+        assert value(prom_port, "recsift_serving_adapter_version") >= 1
+        assert 0 <= value(prom_port, 'recsift_eval{metric="recall@20"}') <= 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/rules") as r:
+            rules = [rule for g in json.loads(r.read())["data"]["groups"] for rule in g["rules"]]
+        assert rules and all(rule["health"] == "ok" for rule in rules), rules
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        prom.terminate()
+        prom.wait(10)
+    assert proc.returncode == 0, (tmp_path / "service.log").read_text()[-3000:]
+
+
+def db_rows(state: Path, sql: str) -> list[tuple]:
+    db = state / "recsift.sqlite"
+    if not db.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not created yet
+        return []
+
+
+def offsets_done(state: Path, topic: str) -> int:
+    rows = db_rows(state, f"SELECT coalesce(sum(next_offset), 0) FROM offsets WHERE topic = '{topic}'")
+    return int(rows[0][0]) if rows else 0
+
+
+def refresh_in_flight(state: Path) -> bool:
+    """A refresh takes its snapshot first and records its run last: more snapshots than runs = one running."""
+    snaps = db_rows(state, "SELECT count(*) FROM coreset_snapshots")
+    runs = db_rows(state, "SELECT count(*) FROM refresh_runs")
+    return bool(snaps) and snaps[0][0] > (runs[0][0] if runs else 0)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+def test_sigkill_of_the_whole_service_loses_and_duplicates_nothing(
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, ml100k: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    topic = make_topic(2)
+    events = recbole_events(ml100k)[:20_000]
+    produce_events(kafka_settings(broker, topic).stream, True, keyed(events), topic)
+    tiny = save_tiny_llm(tmp_path / "tiny")
+    state = tmp_path / "state"
+    cmd = service_cmd(state, tiny, 0, *kafka_args(broker, topic), "--journal",
+                      "--set", "trainer.refresh_every_samples=2000", "--set", "stream.stop_when_idle_s=8",
+                      # ingest no further ahead of scoring than this, so the kills land mid-stream
+                      "--set", "stream.backpressure_high=1500", "--set", "stream.backpressure_low=500")
+    rnd = random.Random(int(os.environ.get("RECSIFT_CRASH_SEED", "11")))
+    kills, during_refresh = 0, 0
+    for i in range(4):
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=(tmp_path / f"run{i}.log").open("w"))
+        start = offsets_done(state, topic)
+        if i == 0:  # the first kill lands while a refresh is running
+            wait_for(lambda: refresh_in_flight(state) or proc.poll() is not None, 180, "a refresh to start")
+            time.sleep(1.0)
+        else:
+            target = start + rnd.randrange(1_000, 4_000)
+            wait_for(lambda: offsets_done(state, topic) >= target or proc.poll() is not None, 180, "progress")
+            time.sleep(rnd.uniform(0.0, 1.0))  # land between checkpoints
+        if proc.poll() is not None:
+            break
+        during_refresh += refresh_in_flight(state)
+        kids = children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        kills += 1
+        wait_for(lambda: not any(running(k) for k in kids), 30, "the fetch and refresh children to die with the service")
+    assert kills >= 3 and during_refresh >= 1, (kills, during_refresh)
+    last = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400, check=False)
+    assert last.returncode == 0, last.stderr[-3000:]
+
+    # no event lost: the checkpoint covers every record of the topic
+    assert offsets_done(state, topic) == len(events)
+    # no sample handed on twice, none missing: journal + open windows = the samples the windows made
+    journal = [r[0] for r in db_rows(state, "SELECT sample_id FROM journal")]
+    assert len(journal) == len(set(journal)) > 15_000
+    made = sum(json.loads(c)["samples"] for (c,) in db_rows(state, "SELECT counts FROM clocks"))
+    assert len(journal) + db_rows(state, "SELECT count(*) FROM pending")[0][0] == made
+    # every journaled sample was offered to the selector exactly once (or held out for validation, or
+    # is waiting in the checkpointed scoring batch)
+    waiting = {sample_from_json(b).sample_id for (b,) in db_rows(state, "SELECT sample FROM scoring_pending")}
+    offerable = {s for s in journal if not is_validation(s, 0.05, 0) and s not in waiting}
+    stats = json.loads(db_rows(state, "SELECT state FROM selector_state")[0][0])["stats"]
+    assert stats["offered"] == len(offerable)
+    members = {r[0] for r in db_rows(state, "SELECT sample_id FROM coreset_members")}
+    assert 0 < len(members) <= BUDGET and members <= offerable
+    # the registry: the serving pointer names a complete version, nothing half-written is left
+    adapters = state / "adapters"
+    names = sorted(p.name for p in adapters.iterdir())
+    assert not [n for n in names if n.startswith(".")], names
+    current = (adapters / "current").read_text().strip()
+    assert load_file(adapters / current / "adapter_model.safetensors")  # loads: the write was complete
+    runs = db_rows(state, "SELECT outcome, detail FROM refresh_runs")
+    promoted = [json.loads(d)["version"] for o, d in runs if o == "promoted"]
+    assert promoted and current == promoted[-1] and set(promoted) <= set(names)
+    history = [json.loads(line) for line in (adapters / "history").read_text().splitlines()]
+    assert [h["to"] for h in history] == promoted
+
+
+def test_a_30s_broker_outage_is_reported_and_survived(tmp_path: Path) -> None:
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:  # its own broker: this test freezes it
+        topic = "outage"
+        cfg = kafka_settings(broker, topic).stream
+        ensure_topic(cfg, True, topic, 1)
+        from recsift.config import SyntheticConfig
+        from recsift.data.synthetic import SyntheticStream
+
+        payloads = list(SyntheticStream(SyntheticConfig(events=30_000, users=300, items=200)).payloads())
+        produce_events(cfg, True, payloads[:20_000], topic)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(service_cmd(tmp_path / "state", tmp_path, port, *kafka_args(broker, topic),
+                                            "--set", "scoring.enabled=false", "--set", "stream.poll_max_records=500"),
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=(tmp_path / "service.log").open("w"))
+        try:
+            wait_for(lambda: reachable(url + "/healthz") and call(url + "/status")[1]["events_consumed"] >= 3_000,
+                     120, "the service to consume")
+            assert broker.process is not None
+            broker.process.send_signal(signal.SIGSTOP)  # tansu keeps its log in memory: freeze it, don't kill it
+            frozen_at = time.monotonic()
+            consumed_at_freeze = call(url + "/status")[1]["events_consumed"]
+            wait_for(lambda: call(url + "/readyz")[0] == 503, 20, "/readyz to report the outage")
+            assert call(url + "/readyz")[1]["connected"] is False
+            assert "recsift_source_connected 0.0" in call(url + "/metrics")[1]
+            while time.monotonic() - frozen_at < 30:  # the service stays up and its loop alive throughout
+                assert proc.poll() is None
+                assert call(url + "/healthz")[0] == 200
+                time.sleep(1)
+            assert consumed_at_freeze < 20_000, "the outage came after everything was consumed"
+        finally:
+            if broker.process is not None:
+                broker.process.send_signal(signal.SIGCONT)
+        try:
+            wait_for(lambda: call(url + "/readyz")[0] == 200, 90, "/readyz to recover")
+            produce_events(cfg, True, payloads[20_000:], topic)
+            wait_for(lambda: call(url + "/status")[1]["events_consumed"] >= 30_000, 120, "the service to resume")
+            assert "recsift_source_connected 1.0" in call(url + "/metrics")[1]
+            time.sleep(2)
+            assert call(url + "/status")[1]["events_consumed"] == 30_000  # nothing read twice in this process
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        assert proc.returncode == 0, (tmp_path / "service.log").read_text()[-3000:]
+        assert offsets_done(tmp_path / "state", topic) == 30_000
