@@ -25,7 +25,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(PY) bench/ingest.py
+	$(PIP) install --quiet -e ".[bench]"
+	$(PY) bench/perf.py
 
 clean:
 	rm -rf $(VENV) state .pytest_cache
