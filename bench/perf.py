@@ -41,29 +41,36 @@ def say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
-def tree_rss(pid: int) -> int:
-    """RSS of a process and its children (the fetch process decodes records in a child)."""
+def service_rss(pid: int) -> tuple[int, int]:
+    """(RSS of the service: the process and its fetch child; RSS of the embedded tansu broker), bytes.
+    The broker stands in for Kafka and keeps the whole topic in memory, so it is reported apart."""
     import psutil
 
     proc = psutil.Process(pid)
-    total = proc.memory_info().rss
+    service, broker = proc.memory_info().rss, 0
     for child in proc.children(recursive=True):
         try:
-            total += child.memory_info().rss
+            rss = child.memory_info().rss
+            if "tansu" in child.name():
+                broker += rss
+            else:
+                service += rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return service, broker
 
 
 def growth_worker(events: int) -> dict[str, Any]:
-    """`recsift run` in this process on ``events`` synthetic events (no refreshes), sampled as it goes."""
+    """`recsift run` in this process on ``events`` synthetic events, sampled as it goes. Refreshes are off
+    (no interval, no drift trigger): they run in their own process and would only add LLM training."""
     from recsift import service
     from recsift.config import load_config
     from recsift.monitoring.metrics import Metrics
 
     state = Path(tempfile.mkdtemp(prefix="recsift-perf-"))
     cfg = load_config(overrides={"checkpoint.state_dir": str(state), "monitoring.port": 0, "monitoring.progress": False,
-                                 "stream.synthetic.events": events, "trainer.refresh_interval_s": None})
+                                 "stream.synthetic.events": events, "trainer.refresh_interval_s": None,
+                                 "trainer.drift_thresholds": {}})
     metrics = Metrics()
     marks = [m for m in MARKS if m <= events] or [events]
     crossed: list[dict[str, float]] = []
@@ -79,9 +86,12 @@ def growth_worker(events: int) -> dict[str, Any]:
             if started is None and n > 0:
                 started = time.perf_counter()
             if started is not None and n >= marks[len(crossed)]:
-                crossed.append({"events": n, "seconds": time.perf_counter() - started, "rss_bytes": tree_rss(os.getpid()),
+                rss, broker = service_rss(os.getpid())
+                crossed.append({"events": n, "seconds": time.perf_counter() - started, "rss_bytes": rss,
+                                "broker_rss_bytes": broker,
                                 "scored": metrics.registry.get_sample_value("recsift_samples_scored_total") or 0.0})
-                say(f"growth: {n:,.0f} events at {crossed[-1]['seconds']:.0f} s, RSS {crossed[-1]['rss_bytes'] / 2**20:.0f} MB")
+                say(f"growth: {n:,.0f} events at {crossed[-1]['seconds']:.0f} s, service RSS {rss / 2**20:.0f} MB "
+                    f"(broker {broker / 2**20:.0f} MB)")
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -93,7 +103,7 @@ def growth_worker(events: int) -> dict[str, Any]:
     for point in crossed:
         segments.append({"from": previous["events"], "to": point["events"],
                          "events_per_s": (point["events"] - previous["events"]) / (point["seconds"] - previous["seconds"]),
-                         "rss_mb": point["rss_bytes"] / 2**20})
+                         "rss_mb": point["rss_bytes"] / 2**20, "broker_rss_mb": point["broker_rss_bytes"] / 2**20})
         previous = point
     return {"events": summary.ingest.consumed, "samples_scored": summary.scored, "marks": crossed, "segments": segments,
             "coreset": summary.coreset}
