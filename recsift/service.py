@@ -399,8 +399,9 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         if cfg.monitoring.port:
             pipeline = ingest.pipeline
             try:
-                http = HttpServer(Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag,
-                                            lambda: pipeline.connected, ops.status, ops.actions(), cfg.admin.token), cfg.monitoring.host, cfg.monitoring.port)
+                endpoints = Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag,
+                                      lambda: pipeline.connected, ops.status, ops.actions(), cfg.admin.token)
+                http = HttpServer(endpoints, cfg.monitoring.host, cfg.monitoring.port)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.monitoring.host}:{cfg.monitoring.port}: "
                                   f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None

@@ -120,7 +120,8 @@ def start_prometheus(tmp: Path, target_port: int, port: int, scrape_interval: st
 
     assert PROMETHEUS is not None
     config = (MONITORING / "prometheus" / "prometheus.yml").read_text()
-    config = config.replace("127.0.0.1:9400", f"127.0.0.1:{target_port}").replace("5s", scrape_interval)
+    config = config.replace("127.0.0.1:9400", f"127.0.0.1:{target_port}").replace("interval: 5s",
+                                                                                   f"interval: {scrape_interval}")
     (tmp / "prometheus.yml").write_text(config)
     shutil.copy(MONITORING / "prometheus" / "rules.yml", tmp / "rules.yml")
     return subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",

@@ -199,8 +199,8 @@ class ProcessKafkaSource:
         self._connected = False
         self._last_batch = time.monotonic()
         # no batch for this long means the child is stuck on the broker (an outage), whatever it last said
-        self._stall_s = consumer_timeouts(cfg, embedded)["session_timeout_ms"] / 1000.0 + cfg.poll_timeout_ms / 1000.0 \
-            + POLL_GRACE_S
+        session_ms = consumer_timeouts(cfg, embedded)["session_timeout_ms"]
+        self._stall_s = (session_ms + cfg.poll_timeout_ms) / 1000.0 + POLL_GRACE_S
         self.paused = False
         self.closed = False
 

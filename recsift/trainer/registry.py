@@ -72,7 +72,10 @@ class AdapterRegistry:
         Call only where no refresh is running (service start), since a running save writes there."""
         leftovers = [p for p in self.root.iterdir() if p.name.startswith(".v") or p.name == ".current.tmp"]
         for p in leftovers:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         return [p.name for p in leftovers]
 
     def current(self) -> AdapterVersion | None:
