@@ -168,6 +168,8 @@ class SelectionConfig(_Section):
     sketch_size: int = Field(8192, ge=16, description="recent scores the stratum edges and the hard-prune cut come from")
     half_life_s: float | None = Field(None, gt=0, description="event-time half-life favouring recent samples; unset: off")
     user_cap: int | None = Field(None, gt=0, description="at most this many members per user; unset: no cap")
+    spares: int | None = Field(None, ge=0, description="non-members per stratum kept to refill a stratum whose "
+                               "quota grows; unset: ⌈budget / strata⌉; 0: none (the coreset under-fills)")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="hash-chosen share kept out of the coreset")
     validation_size: int = Field(2048, gt=0, description="recent validation samples kept")
     recent_window: int = Field(4096, gt=0, description="recent samples drift is measured against")

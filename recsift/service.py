@@ -193,7 +193,7 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
     sel = cfg.selection
     selector = make_selector("stratified", budget=sel.budget, strata=sel.strata, hard_prune=sel.hard_prune,
                              seed=sel.seed, sketch_size=sel.sketch_size, half_life_s=sel.half_life_s,
-                             user_cap=sel.user_cap)
+                             user_cap=sel.user_cap, spares=sel.spares)
     validation = ValidationReservoir(sel.validation_size)
 
     def category(item_id: str) -> str | None:

@@ -48,7 +48,7 @@ def ml100k() -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def games() -> Path:
     path = DATA_DIR / "games"
     if not (path / "train.txt").is_file():

@@ -1,17 +1,28 @@
-"""``check_selector``: the conformance suite every streaming selector passes (as River's estimator checks).
+"""Checks every streaming selector passes (as River's estimator checks).
 
-Checks: capacity is never exceeded, the same seed and stream give the same coreset, and a selector
-restored from its checkpoint state continues exactly as the original does.
+``check_selector`` (conformance): capacity is never exceeded, the same seed and stream give the same
+coreset, and a selector restored from its checkpoint state continues exactly as the original does.
+
+``fidelity`` (equivalence with batch DEALRec on the production path): a selector built with its own
+settings (sketch edges, nothing taken from the batch run) is fed a score stream in a given order, and is
+compared with :func:`dealrec_select` on the same scores: members per batch stratum against the batch
+quotas, member scores against the batch members' (two-sample KS), inclusion against stream position
+(chi-square over position deciles, expected counts from the batch inclusion probabilities, so a stream
+whose scores drift with position is judged fairly), and how full the coreset stays after warm-up. A
+selector that keeps the first or the last samples of each stratum fails the position test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import chisquare, ks_2samp
 
 from recsift.selection.reservoir import Offer, StratifiedReservoir
 from recsift.selection.store import CoresetStore
+from recsift.selection.stratified import dealrec_select, stratum_of
 from recsift.stream.checkpoint import Checkpoint
 from recsift.stream.windows import Sample
 
@@ -56,3 +67,68 @@ def check_selector(make: Callable[[], StratifiedReservoir], stream: Sequence[lis
         resumed.offer(batch)
     assert _ids(resumed) == _ids(a), "a restored selector must continue exactly as the original"
     assert resumed.quotas == a.quotas
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """One streamed order compared with batch DEALRec on the same scores."""
+
+    max_stratum_error: float  # max over strata of |streamed members − batch quota| / budget
+    ks_pvalue: float  # member scores, streamed vs batch
+    position_pvalue: float  # chi-square of member positions over deciles vs the batch inclusion probabilities
+    min_fill: float  # smallest len / budget after warm-up, over every batch
+    size: int
+
+
+def fidelity(make: Callable[[], StratifiedReservoir], scores: np.ndarray, order: np.ndarray, seed: int,
+             batch: int = 512, warmup: int | None = None) -> Fidelity:
+    """Stream ``scores[order]`` (sample id = index) through ``make()`` in batches; compare with batch DEALRec."""
+    sel = make()
+    budget, strata, prune = sel.budget, sel.strata, sel.hard_prune
+    warmup = 4 * budget if warmup is None else warmup
+    fills = []
+    for start in range(0, len(order), batch):
+        sel.offer([Offer(Sample(int(i), f"u{i}", ("h",), "t", float(start + k)), float(scores[i]), 1)
+                   for k, i in enumerate(order[start:start + batch])])
+        if start + batch >= warmup:
+            fills.append(len(sel) / budget)
+    ids = np.arange(len(scores))
+    reference = dealrec_select(ids, scores, budget, strata, prune, seed)
+    kept = scores <= (np.sort(scores)[len(scores) - int(len(scores) * prune) - 1] if prune else np.inf)
+    low, high = float(scores[kept].min()), float(scores[kept].max())
+    members = np.array(sorted(sel.members))
+    got = np.bincount(stratum_of(scores[members], low, high, strata), minlength=strata)
+    error = float(np.abs(got - np.asarray(reference.quotas)).max()) / budget
+    # inclusion probability of each sample in batch DEALRec: quota / count of its stratum (0 when pruned)
+    stratum = stratum_of(scores, low, high, strata)
+    counts = np.bincount(stratum[kept], minlength=strata)
+    prob = np.where(kept, np.asarray(reference.quotas)[stratum] / np.maximum(counts[stratum], 1), 0.0)
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    decile = position * 10 // len(order)
+    expected = np.bincount(decile, prob, minlength=10)
+    observed = np.bincount(decile[members], minlength=10)
+    expected = expected * observed.sum() / expected.sum()
+    return Fidelity(error, float(ks_2samp(scores[members], reference.scores).pvalue),
+                    float(chisquare(observed, expected).pvalue), float(min(fills)) if fills else 0.0, len(sel))
+
+
+def fidelity_failures(results: Sequence[Fidelity], max_stratum_error: float = 0.02, min_fill: float = 0.99,
+                      alpha: float = 0.01, max_rejections: float = 0.1) -> list[str]:
+    """What is wrong with a selector, judged over many streamed orders (empty: it is faithful).
+
+    Strata and fill must hold in every order. The KS and position tests give one p-value per order: a
+    faithful selector's are spread over (0, 1] (at most ``max_rejections`` of them below ``alpha``, the
+    median above 0.1); one pooled test could hide a selector that is wrong in every order."""
+    failures = []
+    worst = max(r.max_stratum_error for r in results)
+    if worst > max_stratum_error:
+        failures.append(f"stratum counts off the batch allocation by {worst:.1%} of the budget")
+    fill = min(r.min_fill for r in results)
+    if fill < min_fill:
+        failures.append(f"the coreset fell to {fill:.1%} of its budget after warm-up")
+    for name in ("ks_pvalue", "position_pvalue"):
+        p = np.array([getattr(r, name) for r in results])
+        if (p < alpha).mean() > max_rejections or np.median(p) <= 0.1:
+            failures.append(f"{name}: median {np.median(p):.3g}, {(p < alpha).sum()} of {len(p)} below {alpha}")
+    return failures

@@ -17,8 +17,15 @@ It follows DEALRec's coverage-enhanced sampling on a stream:
 - options: a per-user cap, and a coverage guard that never evicts the last member of a heavy cluster.
 
 Keys are a hash of (seed, sample id), so the selector needs no RNG state: a restart from the checkpoint
-draws the same keys. A stratum whose quota grows refills from later arrivals (samples it dropped are
-gone); on a static stream this leaves the within-stratum score distribution unchanged.
+draws the same keys.
+
+**Spares keep the coreset full.** Each stratum also keeps up to ``spares`` non-members with the largest
+keys it has seen (evicted members and rejected arrivals; default ⌈budget / strata⌉ per stratum). When a
+stratum's quota grows (its count grew, or the edges moved and members were re-bucketed), it refills from
+its spares, highest key first, so the stratum again holds the top-quota keys of what it has seen: the
+same members a reservoir with unbounded memory would hold, as long as the growth between two arrivals
+is at most ``spares``. Spares are re-bucketed and re-scored with the members and checkpointed with them.
+``spares=0`` is the plain reservoir, which under-fills after quotas grow.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class SelectorStats:
     capped: int = 0
     rebuckets: int = 0
     rescored: int = 0
+    refilled: int = 0
 
 
 Rescore = Callable[[list[Sample]], tuple[list[float], int]]  # samples → (scores, version)
@@ -92,7 +100,8 @@ class StratifiedReservoir:
 
     def __init__(self, budget: int = 1024, strata: int = 50, hard_prune: float = 0.1, seed: int = 0,
                  sketch_size: int = 8192, edges: tuple[float, float] | None = None, half_life_s: float | None = None,
-                 user_cap: int | None = None, edge_tolerance: float = 0.02, rebucket_every: int = 1024) -> None:
+                 user_cap: int | None = None, edge_tolerance: float = 0.02, rebucket_every: int = 1024,
+                 spares: int | None = None) -> None:
         if budget < 1 or strata < 1 or sketch_size < 16:
             raise ValueError("budget and strata must be positive and sketch_size at least 16")
         if not 0.0 <= hard_prune < 1.0:
@@ -103,9 +112,12 @@ class StratifiedReservoir:
             raise ValueError("user_cap must be positive")
         if edges is not None and not edges[0] < edges[1]:
             raise ValueError("edges must be (low, high) with low < high")
+        if spares is not None and spares < 0:
+            raise ValueError("spares must be non-negative")
         self.budget, self.strata, self.hard_prune, self.seed = budget, strata, hard_prune, seed
         self.sketch_size, self.fixed_edges, self.half_life_s = sketch_size, edges, half_life_s
         self.user_cap, self.edge_tolerance, self.rebucket_every = user_cap, edge_tolerance, rebucket_every
+        self.spares = -(-budget // strata) if spares is None else spares
         self.sketch = np.zeros(0, dtype=np.float64)
         self.sketch_pos = 0
         self.edges: tuple[float, float] | None = edges
@@ -113,6 +125,8 @@ class StratifiedReservoir:
         self.quotas = [0] * strata
         self.members: dict[int, Member] = {}
         self.heaps: list[list[tuple[float, int]]] = [[] for _ in range(strata)]  # (key, sample id), min-heap
+        self.spare: dict[int, Member] = {}  # non-members with the largest keys, per stratum (see the docstring)
+        self.spare_heaps: list[list[tuple[float, int]]] = [[] for _ in range(strata)]
         self.users: Counter[str] = Counter()
         self.version = 0
         self.t0: float | None = None
@@ -156,8 +170,9 @@ class StratifiedReservoir:
             self._decay_to(float(ts.max()))
             weights = 0.5 ** ((float(ts.max()) - ts) / self.half_life_s)
         self.counts += np.bincount(strata[kept], weights[kept], minlength=self.strata)
-        self.quotas = allocate(np.floor(self.counts + 1e-9).astype(np.int64).tolist(), self.budget)
+        self._allocate(np.bincount(strata[kept], minlength=self.strata))
         self._shrink_to_quotas()
+        self._refill()
         for o, k, ok in zip(offers, strata.tolist(), kept.tolist(), strict=True):
             if ok:
                 self._offer_one(o, k)
@@ -167,16 +182,45 @@ class StratifiedReservoir:
 
     def _offer_one(self, o: Offer, k: int) -> None:
         sid = o.sample.sample_id
-        if sid in self.members:
+        if sid in self.members or sid in self.spare:
             return  # a replay of a sample already kept
         if self.user_cap is not None and self.users[o.sample.user_id] >= self.user_cap:
             self.stats.capped += 1
             return
         key = self._key(sid, o.sample.ts)
+        m = Member(o.sample, o.score, o.version, key, k, o.embedding, inserted_ts=o.sample.ts, effort=o.effort)
         heap = self.heaps[k]
         if len(heap) < self.quotas[k] or (heap and key > heap[0][0] and self._evict_lowest(k)):
-            self._insert(Member(o.sample, o.score, o.version, key, k, o.embedding, inserted_ts=o.sample.ts,
-                                effort=o.effort))
+            self._insert(m)
+        else:
+            self._keep_spare(m)
+
+    def _keep_spare(self, m: Member) -> None:
+        """Remember a non-member if its key is among the ``spares`` largest of its stratum."""
+        if self.spares == 0:
+            return
+        heap, item = self.spare_heaps[m.stratum], (m.key, m.sample.sample_id)
+        if len(heap) < self.spares:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            del self.spare[heapq.heapreplace(heap, item)[1]]
+        else:
+            return
+        self.spare[m.sample.sample_id] = m
+
+    def _refill(self) -> None:
+        """Give every stratum below its quota its highest-key spares (skipping users at their cap)."""
+        for k, heap in enumerate(self.heaps):
+            spares = self.spare_heaps[k]
+            while len(heap) < self.quotas[k] and spares:
+                best = max(spares)
+                spares.remove(best)
+                heapq.heapify(spares)
+                m = self.spare.pop(best[1])
+                if self.user_cap is not None and self.users[m.sample.user_id] >= self.user_cap:
+                    continue
+                self._insert(m)
+                self.stats.refilled += 1
 
     def _key(self, sample_id: int, ts: float) -> float:
         base = -math.log(-math.log(uniform_key(sample_id, self.seed)))
@@ -211,13 +255,13 @@ class StratifiedReservoir:
         heap = self.heaps[k]
         if self.protect is None:
             _, sid = heapq.heappop(heap)
-            self._remove(sid)
+            self._keep_spare(self._remove(sid))
             return True
         for key, sid in heapq.nsmallest(len(heap), heap):
             if not self.protect(self.members[sid]):
                 heap.remove((key, sid))
                 heapq.heapify(heap)
-                self._remove(sid)
+                self._keep_spare(self._remove(sid))
                 return True
         return False
 
@@ -281,32 +325,64 @@ class StratifiedReservoir:
                 self._remove(m.sample.sample_id)
             else:
                 m.stratum = int(stratum_of(np.array([m.score]), low, high, self.strata)[0])
+        spares = [m for m in self.spare.values() if m.score <= high]
+        self.spare.clear()
         self._rebuild_heaps()
-        self.quotas = allocate(np.floor(self.counts + 1e-9).astype(np.int64).tolist(), self.budget)
+        for m in spares:
+            m.stratum = int(stratum_of(np.array([m.score]), low, high, self.strata)[0])
+            self._keep_spare(m)
+        self._allocate()
         self._shrink_to_quotas()
+        self._refill()
         self.stats.rebuckets += 1
 
-    def restored(self) -> None:
-        """Rebuild what is derived from members and counts (after the store loaded them)."""
+    def restored(self, quotas: list[int] | None = None) -> None:
+        """Rebuild what is derived from members, spares and counts (after the store loaded them)."""
         self._rebuild_heaps()
-        self.quotas = allocate(np.floor(self.counts + 1e-9).astype(np.int64).tolist(), self.budget)
+        if quotas is not None and len(quotas) == self.strata:
+            self.quotas = [int(q) for q in quotas]
+        else:
+            self._allocate()
+
+    def _allocate(self, arriving: np.ndarray | None = None) -> None:
+        """Quotas by the fewest-first rule over the stratum counts, with one correction: a stratum cannot
+        be given more than it holds (members + spares + this batch's arrivals). Counts are exact only while
+        the edges hold; after a re-bucketing they are estimates, and a sparse stratum's estimate can exceed
+        the samples it still has. Its shortfall then goes to the other strata, as in the batch rule, instead
+        of leaving the coreset under-filled."""
+        counts = np.floor(self.counts + 1e-9).astype(np.int64)
+        held = np.array([len(h) + len(s) for h, s in zip(self.heaps, self.spare_heaps, strict=True)], dtype=np.int64)
+        if arriving is not None:
+            held += arriving
+        quotas = allocate(counts.tolist(), self.budget)
+        for _ in range(self.strata):
+            short = (np.asarray(quotas) > held) & (counts > held)
+            if not short.any():
+                break
+            counts[short] = held[short]
+            quotas = allocate(counts.tolist(), self.budget)
+        self.quotas = quotas
 
     def _rebuild_heaps(self) -> None:
         self.heaps = [[] for _ in range(self.strata)]
         for sid, m in self.members.items():
             self.heaps[m.stratum].append((m.key, sid))
-        for h in self.heaps:
+        self.spare_heaps = [[] for _ in range(self.strata)]
+        for sid, m in self.spare.items():
+            self.spare_heaps[m.stratum].append((m.key, sid))
+        for h in self.heaps + self.spare_heaps:
             heapq.heapify(h)
 
     def _rescore(self, rescore: Rescore | None) -> None:
         """A new scorer version: re-score members (when a re-scorer is given), restart the sketch, re-bucket."""
-        if rescore is not None and self.members:
-            ids = list(self.members)
-            scores, version = rescore([self.members[i].sample for i in ids])
-            for sid, score in zip(ids, scores, strict=True):
-                self.members[sid] = replace(self.members[sid], score=float(score), version=version)
-            self.stats.rescored += len(ids)
-            self.sketch = np.fromiter((m.score for m in self.members.values()), dtype=np.float64)
+        if rescore is not None and (self.members or self.spare):
+            held = [*self.members.values(), *self.spare.values()]
+            scores, version = rescore([m.sample for m in held])
+            for m, score in zip(held, scores, strict=True):
+                where = self.members if m.sample.sample_id in self.members else self.spare
+                where[m.sample.sample_id] = replace(m, score=float(score), version=version)
+            self.stats.rescored += len(held)
+            self.sketch = np.fromiter((m.score for m in held), dtype=np.float64)
             self.sketch_pos = len(self.sketch) % self.sketch_size
         if self.fixed_edges is None:
             if len(self.sketch):

@@ -5,6 +5,8 @@ Tables (in the checkpoint database):
 - ``coreset_members``: the live coreset (sample, scores, stratum, scorer version, key, times, embedding),
   rewritten by :meth:`CoresetStore.save` inside the checkpoint transaction, so it always matches the
   committed source offsets (a crash rolls members back together with the offsets);
+- ``coreset_spares``: the selector's spares (non-members that refill a stratum whose quota grows), same
+  columns, saved in the same transaction;
 - ``selector_state``: the selector's counts, edges, sketch and clocks (one JSON row + the sketch blob);
 - ``coreset_snapshots`` / ``snapshot_members``: numbered, immutable copies that refresh jobs train on.
   A snapshot is taken from committed members only, in its own transaction.
@@ -36,6 +38,10 @@ SCHEMA = (
     " history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL, version INTEGER NOT NULL,"
     " key REAL NOT NULL, stratum INTEGER NOT NULL, inserted_ts REAL NOT NULL,"
     " updated_at REAL NOT NULL, embedding BLOB)",
+    "CREATE TABLE IF NOT EXISTS coreset_spares (sample_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
+    " history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL, version INTEGER NOT NULL,"
+    " key REAL NOT NULL, stratum INTEGER NOT NULL, inserted_ts REAL NOT NULL,"
+    " updated_at REAL NOT NULL, embedding BLOB)",
     "CREATE TABLE IF NOT EXISTS selector_state (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL,"
     " sketch BLOB NOT NULL, counts BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS validation_samples (pos INTEGER PRIMARY KEY, sample BLOB NOT NULL, embedding BLOB)",
@@ -62,14 +68,10 @@ class CoresetStore:
     def save(self, conn: sqlite3.Connection) -> None:
         sel = self.selector
         now = time.time()
-        conn.execute("DELETE FROM coreset_members")
-        conn.executemany(
-            "INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            ((m.sample.sample_id, m.sample.user_id, orjson.dumps(m.sample.history).decode(), m.sample.target,
-              m.sample.ts, m.score, m.version, m.key, m.stratum, m.inserted_ts, now,
-              None if m.embedding is None else np.asarray(m.embedding, dtype=np.float32).tobytes())
-             for m in sel.members.values()),
-        )
+        for table, held in (("coreset_members", sel.members), ("coreset_spares", sel.spare)):
+            conn.execute(f"DELETE FROM {table}")
+            conn.executemany(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                             (_member_row(m, now) for m in held.values()))
         if self.validation is not None:
             v = self.validation
             conn.execute("DELETE FROM validation_samples")
@@ -78,6 +80,7 @@ class CoresetStore:
                               for i, (smp, e) in enumerate(zip(v.samples, v.embeddings, strict=True))))
         state = {"edges": sel.edges, "version": sel.version, "t0": sel.t0, "t_counts": sel.t_counts,
                  "since_edges": sel.since_edges, "sketch_pos": sel.sketch_pos, "stats": asdict(sel.stats),
+                 "quotas": sel.quotas,
                  "validation": [self.validation.pos, self.validation.seen] if self.validation is not None else None}
         conn.execute("INSERT OR REPLACE INTO selector_state VALUES (1, ?, ?, ?)",
                      (json.dumps(state), sel.sketch.astype(np.float64).tobytes(), sel.counts.astype(np.float64).tobytes()))
@@ -103,21 +106,34 @@ class CoresetStore:
         sel.sketch = np.frombuffer(row[1], dtype=np.float64).copy()
         sel.counts = np.frombuffer(row[2], dtype=np.float64).copy()
         sel.members.clear()
+        sel.spare.clear()
         sel.users.clear()
-        for r in conn.execute("SELECT sample_id, user_id, history, target, ts, score, version, key, stratum,"
-                              " inserted_ts, embedding FROM coreset_members"):
-            emb = None if r[10] is None else np.frombuffer(r[10], dtype=np.float32).copy()
-            m = Member(Sample(int(r[0]), r[1], tuple(orjson.loads(r[2])), r[3], float(r[4])), float(r[5]), int(r[6]),
-                       float(r[7]), int(r[8]), emb, float(r[9]))
-            sel.members[m.sample.sample_id] = m
+        for table, held in (("coreset_members", sel.members), ("coreset_spares", sel.spare)):
+            for r in conn.execute("SELECT sample_id, user_id, history, target, ts, score, version, key, stratum,"
+                                  f" inserted_ts, embedding FROM {table}"):
+                m = _member_from_row(r)
+                held[m.sample.sample_id] = m
+        for m in sel.members.values():
             sel.users[m.sample.user_id] += 1
-        sel.restored()
+        sel.restored(state.get("quotas"))
         if self.validation is not None and state.get("validation") is not None:
             v = self.validation
             v.pos, v.seen = state["validation"]
             rows = conn.execute("SELECT sample, embedding FROM validation_samples ORDER BY pos").fetchall()
             v.samples = [sample_from_json(a) for a, _ in rows]
             v.embeddings = [np.frombuffer(b, dtype=np.float32).copy() for _, b in rows]
+
+
+def _member_row(m: Member, now: float) -> tuple[Any, ...]:
+    return (m.sample.sample_id, m.sample.user_id, orjson.dumps(m.sample.history).decode(), m.sample.target,
+            m.sample.ts, m.score, m.version, m.key, m.stratum, m.inserted_ts, now,
+            None if m.embedding is None else np.asarray(m.embedding, dtype=np.float32).tobytes())
+
+
+def _member_from_row(r: tuple[Any, ...]) -> Member:
+    emb = None if r[10] is None else np.frombuffer(r[10], dtype=np.float32).copy()
+    return Member(Sample(int(r[0]), r[1], tuple(orjson.loads(r[2])), r[3], float(r[4])), float(r[5]), int(r[6]),
+                  float(r[7]), int(r[8]), emb, float(r[9]))
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,12 @@ def test_a_new_version_rescores_members() -> None:
         calls.append(len(samples))
         return [float(s.sample_id % 7) for s in samples], 2
 
+    held = len(selector.members) + len(selector.spare)
+    assert len(selector.spare) > 0
     selector.offer(synthetic_offers(200, seed=5, version=2)[0], rescore)
-    assert calls == [50] and selector.version == 2 and selector.stats.rescored == 50
-    assert all(m.version == 2 for m in selector.members.values() if m.sample.sample_id < 1000)
+    assert calls == [held] and selector.version == 2 and selector.stats.rescored == held  # spares too
+    assert all(m.version == 2 for m in [*selector.members.values(), *selector.spare.values()]
+               if m.sample.sample_id < 1000)
 
 
 def test_decay_favours_recent_samples() -> None:

@@ -1,0 +1,139 @@
+"""The streaming selector against batch DEALRec on the production path (sketch edges, nothing taken
+from the batch run), with negative controls that must fail the same checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recsift.data.datasets import catalog_for, read_dealrec_split
+from recsift.scoring.scorer import make_scorer
+from recsift.scoring.surrogate import Surrogate
+from recsift.selection.checks import Fidelity, fidelity, fidelity_failures, synthetic_offers
+from recsift.selection.reservoir import Offer, StratifiedReservoir
+from recsift.stream.windows import Sample
+
+BUDGET, STRATA, PRUNE = 1024, 50, 0.1
+ORDERS = [-1, *range(20)]  # data order, then 20 seeded shuffles
+
+
+class KeepFirst(StratifiedReservoir):
+    """Negative control: each stratum keeps its first arrivals and never replaces them."""
+
+    arrivals = 0
+
+    def _key(self, sample_id: int, ts: float) -> float:
+        self.arrivals += 1
+        return -float(self.arrivals)
+
+
+class KeepLast(StratifiedReservoir):
+    """Negative control: each stratum keeps its latest arrivals."""
+
+    arrivals = 0
+
+    def _key(self, sample_id: int, ts: float) -> float:
+        self.arrivals += 1
+        return float(self.arrivals)
+
+
+@pytest.fixture(scope="module")
+def games_scores(games: Path) -> np.ndarray:
+    """DEALRec influence of every Games training sample on a real SASRec surrogate (one epoch; ~20 s)."""
+    train = read_dealrec_split(games, "train")
+    catalog = catalog_for(games)
+    assert catalog is not None
+    users = list(train)
+    surrogate = Surrogate(len(catalog), seed=0)
+    enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
+    surrogate.fit(enc.batch, 1, 128)
+    scorer = make_scorer("dealrec", seed=0, depth=100)
+    reference = enc.batch.select(torch.randperm(len(enc.batch), generator=torch.Generator().manual_seed(0))[:1024])
+    scorer.prepare(surrogate, reference)
+    return scorer.score(surrogate, enc.batch).values.numpy()
+
+
+def run_orders(cls: type[StratifiedReservoir], scores: np.ndarray) -> list[Fidelity]:
+    results = []
+    for seed in ORDERS:
+        order = np.arange(len(scores)) if seed < 0 else np.random.default_rng(seed).permutation(len(scores))
+        results.append(fidelity(lambda: cls(BUDGET, STRATA, PRUNE, seed=max(seed, 0)), scores, order, max(seed, 0)))
+    return results
+
+
+def test_streaming_matches_batch_dealrec_on_games(games_scores: np.ndarray) -> None:
+    results = run_orders(StratifiedReservoir, games_scores)
+    assert len(games_scores) > 40_000 and len(results) == 21
+    assert fidelity_failures(results) == [], [(r.max_stratum_error, r.ks_pvalue, r.position_pvalue, r.min_fill)
+                                              for r in results]
+    assert all(r.size == BUDGET for r in results)
+
+
+@pytest.mark.parametrize("control", [KeepFirst, KeepLast])
+def test_keep_first_and_keep_last_fail_the_same_checks(games_scores: np.ndarray,
+                                                       control: type[StratifiedReservoir]) -> None:
+    failures = fidelity_failures(run_orders(control, games_scores))
+    assert any(f.startswith("position_pvalue") for f in failures), failures
+
+
+def drifting_stream(n: int, seed: int) -> list[list[Offer]]:
+    """Scores whose location and spread drift, with a new scorer version every 20 batches."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for b, start in enumerate(range(0, n, 500)):
+        t = start / n
+        scores = rng.normal(3.0 * t, 1.0 + 2.0 * t, 500) + np.where(rng.random(500) < 0.1, rng.normal(5, 1, 500), 0)
+        batches.append([Offer(Sample(start + i, f"u{(start + i) % 997}", ("h",), "t", float(start + i)),
+                              float(scores[i]), 1 + b // 20) for i in range(500)])
+    return batches
+
+
+def fills(selector: StratifiedReservoir, batches: list[list[Offer]], warmup: int) -> list[float]:
+    def rescore(samples: list[Sample]) -> tuple[list[float], int]:
+        return [float(np.sin(s.sample_id)) * 3 for s in samples], selector.version
+
+    out = []
+    for k, batch in enumerate(batches):
+        selector.offer(batch, rescore)
+        if (k + 1) * len(batch) >= warmup:
+            out.append(len(selector) / selector.budget)
+    return out
+
+
+def test_the_coreset_stays_full_on_a_drifting_stream_with_new_versions() -> None:
+    batches = drifting_stream(100_000, seed=0)
+    selector = StratifiedReservoir(256, 20, 0.1, seed=0, sketch_size=2048, rebucket_every=1000)
+    got = fills(selector, batches, warmup=4 * 256)
+    assert min(got) >= 0.99, min(got)
+    assert selector.stats.rebuckets > 10 and selector.stats.refilled > 0 and selector.stats.rescored > 0
+    assert len(selector.spare) <= selector.spares * selector.strata
+    # negative control: without spares the same stream leaves the coreset under-filled
+    plain = StratifiedReservoir(256, 20, 0.1, seed=0, sketch_size=2048, rebucket_every=1000, spares=0)
+    assert min(fills(plain, batches, warmup=4 * 256)) < 0.98
+
+
+def test_spares_are_checkpointed_and_restored(tmp_path: Path) -> None:
+    from recsift.selection.store import CoresetStore
+    from recsift.stream.checkpoint import Checkpoint
+
+    stream = synthetic_offers(3000, seed=0)
+    a = StratifiedReservoir(64, 8, seed=1, sketch_size=512, rebucket_every=300)
+    ckpt = Checkpoint(tmp_path / "c.sqlite", [CoresetStore(a)])
+    for b in stream[:15]:
+        a.offer(b)
+    ckpt.commit({})
+    ckpt.close()
+    b = StratifiedReservoir(64, 8, seed=1, sketch_size=512, rebucket_every=300)
+    ckpt = Checkpoint(tmp_path / "c.sqlite", [CoresetStore(b)])
+    ckpt.load(set())
+    ckpt.close()
+    assert a.spare and sorted(b.spare) == sorted(a.spare) and b.quotas == a.quotas
+    spares = lambda s: sorted((m.sample.sample_id, m.key, m.stratum, m.score) for m in s.spare.values())  # noqa: E731
+    assert spares(b) == spares(a)
+    for batch in stream[15:]:  # and both continue the same way
+        a.offer(batch)
+        b.offer(batch)
+    assert sorted(a.members) == sorted(b.members) and spares(a) == spares(b)
