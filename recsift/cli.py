@@ -296,7 +296,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset
     from recsift.trainer.evaluate import evaluate_dealrec, sample_test_users
     from recsift.trainer.llm import load_llm
-    from recsift.trainer.prompts import PromptBuilder, domain_named
+    from recsift.trainer.prompts import builder_for
     from recsift.trainer.recommender import Recommender
 
     cfg = settings_from(args)
@@ -305,16 +305,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     catalog = catalog_for(path)
     if catalog is None:
         raise FileNotFoundError(f"{path} has no items.tsv: grounding needs titles")
-    llm = load_llm(t.base_model, t.cache_dir, t.dtype)
+    llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
     model = llm.model
     if args.adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(args.adapter))
-    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, domain_named(t.domain), t.max_prompt_tokens,
-                            pad_token_id=llm.pad_token_id)
+    builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
     print(f"embedding {len(catalog):,} titles (cached under {t.cache_dir}) ...", file=sys.stderr, flush=True)
-    rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens)
+    rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens, t.num_beams)
     train, valid, test = (read_dealrec_split(path, s) for s in ("train", "valid", "test"))
     users = sample_test_users(test, args.users or None, t.seed)
     metrics = evaluate_dealrec(lambda h, k: rec.recommend(h, k, generate=not args.no_generate), train, valid, test,

@@ -17,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     SecretStr,
     ValidationError,
     model_validator,
@@ -197,20 +196,31 @@ class TrainerConfig(_Section):
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where the CPU supports it")
     domain: Literal["items", "games", "movies"] = Field("items", description="the prompt's wording")
     max_prompt_tokens: int = Field(256, ge=16, description="oldest history items are dropped to fit")
+    prompt_history: int | None = Field(None, gt=0, description="at most this many recent history items in a "
+                                       "prompt; unset: as many as max_prompt_tokens allows")
+    train_on_inputs: bool = Field(True, description="loss over prompt + response (the reference setting); the "
+                                  "effort score uses the same loss; false: response tokens only")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="refresh, effort and evaluation device; "
+                                                   "auto: CUDA when present (bf16 there)")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up, then linear decay to 0 (transformers' "
+                              "scheduler); at most half of a run's steps")
+    min_eval_samples: int = Field(16, gt=0, description="a refresh with fewer validation samples is rejected "
+                                  "(no_validation), never promoted")
+    eval_candidates: int = Field(20, ge=2, description="candidates per validation sample for the likelihood "
+                                 "metrics: the target and negatives (half by popularity, half uniform)")
     effort_batch_size: int = Field(8, gt=0)
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(8, gt=0, description="bf16 batch 8 is the measured sweet spot on a 2-core CPU")
     early_stopping_patience: int = Field(1, ge=0, description="epochs without validation improvement before stopping")
     eval_samples: int = Field(128, gt=0, description="validation-reservoir samples a refresh is judged on")
-    eval_k: list[PositiveInt] = Field(default_factory=lambda: [10, 20], min_length=1,
-                              description="Recall/NDCG@K of each refresh on the validation samples (needs titles)")
     promote_tolerance: float = Field(0.01, ge=0.0, description="promote unless the new validation loss is worse "
                                      "than the serving adapter's by more than this fraction")
     refresh_interval_s: float | None = Field(1800.0, gt=0, description="interval trigger; unset: no interval refreshes")
     drift_thresholds: dict[str, float] = Field(default_factory=lambda: {"target_js": 0.3, "embedding_sw": 0.5},
                                                description="drift trigger: a metric above its threshold")
     drift_cooldown_s: float = Field(600.0, ge=0.0, description="at least this long between drift-triggered refreshes")
-    max_new_tokens: int = Field(32, gt=0, description="generation length before grounding")
+    max_new_tokens: int = Field(128, gt=0, description="generation length before grounding (BIGRec: 128)")
+    num_beams: int = Field(4, gt=0, description="beam search width of generation (BIGRec: 4)")
     refresh_every_samples: int | None = Field(None, gt=0, description="also refresh after this many scored samples")
     refresh_samples: int | None = Field(None, gt=0, description="train on a seeded uniform subset of this many "
                                         "snapshot members (CPU demos); unset: the whole snapshot")

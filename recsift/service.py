@@ -69,7 +69,7 @@ from recsift.stream.sources import (
 )
 from recsift.stream.windows import Batch
 from recsift.trainer.llm import add_lora, load_llm
-from recsift.trainer.prompts import PromptBuilder, domain_named
+from recsift.trainer.prompts import builder_for
 from recsift.trainer.refresh import RefreshOutcome, refresh_in_process, registry_for
 from recsift.trainer.scheduler import RefreshScheduler
 
@@ -165,10 +165,9 @@ class Ingest:
 def build_effort(cfg: Settings, catalog: Catalog) -> EffortScorer:
     """The LLM effort scorer: the trainer's base model with a fresh seeded LoRA adapter, BIGRec prompts."""
     t = cfg.trainer
-    llm = load_llm(t.base_model, t.cache_dir, t.dtype)
+    llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
     model = add_lora(llm.model, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, t.seed)
-    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, domain_named(t.domain), t.max_prompt_tokens,
-                            pad_token_id=llm.pad_token_id)
+    builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
     return EffortScorer(model, builder.batch, batch_size=t.effort_batch_size, autocast_dtype=llm.autocast_dtype)
 
 
@@ -278,7 +277,7 @@ class Operations:
             "refresh_running": self.scheduler.running,
             "last_refresh": {"trigger": last.trigger, "outcome": last.outcome, "version": last.version,
                              "validation_loss": last.new_loss, "metrics": last.metrics,
-                             "error": last.error} if last else None,
+                             "reason": last.reason, "error": last.error} if last else None,
             "adapter": current.name if current else None,
         }
 

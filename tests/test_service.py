@@ -108,7 +108,8 @@ def test_an_ml100k_run_scraped_by_prometheus_fills_every_dashboard_query(tmp_pat
         assert value(prom_port, 'recsift_drift{metric="target_js"}') > 0
         assert value(prom_port, 'sum(recsift_refresh_runs_total{outcome="promoted"})') >= 1
         assert value(prom_port, "recsift_serving_adapter_version") >= 1
-        assert 0 <= value(prom_port, 'recsift_eval{metric="recall@20"}') <= 1
+        assert 0 <= value(prom_port, 'recsift_eval{metric="hr@5"}') <= 1
+        assert 0 <= value(prom_port, 'recsift_eval{metric="rank_percentile"}') <= 1
         with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/rules") as r:
             rules = [rule for g in json.loads(r.read())["data"]["groups"] for rule in g["rules"]]
         assert rules and all(rule["health"] == "ok" for rule in rules), rules

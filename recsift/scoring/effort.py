@@ -1,7 +1,8 @@
 """DEALRec's effort score: how hard the LLM finds a sample, as the norm of its loss gradient on a LoRA block.
 
-effort_i = ‖∂ loss_i / ∂ B‖₂, where loss_i is the mean cross-entropy over the sample's response tokens
-and B is one LoRA-B matrix (default: the last layer's ``v_proj`` LoRA-B, as in the authors' code). The
+effort_i = ‖∂ loss_i / ∂ B‖₂, where loss_i is the sample's training loss (the mean cross-entropy over the
+tokens its batch labels: prompt + response with ``trainer.train_on_inputs``, as the authors' effort
+loss, else the response alone) and B is one LoRA-B matrix (default: the last layer's ``v_proj`` LoRA-B, as in the authors' code). The
 authors loop over samples with batch size 1; recsift computes a whole batch's per-sample norms from one
 backward pass: for a linear layer y = a·Bᵀ the per-sample gradient is Σ_t g_tᵀ a_t, so capturing the
 layer's input a and output gradient g per sample (hooks) gives every row's gradient exactly. Only B
@@ -136,22 +137,25 @@ class EffortScorer:
         return torch.autocast(self.block.weight.device.type, dtype=self.autocast_dtype)
 
 
-def _causal_lm(model: nn.Module) -> Any:
+def causal_lm(model: nn.Module) -> Any:
     get_base = getattr(model, "get_base_model", None)  # a peft wrapper
     return get_base() if callable(get_base) else model
 
 
 def response_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean next-token cross-entropy over each row's labelled (response) tokens, [B] float32.
+    """Mean next-token cross-entropy over each row's labelled tokens, [B] float32, on the model's device.
 
-    Only labelled positions go through the output head, which saves most of the vocabulary projection.
+    Only labelled positions go through the output head, which saves most of the vocabulary projection
+    when only the response is labelled. The batch is moved to the model's device.
     """
-    lm = _causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labels = batch["labels"][:, 1:]
+    lm = causal_lm(model)
+    device = next(lm.parameters()).device
+    ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+    labels = batch["labels"][:, 1:].to(device)
     mask = labels != IGNORE
-    rows = torch.arange(len(labels)).unsqueeze(1).expand_as(labels)[mask]
+    rows = torch.arange(len(labels), device=device).unsqueeze(1).expand_as(labels)[mask]
     logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()
     token_loss = nn.functional.cross_entropy(logits, labels[mask], reduction="none")
     counts = mask.sum(1)
-    return torch.zeros(len(labels), dtype=token_loss.dtype).index_add(0, rows, token_loss) / counts
+    return torch.zeros(len(labels), dtype=token_loss.dtype, device=device).index_add(0, rows, token_loss) / counts

@@ -1,13 +1,23 @@
-"""Top-K metrics over the full catalogue, as the DEALRec evaluation code computes them.
+"""Evaluation metrics: top-K over the full catalogue (as the DEALRec evaluation code computes them) and
+candidate-likelihood metrics (the target among sampled negatives, ranked by the model's likelihood).
 
-A user may have several target items (the test period's interactions). Recall@K = hits in the top K /
-number of targets; NDCG@K = DCG of the hits / ideal DCG over min(number of targets, K) positions.
+Full catalogue: a user may have several target items (the test period's interactions). Recall@K = hits in
+the top K / number of targets; NDCG@K = DCG of the hits / ideal DCG over min(number of targets, K).
+
+Candidates: each user's target and C − 1 negatives (half by popularity, half uniform over the catalogue,
+never an item of the user's history or targets), fixed by a seed so every model sees the same ones. A
+model scores each candidate; the target's rank r counts the negatives scored higher plus ties (a model
+that cannot tell them apart gets no credit). HR@K = [r < K], NDCG@K = 1/log2(r + 2) when r < K, and the
+rank percentile = the share of negatives the target beats (ties half): 1 is perfect, 0.5 is chance.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 
 def recall_ndcg(ranked: Sequence[Sequence[str]], targets: Sequence[Sequence[str]],
@@ -56,3 +66,59 @@ def evaluate_dealrec(recommend: Callable[[Sequence[str], int], list[str]], train
         if progress is not None:
             progress(i + 1)
     return recall_ndcg(ranked, targets, ks)
+
+
+CANDIDATE_METRICS = ("rank_percentile", "hr@1", "hr@5", "ndcg@5", "ndcg@10", "target_nll")
+
+
+def candidate_metrics(scores: np.ndarray, target_nll: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-user candidate metrics from scores [users, C] whose column 0 is the target (higher = better)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError("scores must be [users, candidates] with the target and at least one negative")
+    target, negatives = scores[:, :1], scores[:, 1:]
+    higher, ties = (negatives > target).sum(1), (negatives == target).sum(1)
+    rank = higher + ties
+    out = {"rank_percentile": 1.0 - (higher + 0.5 * ties) / negatives.shape[1]}
+    for k in (1, 5):
+        out[f"hr@{k}"] = (rank < k).astype(np.float64)
+    for k in (5, 10):
+        out[f"ndcg@{k}"] = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
+    out["target_nll"] = np.full(len(scores), np.nan) if target_nll is None else np.asarray(target_nll, np.float64)
+    return out
+
+
+class NegativeSampler:
+    """Seeded negatives for candidate evaluation: ``popular`` drawn by popularity, the rest uniform."""
+
+    def __init__(self, items: Sequence[str], popularity: dict[str, float], seed: int = 0) -> None:
+        if len(items) < 2:
+            raise ValueError("negative sampling needs a catalogue of at least two items")
+        self.items = list(items)
+        self.popular = [i for i in self.items if popularity.get(i, 0) > 0]
+        self.weights = [float(popularity[i]) for i in self.popular]
+        self.seed = seed
+
+    def candidates(self, key: str, exclude: set[str], target: str, size: int = 20) -> list[str]:
+        """``[target, negatives...]``: size // 2 by popularity, the rest uniform, all distinct and
+        outside ``exclude``; the same ``key`` (a user) always gets the same negatives."""
+        rng = random.Random(f"{self.seed}:{key}")
+        n_pop = size // 2
+        chosen: list[str] = []
+        taken = set(exclude) | {target}
+        limit = len(self.items) - len(taken & set(self.items))
+        if size - 1 > limit:
+            raise ValueError(f"only {limit} items can be negatives; {size - 1} were asked for")
+        for pool, weights, wanted in ((self.popular, self.weights, n_pop), (self.items, None, size - 1)):
+            tries = 0
+            while len(chosen) < wanted and pool and tries < 50 * size:
+                tries += 1
+                item = rng.choices(pool, weights)[0] if weights else pool[rng.randrange(len(pool))]
+                if item not in taken:
+                    taken.add(item)
+                    chosen.append(item)
+        while len(chosen) < size - 1:  # a tiny catalogue: take what is left in order
+            item = next(i for i in self.items if i not in taken)
+            taken.add(item)
+            chosen.append(item)
+        return [target, *chosen]

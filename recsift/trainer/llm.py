@@ -50,12 +50,35 @@ class LLM:
         """Token ids of ``text`` with no special tokens added (see the module docstring)."""
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def autocast(self) -> Any:
         """Context manager for forward passes: bf16 autocast when enabled, a no-op otherwise."""
-        if self.autocast_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        device = next(self.model.parameters()).device.type
-        return torch.autocast(device, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """bf16 (or ``dtype``) autocast on ``device``'s type; disabled when ``dtype`` is None."""
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(device: Device | str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when one is present, else the CPU; ``cuda`` without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelNotAvailable("trainer.device is cuda but no CUDA device is available (torch.cuda.is_available() "
+                                "is False); use trainer.device=auto or cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; one of auto, cpu, cuda")
+    return torch.device(device)
 
 
 def smollm2_dir() -> Path:
@@ -113,8 +136,10 @@ def resolve_model_path(base_model: str, cache_dir: Path | None = None) -> str:
     return base_model
 
 
-def bf16_supported() -> bool:
-    """bf16 autocast on this CPU: a tiny matmul under autocast must run and give bf16."""
+def bf16_supported(device: torch.device | None = None) -> bool:
+    """bf16 autocast on ``device`` (the CPU by default): a tiny matmul under autocast must run and give bf16."""
+    if device is not None and device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = torch.ones(2, 2) @ torch.ones(2, 2)
@@ -123,8 +148,9 @@ def bf16_supported() -> bool:
         return False
 
 
-def load_llm(base_model: str = SMOLLM2, cache_dir: Path | None = None, dtype: DType = "auto") -> LLM:
-    """Load the base LLM and its tokenizer with ``from_pretrained`` (safetensors weights only)."""
+def load_llm(base_model: str = SMOLLM2, cache_dir: Path | None = None, dtype: DType = "auto",
+             device: Device | str = "cpu") -> LLM:
+    """Load the base LLM and its tokenizer with ``from_pretrained`` (safetensors weights only) onto ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(base_model, cache_dir)
@@ -133,11 +159,12 @@ def load_llm(base_model: str = SMOLLM2, cache_dir: Path | None = None, dtype: DT
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     except OSError as exc:
         raise ModelNotAvailable(f"cannot load base model {base_model!r}: {exc}") from exc
-    return wrap_llm(base_model, model, tokenizer, dtype)
+    return wrap_llm(base_model, model, tokenizer, dtype, device)
 
 
-def wrap_llm(name: str, model: Any, tokenizer: Any, dtype: DType = "auto") -> LLM:
-    """An :class:`LLM` from a loaded model and tokenizer (tests build tiny ones directly)."""
+def wrap_llm(name: str, model: Any, tokenizer: Any, dtype: DType = "auto", device: Device | str = "cpu") -> LLM:
+    """An :class:`LLM` from a loaded model and tokenizer (tests build tiny ones directly), moved to ``device``."""
+    where = resolve_device(device)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if isinstance(eos, list):
         eos = eos[0]
@@ -146,9 +173,10 @@ def wrap_llm(name: str, model: Any, tokenizer: Any, dtype: DType = "auto") -> LL
     if eos is None:
         raise ModelNotAvailable(f"model {name!r} defines no end-of-sequence token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and bf16_supported())
-    if dtype == "bf16" and not bf16_supported():
-        raise ModelNotAvailable("bf16 autocast is not supported on this CPU; use trainer.dtype=fp32")
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and bf16_supported(where))
+    if dtype == "bf16" and not bf16_supported(where):
+        raise ModelNotAvailable(f"bf16 autocast is not supported on {where}; use trainer.dtype=fp32")
+    model.to(where)
     model.eval()
     return LLM(name, model, tokenizer, int(eos), int(pad), torch.bfloat16 if use_bf16 else None)
 

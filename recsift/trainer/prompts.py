@@ -1,15 +1,18 @@
 """BIGRec prompts as the DEALRec code writes them (Alpaca template), tokenised for training and scoring.
 
 A sample's prompt asks the model to name the next item from the user's history; the response is the
-target item's title followed by end-of-sequence. The loss covers the response only (prompt labels are
--100). When the prompt is too long for ``max_prompt_tokens``, the oldest history items are dropped
-first, keeping at least the most recent one.
+target item's title followed by end-of-sequence. With ``train_on_inputs`` (the reference setting, as in
+the alpaca-lora code BIGRec and DEALRec train with) the loss covers prompt and response; without it the
+prompt labels are -100. Judging a model (validation loss, candidate likelihood) always uses the response
+alone: ``batch(samples, response_only=True)``. When the prompt is too long for ``max_prompt_tokens``,
+the oldest history items are dropped first, keeping at least the most recent one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -65,12 +68,13 @@ class PromptBuilder:
 
     def __init__(self, encode: Callable[[str], list[int]], title: Callable[[str], str], eos_token_id: int,
                  domain: Domain = Domain(), max_prompt_tokens: int = 256, max_history: int | None = None,
-                 pad_token_id: int | None = None) -> None:
+                 pad_token_id: int | None = None, train_on_inputs: bool = False) -> None:
         if max_prompt_tokens < 16:
             raise ValueError("max_prompt_tokens must be at least 16")
         self.encode, self.title, self.eos = encode, title, eos_token_id
         self.pad = eos_token_id if pad_token_id is None else pad_token_id
         self.domain, self.max_prompt_tokens, self.max_history = domain, max_prompt_tokens, max_history
+        self.train_on_inputs = train_on_inputs
 
     def prompt_text(self, history: Sequence[str]) -> str:
         titles = "; ".join(self.title(i) for i in history)
@@ -101,14 +105,20 @@ class PromptBuilder:
             ids, keep = longer, keep + 1
         return ids, keep
 
-    def example(self, history: Sequence[str], target: str) -> Example:
-        prompt, used = self.prompt_ids(history)
-        response = self.encode(self.title(target)) + [self.eos]
-        return Example(prompt + response, [IGNORE] * len(prompt) + response, used)
+    def response_ids(self, item: str) -> list[int]:
+        """The response for ``item``: its title's tokens and end-of-sequence."""
+        return self.encode(self.title(item)) + [self.eos]
 
-    def batch(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
-        """A padded training batch of stream samples (what the effort scorer and the trainer consume)."""
-        return collate([self.example(s.history, s.target) for s in samples], self.pad)
+    def example(self, history: Sequence[str], target: str, response_only: bool | None = None) -> Example:
+        prompt, used = self.prompt_ids(history)
+        response = self.response_ids(target)
+        on_inputs = self.train_on_inputs if response_only is None else not response_only
+        return Example(prompt + response, (prompt if on_inputs else [IGNORE] * len(prompt)) + response, used)
+
+    def batch(self, samples: Sequence[Sample], response_only: bool | None = None) -> dict[str, Tensor]:
+        """A padded batch of stream samples (what the effort scorer and the trainer consume); labels as
+        ``train_on_inputs`` says unless ``response_only`` is given."""
+        return collate([self.example(s.history, s.target, response_only) for s in samples], self.pad)
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Tensor]:
@@ -123,3 +133,18 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Tensor]
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def builder_for(encode: Callable[[str], list[int]], title: Callable[[str], str], eos_token_id: int,
+                pad_token_id: int, cfg: PromptSettings) -> PromptBuilder:
+    """The prompt builder the trainer's settings describe (one place for the service, CLI and benchmarks)."""
+    return PromptBuilder(encode, title, eos_token_id, domain_named(cfg.domain), cfg.max_prompt_tokens,
+                         max_history=cfg.prompt_history, pad_token_id=pad_token_id,
+                         train_on_inputs=cfg.train_on_inputs)
+
+
+class PromptSettings(Protocol):
+    domain: str
+    max_prompt_tokens: int
+    prompt_history: int | None
+    train_on_inputs: bool

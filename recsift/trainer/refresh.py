@@ -1,11 +1,16 @@
 """The refresh job: snapshot the coreset → LoRA fine-tune → evaluate → promote or roll back.
 
 It starts from the serving adapter (a refresh is incremental) or a fresh seeded LoRA adapter, trains
-on the snapshot with AdamW over the LoRA parameters only (bf16 autocast where supported), stops early
-when the validation loss stops improving, and judges the result on the recent validation reservoir by
-its mean response loss against the serving adapter's on the same samples. A run that fails, produces a
-non-finite loss, or is worse than serving by more than ``promote_tolerance`` is recorded and not
-promoted. Every run is recorded in the ``refresh_runs`` table with its trigger and outcome.
+on the snapshot with AdamW over the LoRA parameters only (linear warm-up then linear decay, as the
+reference alpaca-lora setup; loss over prompt + response with ``train_on_inputs``; bf16 autocast where
+supported; on ``trainer.device``), stops early when the validation loss stops improving, and judges the
+result on the recent validation reservoir by its mean response loss against the serving adapter's on the
+same samples. It also reports candidate metrics on those samples (the target among seeded negatives,
+ranked by likelihood: HR@K, NDCG@K, rank percentile, target NLL), so an operator sees a number that
+moves. A run that fails, produces a non-finite loss, has fewer than ``min_eval_samples`` validation
+samples to be judged on (``no_validation``), or is worse than serving by more than ``promote_tolerance``
+is recorded and not promoted. Every run is recorded in the ``refresh_runs`` table with its trigger,
+outcome and reason.
 
 ``refresh_in_process`` runs it in a child process (spawn), so the ingest loop never stalls and a crash
 of the job leaves the serving adapter untouched.
@@ -19,11 +24,13 @@ import math
 import multiprocessing
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from recsift.config import Settings, TrainerConfig
@@ -32,8 +39,10 @@ from recsift.selection.store import read_snapshot, read_validation, take_snapsho
 from recsift.stream.checkpoint import connect
 from recsift.stream.events import Catalog
 from recsift.stream.windows import Sample
-from recsift.trainer.llm import LLM, add_lora, load_llm
-from recsift.trainer.prompts import PromptBuilder, domain_named
+from recsift.trainer.evaluate import NegativeSampler, candidate_metrics
+from recsift.trainer.llm import LLM, add_lora, autocast, load_llm
+from recsift.trainer.prompts import PromptBuilder, builder_for
+from recsift.trainer.recommender import candidate_logliks
 from recsift.trainer.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,7 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     steps: int = 0
+    learning_rates: list[float] = field(default_factory=list)  # after each step
     samples: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -60,20 +70,21 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _autocast(dtype: torch.dtype | None) -> Any:
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+def _autocast(model: Any, dtype: torch.dtype | None) -> Any:
+    return autocast(next(model.parameters()).device, dtype)
 
 
 def mean_loss(model: Any, builder: PromptBuilder, samples: Sequence[Sample], batch_size: int,
               autocast_dtype: torch.dtype | None) -> float:
-    """Mean response-token loss over ``samples`` (eval mode, no gradients)."""
+    """Mean response-token loss over ``samples`` (eval mode, no gradients; the prompt is never judged)."""
     if not samples:
         return float("nan")
     model.eval()
     total = 0.0
-    with torch.no_grad(), _autocast(autocast_dtype):
+    with torch.no_grad(), _autocast(model, autocast_dtype):
         for start in range(0, len(samples), batch_size):
-            total += float(response_losses(model, builder.batch(samples[start:start + batch_size])).sum())
+            batch = builder.batch(samples[start:start + batch_size], response_only=True)
+            total += float(response_losses(model, batch).sum())
     return total / len(samples)
 
 
@@ -87,6 +98,7 @@ def train_lora(model: Any, builder: PromptBuilder, samples: Sequence[Sample], va
     if not params:
         raise ValueError("the model has no LoRA parameters to train")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    schedule = lr_schedule(optimizer, cfg.warmup_steps, cfg.epochs * math.ceil(len(samples) / cfg.batch_size))
     generator = torch.Generator().manual_seed(cfg.seed)
     result = TrainResult()
     best, best_state, stale = math.inf, None, 0
@@ -97,14 +109,16 @@ def train_lora(model: Any, builder: PromptBuilder, samples: Sequence[Sample], va
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             batch = builder.batch([samples[i] for i in order[start:start + cfg.batch_size]])
-            with _autocast(autocast_dtype):
+            with _autocast(model, autocast_dtype):
                 loss = response_losses(model, batch).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {result.steps}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            schedule.step()
+            result.learning_rates.append(schedule.get_last_lr()[0])
+            losses.append(float(loss.detach()))
             result.steps += 1
             result.samples += len(batch["input_ids"])
             result.tokens += int(batch["attention_mask"].sum())
@@ -132,6 +146,15 @@ def train_lora(model: Any, builder: PromptBuilder, samples: Sequence[Sample], va
     return result
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> Any:
+    """Linear warm-up to the configured rate, then linear decay to 0 at ``total_steps`` (transformers'
+    ``get_linear_schedule_with_warmup``, as the reference trainer); warm-up takes at most half the run."""
+    from transformers import get_linear_schedule_with_warmup
+
+    total = max(total_steps, 1)
+    return get_linear_schedule_with_warmup(optimizer, min(warmup_steps, total // 2), total)
+
+
 @dataclass
 class RefreshOutcome:
     trigger: str
@@ -145,6 +168,7 @@ class RefreshOutcome:
     metrics: dict[str, float] = field(default_factory=dict)  # Recall/NDCG@K of the new adapter on validation
     seconds: float = 0.0
     error: str | None = None
+    reason: str | None = None  # why a run was not promoted: no_validation, worse, error, empty
 
 
 RUNS_SCHEMA = ("CREATE TABLE IF NOT EXISTS refresh_runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, trigger TEXT NOT NULL,"
@@ -200,14 +224,18 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
         _, members = read_snapshot(db, snap.snapshot_id)
         validation = read_validation(db)[-t.eval_samples:]
         if not members:
-            outcome.outcome = "skipped"
+            outcome.outcome, outcome.reason = "skipped", "empty"
             outcome.error = "the coreset is empty"
             return outcome
+        if len(validation) < t.min_eval_samples:
+            outcome.outcome, outcome.reason = "rejected", "no_validation"
+            outcome.error = (f"{len(validation)} validation samples, fewer than trainer.min_eval_samples = "
+                             f"{t.min_eval_samples}: an adapter that cannot be judged is never promoted")
+            return outcome
         torch.manual_seed(t.seed)
-        llm = llm or load_llm(t.base_model, t.cache_dir, t.dtype)
+        llm = llm or load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
         catalog = catalog or Catalog()
-        builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, domain_named(t.domain),
-                                t.max_prompt_tokens, pad_token_id=llm.pad_token_id)
+        builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
         model, outcome.serving_before = model_for(llm, t, registry)
         samples = [m.sample for m in members]
         if t.refresh_samples is not None and len(samples) > t.refresh_samples:
@@ -215,18 +243,18 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
 
             samples = random.Random(t.seed + snap.snapshot_id).sample(samples, t.refresh_samples)
         progress(f"refresh ({trigger}): snapshot {snap.snapshot_id}, {len(samples)} samples, "
-                 f"{len(validation)} validation samples, serving {outcome.serving_before or 'base model'}")
+                 f"{len(validation)} validation samples, serving {outcome.serving_before or 'base model'} "
+                 f"on {llm.device}")
         outcome.serving_loss = mean_loss(model, builder, validation, t.batch_size, llm.autocast_dtype)
         result = train_lora(model, builder, samples, validation, t, llm.autocast_dtype, progress)
         outcome.train = {**asdict(result), "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s}
         outcome.new_loss = mean_loss(model, builder, validation, t.batch_size, llm.autocast_dtype)
-        if not math.isfinite(outcome.new_loss if validation else 0.0):
+        if not math.isfinite(outcome.new_loss):
             raise FloatingPointError(f"validation loss is {outcome.new_loss}")
-        if validation and len(catalog):
-            outcome.metrics = ranking_metrics(llm, model, catalog, builder, validation, t)
-            progress("validation " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
-        better = (not validation or outcome.serving_loss is None
-                  or outcome.new_loss <= outcome.serving_loss * (1 + t.promote_tolerance))
+        outcome.metrics = validation_metrics(llm, model, builder, validation, [m.sample for m in members], catalog,
+                                             t.eval_candidates, t.seed)
+        progress("validation " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
+        better = outcome.new_loss <= outcome.serving_loss * (1 + t.promote_tolerance)
         meta = {"snapshot_id": snap.snapshot_id, "scorer_version": snap.scorer_version, "trigger": trigger,
                 "metrics": {"serving_loss": outcome.serving_loss, "validation_loss": outcome.new_loss,
                             **outcome.metrics},
@@ -238,12 +266,12 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
             registry.promote(version.name, reason=trigger)
             outcome.outcome = "promoted"
         else:
-            outcome.outcome = "rejected"
+            outcome.outcome, outcome.reason = "rejected", "worse"
             outcome.error = (f"validation loss {outcome.new_loss:.4f} is worse than serving "
                              f"{outcome.serving_loss:.4f} beyond tolerance {t.promote_tolerance}")
         return outcome
     except Exception as exc:  # recorded, never propagated: the service keeps serving
-        outcome.outcome = "failed"
+        outcome.outcome, outcome.reason = "failed", "error"
         outcome.error = f"{type(exc).__name__}: {exc}"
         log.error("refresh failed: %s\n%s", exc, traceback.format_exc())
         return outcome
@@ -252,16 +280,25 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
         record_run(db, outcome, started_at)
 
 
-def ranking_metrics(llm: LLM, model: Any, catalog: Catalog, builder: PromptBuilder, validation: Sequence[Sample],
-                    cfg: TrainerConfig) -> dict[str, float]:
-    """Recall/NDCG@K over the full catalogue on the validation samples (history → held-out target),
-    grounded from the prompt's last-token state as the quick benchmark does (no generation)."""
-    from recsift.trainer.evaluate import recall_ndcg
-    from recsift.trainer.recommender import Recommender
-
-    rec = Recommender(llm, model, catalog, builder, cache_dir=cfg.cache_dir / "titles")
-    ranked = rec.rank_from_prompts([s.history for s in validation], max(cfg.eval_k), cfg.batch_size)
-    return recall_ndcg(ranked, [[s.target] for s in validation], cfg.eval_k)
+def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation: Sequence[Sample],
+                       train: Sequence[Sample], catalog: Catalog, candidates: int, seed: int) -> dict[str, float]:
+    """Candidate metrics of ``model`` on the validation samples: each target among ``candidates`` − 1
+    seeded negatives (half drawn by popularity in the training and validation samples, half uniform over
+    the catalogue, or over the items seen when there is no catalogue), ranked by likelihood."""
+    popularity: Counter[str] = Counter()
+    for s in (*train, *validation):
+        popularity.update(s.history)
+        popularity[s.target] += 1
+    items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
+    sampler = NegativeSampler(items, dict(popularity), seed)
+    size = min(candidates, len(items))
+    scores, nll = np.zeros((len(validation), size)), np.zeros(len(validation))
+    for row, s in enumerate(validation):
+        cands = sampler.candidates(str(s.sample_id), set(s.history), s.target, size)
+        logliks, lengths = candidate_logliks(llm, model, builder, s.history, cands)
+        scores[row], nll[row] = logliks, -logliks[0] / lengths[0]
+    per_user = candidate_metrics(scores, nll)
+    return {name: float(values.mean()) for name, values in per_user.items()}
 
 
 def _config_hash(cfg: Settings) -> str:

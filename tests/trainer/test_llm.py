@@ -48,3 +48,15 @@ def test_smollm2_loads_offline_from_the_package_and_is_cached(tmp_path: Path) ->
     ids = torch.tensor([llm.encode("The user has played")])
     with torch.no_grad():
         assert torch.equal(llm.model(ids).logits, again.model(ids).logits)
+
+
+def test_device_auto_picks_cuda_only_when_present_and_cuda_without_one_is_a_clear_error() -> None:
+    import torch
+
+    from recsift.trainer.llm import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelNotAvailable, match="no CUDA device"):
+            resolve_device("cuda")

@@ -72,3 +72,33 @@ def test_batched_prompt_ranking_equals_one_history_at_a_time(tmp_path: Path) -> 
     histories = [["0"], ["1", "2", "3"], ["4", "5", "6", "7", "0", "1"], ["3", "3"]]
     batched = rec.rank_from_prompts(histories, k=5, batch_size=3)
     assert batched == [rec.recommend(h, k=5, generate=False) for h in histories]
+
+
+def test_candidate_logliks_equal_a_full_forward_per_candidate(tmp_path: Path) -> None:
+    from recsift.trainer.recommender import candidate_logliks
+
+    rec = make(tmp_path)
+    history, items = ["0", "1", "2"], ["3", "6", "4", "7"]
+    got, lengths = candidate_logliks(rec.llm, rec.model, rec.builder, history, items)
+    prompt, _ = rec.builder.prompt_ids(history)
+    for item, value, n in zip(items, got, lengths, strict=True):
+        response = rec.builder.response_ids(item)
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logp = rec.model(input_ids=ids).logits[0].log_softmax(-1)
+        expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(response))
+        assert n == len(response) and value == np.float64(value) and abs(value - expected) < 1e-4
+
+
+def test_generated_text_is_embedded_by_the_base_model(tmp_path: Path) -> None:
+    rec = make(tmp_path)
+    with torch.no_grad():  # make the adapter matter, so base and adapted embeddings differ
+        for name, p in rec.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    text = rec.generate(["0", "1"])
+    with rec._base_only():
+        base = last_token_states(rec.llm, rec.model, [text or "x"])
+    adapted = last_token_states(rec.llm, rec.model, [text or "x"])
+    assert not np.allclose(base, adapted)
+    assert rec.recommend(["0", "1"], k=8) == rec.ground(base, 8)[0]

