@@ -154,8 +154,9 @@ class StratifiedReservoir:
             raise ValueError("offers of one call must share the scorer version")
         if offers[0].version != self.version:
             self.version = offers[0].version
-            self._rescore(rescore)
-        self._sketch_add(scores)
+            self._rescore(rescore, scores)  # the sketch restarts from the new version's scores, this batch's included
+        else:
+            self._sketch_add(scores)
         if self.edges is None:
             self._maybe_move_edges(force=True)
         assert self.edges is not None
@@ -373,8 +374,11 @@ class StratifiedReservoir:
         for h in self.heaps + self.spare_heaps:
             heapq.heapify(h)
 
-    def _rescore(self, rescore: Rescore | None) -> None:
-        """A new scorer version: re-score members (when a re-scorer is given), restart the sketch, re-bucket."""
+    def _rescore(self, rescore: Rescore | None, incoming: np.ndarray) -> None:
+        """A new scorer version: re-score members and spares (when a re-scorer is given), restart the sketch
+        from their new scores and the incoming batch's, re-bucket. The batch matters: held samples are a
+        stratified, older sample whose new scores can sit far from the stream's (a surrogate that has learnt
+        them scores them lower), and edges from them alone would hard-prune the whole stream."""
         if rescore is not None and (self.members or self.spare):
             held = [*self.members.values(), *self.spare.values()]
             scores, version = rescore([m.sample for m in held])
@@ -382,8 +386,9 @@ class StratifiedReservoir:
                 where = self.members if m.sample.sample_id in self.members else self.spare
                 where[m.sample.sample_id] = replace(m, score=float(score), version=version)
             self.stats.rescored += len(held)
-            self.sketch = np.fromiter((m.score for m in held), dtype=np.float64)
+            self.sketch = np.array(scores, dtype=np.float64)[-self.sketch_size:]
             self.sketch_pos = len(self.sketch) % self.sketch_size
+        self._sketch_add(incoming)
         if self.fixed_edges is None:
             if len(self.sketch):
                 self.edges = self.sketch_edges()

@@ -74,7 +74,8 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
         "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 25.0,
         "scoring.batch_size": 500, "scoring.lissa_depth": 20, "selection.budget": 64,
         "trainer.base_model": str(tmp_path / "tiny"), "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 600,
-        "trainer.refresh_samples": 16, "trainer.eval_samples": 8, "trainer.learning_rate": 5e-3, "trainer.epochs": 2,
+        "trainer.refresh_samples": 16, "trainer.eval_samples": 8, "trainer.min_eval_samples": 8,
+        "trainer.learning_rate": 5e-3, "trainer.epochs": 2,
     })
     url = f"http://127.0.0.1:{port}"
     result: dict[str, Any] = {}

@@ -90,6 +90,10 @@ def test_a_new_version_rescores_members() -> None:
     assert len(selector.spare) > 0
     selector.offer(synthetic_offers(200, seed=5, version=2)[0], rescore)
     assert calls == [held] and selector.version == 2 and selector.stats.rescored == held  # spares too
+    # the sketch (and so the edges) restarts from the new version's scores: the held samples' and the batch's
+    batch, rescored = {o.score for o in synthetic_offers(200, seed=5, version=2)[0]}, {float(k) for k in range(7)}
+    values = set(selector.sketch.tolist())
+    assert values <= rescored | batch and values & rescored and values & batch
     assert all(m.version == 2 for m in [*selector.members.values(), *selector.spare.values()]
                if m.sample.sample_id < 1000)
 
