@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/recsift run --max-events 20000 --set trainer.refresh_every_samples=10000 --set trainer.refresh_samples=64
+	$(VENV)/bin/recsift run --max-events 20000 --set trainer.refresh_every_samples=10000 --set trainer.refresh_samples=64 --set trainer.eval_samples=32
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

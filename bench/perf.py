@@ -2,7 +2,8 @@
 their figures and ratios with the machine's core count, and measures the cost growth of the whole
 pipeline (embedded broker → validate → windows → surrogate update + influence scoring → streaming
 selection → checkpoint) at 100k, 300k and 1M events of the synthetic stream: the rate over each segment
-(per-event cost must stay flat) and the RSS of the service's processes (memory must stay bounded).
+(per-event cost must stay flat), the RSS of the service's processes (memory must stay bounded) and how full
+the coreset is (``coreset_fill`` at each mark and its minimum over every poll after warm-up: ≥ 0.99).
 
 Usage:  python bench/perf.py                      every benchmark at its default size, then the growth run
         python bench/perf.py --light              smaller sub-benchmarks (ingest 300k × 1, refresh slice 32)
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results"
 MARKS = (100_000, 300_000, 1_000_000)
+WARMUP_BUDGETS = 4  # the coreset fill is checked once this many budgets of samples have been scored
 BENCHES = {  # name → (default arguments, --light arguments)
     "ingest": (["--events", "1000000", "--reps", "3"], ["--events", "300000", "--reps", "1"]),
     "scoring": ([], ["--loop-samples", "500", "--effort-samples", "16"]),
@@ -62,36 +64,49 @@ def service_rss(pid: int) -> tuple[int, int]:
 
 def growth_worker(events: int) -> dict[str, Any]:
     """`recsift run` in this process on ``events`` synthetic events, sampled as it goes. Refreshes are off
-    (no interval, no drift trigger): they run in their own process and would only add LLM training."""
+    (no drift trigger, an interval of 1e9 s: a None override means "not given" and would keep the 30-min
+    default): they run in their own process and would only add LLM training."""
     from recsift import service
     from recsift.config import load_config
     from recsift.monitoring.metrics import Metrics
 
     state = Path(tempfile.mkdtemp(prefix="recsift-perf-"))
     cfg = load_config(overrides={"checkpoint.state_dir": str(state), "monitoring.port": 0, "monitoring.progress": False,
-                                 "stream.synthetic.events": events, "trainer.refresh_interval_s": None,
+                                 "stream.synthetic.events": events, "trainer.refresh_interval_s": 1e9,
                                  "trainer.drift_thresholds": {}})
     metrics = Metrics()
     marks = [m for m in MARKS if m <= events] or [events]
     crossed: list[dict[str, float]] = []
+    fills: list[float] = []
     done = threading.Event()
 
     def consumed() -> float:
         return metrics.registry.get_sample_value("recsift_events_consumed_total") or 0.0
 
+    def gauge(name: str) -> float:
+        return metrics.registry.get_sample_value(name) or 0.0
+
+    def fill() -> float:
+        return gauge("recsift_coreset_size") / max(gauge("recsift_coreset_capacity"), 1.0)
+
     def sample() -> None:
         started = None
+        # warm-up: WARMUP_BUDGETS budgets of samples, and at least two scoring batches (the scored counter
+        # moves before the batch reaches the selector, so one batch alone would read a coreset not yet filled)
+        warmup = max(WARMUP_BUDGETS * cfg.selection.budget, 2 * cfg.scoring.batch_size)
         while not done.is_set() and len(crossed) < len(marks):
             n = consumed()
             if started is None and n > 0:
                 started = time.perf_counter()
+            if gauge("recsift_samples_scored_total") >= warmup:  # after warm-up: every poll
+                fills.append(fill())
             if started is not None and n >= marks[len(crossed)]:
                 rss, broker = service_rss(os.getpid())
                 crossed.append({"events": n, "seconds": time.perf_counter() - started, "rss_bytes": rss,
-                                "broker_rss_bytes": broker,
-                                "scored": metrics.registry.get_sample_value("recsift_samples_scored_total") or 0.0})
+                                "broker_rss_bytes": broker, "scored": gauge("recsift_samples_scored_total"),
+                                "coreset_fill": fill()})
                 say(f"growth: {n:,.0f} events at {crossed[-1]['seconds']:.0f} s, service RSS {rss / 2**20:.0f} MB "
-                    f"(broker {broker / 2**20:.0f} MB)")
+                    f"(broker {broker / 2**20:.0f} MB), coreset {fill():.1%} full")
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -106,7 +121,8 @@ def growth_worker(events: int) -> dict[str, Any]:
                          "rss_mb": point["rss_bytes"] / 2**20, "broker_rss_mb": point["broker_rss_bytes"] / 2**20})
         previous = point
     return {"events": summary.ingest.consumed, "samples_scored": summary.scored, "marks": crossed, "segments": segments,
-            "coreset": summary.coreset}
+            "coreset": summary.coreset, "budget": cfg.selection.budget, "coreset_fill": [m["coreset_fill"] for m in crossed],
+            "coreset_fill_min_after_warmup": min(fills) if fills else None, "fill_polls_after_warmup": len(fills)}
 
 
 def run_bench(name: str, light: bool) -> float:
@@ -159,6 +175,10 @@ def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> 
         for s in segs:
             rows.append((f"pipeline events/s, {s['from']:,.0f} → {s['to']:,.0f}", f"{s['events_per_s']:,.0f}",
                          f"RSS {s['rss_mb']:,.0f} MB"))
+        if growth.get("coreset_fill"):
+            rows.append(("coreset fill at each mark", ", ".join(f"{f:.1%}" for f in growth["coreset_fill"]),
+                         f"min after warm-up {growth['coreset_fill_min_after_warmup']:.1%}"
+                         if growth.get("coreset_fill_min_after_warmup") is not None else ""))
         if len(segs) > 1:
             rows.append(("per-event cost, last segment / first", f"{segs[0]['events_per_s'] / segs[-1]['events_per_s']:.2f}",
                          f"RSS last / first {segs[-1]['rss_mb'] / segs[0]['rss_mb']:.2f}"))

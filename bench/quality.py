@@ -1,47 +1,50 @@
-"""Quality benchmark on Games (the DEALRec paper's split): which coreset gives the best LLM recommender?
+"""Quality benchmark: does a coreset chosen by DEALRec (batch or recsift's streaming selector) fine-tune a
+better LLM recommender than a random sample of the same size?
 
-Trains the SASRec surrogate on the training sequences, scores them (DEALRec influence + λ·effort, GraNd,
-EL2N), selects a coreset with each method, LoRA fine-tunes SmolLM2-135M on it with identical settings,
-and evaluates Recall/NDCG@10/20 over the full catalogue on a fixed, seeded set of test users, grounding
-as in BIGRec (title embeddings from the base model, L2 nearest items). Methods:
+``--cpu``: a paired protocol with power on a 2-core CPU (SmolLM2-135M).
+  - A seeded pool of 4,096 training samples (a user's training sequence: history → last item). The SASRec
+    surrogate (trained on every training sequence), DEALRec influence and the LLM effort score over the
+    pool are computed once and cached on disk, keyed by their inputs (the time is reported apart).
+  - Arms, each training LoRA r8/α16 on q,v for 3 epochs (warm-up + linear decay, prompt + response
+    loss) on ``--budget`` samples of the pool; the seed fixes the LoRA init, the data order and the
+    selection RNG and is shared across arms: ``random`` × 3 seeds, ``dealrec`` (batch, λ = 0.3, K = 50,
+    10% hard prune) × 3, ``streaming`` (the same scores fed in data order, batches of 512, through the
+    real reservoir with sketch edges) × 3, ``goracs`` × 1, and the positive control ``random4x`` (4× the
+    budget) × 3; ``base`` (no training) and ``popularity`` (no model).
+  - Evaluation: 1,000 seeded test users (history = train + valid items, target = the first test item);
+    candidates = the target + 19 negatives (10 by train+valid popularity, 9 uniform), never an item of the
+    user's history or test items, fixed per user and shared by every arm. A candidate's score is the
+    teacher-forced log-likelihood of its title + EOS given the prompt (prompt encoded once, its KV cache
+    shared). Metrics per user: rank percentile (primary), HR@1/5, NDCG@5/10, target NLL.
+  - Statistics: a hierarchical bootstrap (seeds, then users) of per-user differences against Random on the
+    same seed, and of streaming − batch DEALRec, with 95% intervals and each seed's difference. Gates:
+    Random beats the base model and popularity, and the positive control beats Random; when a gate fails
+    the table says "not measurable at this scale" instead of ranking methods.
+  - Every (arm, seed) result is written to ``bench/results/quality-<dataset>-cpu/`` as it finishes, so an
+    interrupted run resumes where it stopped; the summary is rewritten after every arm.
 
-- ``dealrec``: batch DEALRec (λ = 0.3, K = 50 strata, 10% hard prune: the authors' Games settings);
-- ``streaming``: recsift's streaming stratified reservoir, offered the same scores in training-data
-  order in batches of 512 (the selector under test, not a different scorer);
-- ``goracs``: OT coreset against validation samples in surrogate-embedding space, biased toward high
-  LLM gradient norms (the effort score);
-- ``random``, ``grand`` (top GraNd), ``el2n`` (top EL2N), ``ccs`` (coverage-centric over EL2N);
-- ``base``: SmolLM2 without fine-tuning; ``full`` (``--full`` mode): every candidate sample, one epoch.
+``--full`` (meant for a GPU; ``trainer.device`` auto picks CUDA): budget 1,024, 3 seeds, every test user,
+BIGRec generation (4 beams, 128 new tokens) + base-model grounding, Recall/NDCG@10/20 over the full
+catalogue, and the full-data reference.
 
-Reported: mean ± std over seeds, and a paired bootstrap 95% interval of each method's difference to
-Random on the same test users (and of streaming − batch DEALRec).
-
-Modes (SmolLM2 LoRA runs at a few samples/s on a 2-core CPU, hundreds on a GPU):
-  --quick  budget 256, last 5 history titles, 1 epoch, 1 seed, 2,000 test users, prompt-state grounding
-           (no generation); scores and effort over a seeded pool of 4,096 training samples, which every
-           method selects from (the effort pass over all 45,774 would take two hours here)
-  --full   budget 1,024, the paper's prompt, 3 seeds, all test users with test items, generation +
-           grounding, all training samples as candidates, and the full-data reference
-Any setting can be narrowed (``--test-users``, ``--seeds``, ``--pool``, ``--budget``, ``--full-limit``,
-``--tag``) to run a reduced slice of ``--full`` on a CPU.
-
-Usage:  python bench/quality.py --quick            (writes bench/results/quality-games-quick.{json,md,png})
-        python bench/quality.py --full [--tag slice --test-users 40 --seeds 1 ...]
+Usage:  python bench/quality.py --cpu [--dataset games|DIR] [--arms random,dealrec] [--seeds 1] [--users 200]
+        python bench/quality.py --full [--dataset DIR] [--test-users N]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,47 +54,36 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from recsift.config import load_config  # noqa: E402
-from recsift.data.datasets import catalog_for, read_dealrec_split  # noqa: E402
+from recsift.config import TrainerConfig, load_config  # noqa: E402
+from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset  # noqa: E402
 from recsift.scoring.effort import EffortScorer  # noqa: E402
 from recsift.scoring.scorer import combine, make_scorer  # noqa: E402
 from recsift.scoring.surrogate import Surrogate  # noqa: E402
 from recsift.selection.goracs import goracs_select  # noqa: E402
 from recsift.selection.reservoir import Offer, StratifiedReservoir  # noqa: E402
-from recsift.selection.stratified import dealrec_select, random_select, topk_select  # noqa: E402
+from recsift.selection.stratified import dealrec_select, random_select  # noqa: E402
 from recsift.stream.events import Catalog  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
-from recsift.trainer.evaluate import recall_ndcg, sample_test_users  # noqa: E402
+from recsift.trainer.evaluate import (  # noqa: E402
+    CANDIDATE_METRICS,
+    NegativeSampler,
+    candidate_metrics,
+    evaluate_dealrec,
+    sample_test_users,
+)
 from recsift.trainer.llm import LLM, add_lora, load_llm  # noqa: E402
-from recsift.trainer.prompts import PromptBuilder, domain_named  # noqa: E402
-from recsift.trainer.recommender import Recommender  # noqa: E402
+from recsift.trainer.prompts import PromptBuilder, builder_for  # noqa: E402
+from recsift.trainer.recommender import Recommender, candidate_logliks  # noqa: E402
 from recsift.trainer.refresh import train_lora  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-SELECTORS = ("dealrec", "streaming", "goracs", "random", "grand", "el2n", "ccs")
+PRIMARY = "rank_percentile"
 # DEALRec's Games settings (the authors' scripts): λ = 0.3 effort weight, K = 50 strata, 10% hard prune
 EFFORT_WEIGHT, STRATA, HARD_PRUNE = 0.3, 50, 0.1
-GORACS_CANDIDATES = 8192  # the OT problem is candidates × validation; beyond this, a seeded subsample
-
-
-@dataclass
-class Mode:
-    budget: int
-    max_history: int | None
-    epochs: int
-    seeds: list[int]
-    test_users: int | None
-    generate: bool
-    pool: int | None
-    full_data: bool
-    learning_rate: float
-
-
-MODES = {
-    "quick": Mode(256, 5, 1, [0], 2000, False, 4096, False, 1e-3),
-    "full": Mode(1024, None, 1, [0, 1, 2], None, True, None, True, 1e-3),
-}
+TRAINED_ARMS = ("random", "dealrec", "streaming", "goracs", "random4x")
+ALL_ARMS = ("popularity", "base", *TRAINED_ARMS)
+SINGLE_SEED = ("goracs",)
+LOWER_IS_BETTER = ("target_nll",)
 
 
 def say(line: str) -> None:
@@ -106,268 +98,431 @@ def git_commit() -> str:
         return "unknown"
 
 
-class Bench:
-    """The shared parts: data, surrogate scores over the candidate pool, the LLM and the evaluation."""
+def digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def __init__(self, data: Path, mode: Mode, surrogate_epochs: int) -> None:
-        self.mode = mode
-        self.train = read_dealrec_split(data, "train")
-        self.valid = read_dealrec_split(data, "valid")
-        self.test = read_dealrec_split(data, "test")
-        catalog = catalog_for(data)
-        assert catalog is not None, "Games needs items.tsv for titles"
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class Protocol:
+    """Everything a result depends on; its digest keys the cached results (bump ``version`` when the code
+    that produces a result changes its meaning)."""
+
+    dataset: str
+    data_digest: str
+    pool: int = 4096
+    budget: int = 256
+    epochs: int = 3
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    batch_size: int = 8
+    prompt_history: int | None = 5
+    users: int = 1000
+    candidates: int = 20
+    surrogate_epochs: int = 10
+    base_model: str = "smollm2"
+    version: int = 1
+
+    def key(self) -> str:
+        return digest(asdict(self))
+
+
+class Data:
+    """The dataset, the pool, the test users and their fixed candidates."""
+
+    def __init__(self, path: Path, protocol: Protocol) -> None:
+        self.train = read_dealrec_split(path, "train")
+        self.valid = read_dealrec_split(path, "valid")
+        self.test = read_dealrec_split(path, "test")
+        catalog = catalog_for(path)
+        if catalog is None:
+            raise SystemExit(f"{path} has no items.tsv: the benchmark needs titles")
         self.catalog: Catalog = catalog
         users = [u for u in self.train if len(self.train[u]) > 1]  # a one-item sequence has no input
         self.samples = [Sample(i, u, tuple(self.train[u][:-1]), self.train[u][-1], 0.0) for i, u in enumerate(users)]
-        if mode.pool is not None and mode.pool < len(self.samples):
-            picked = sorted(random.Random(1234).sample(range(len(self.samples)), mode.pool))  # keeps file order
-            self.pool = [self.samples[i] for i in picked]
-        else:
-            self.pool = list(self.samples)
-        self.pool_index = {s.sample_id: k for k, s in enumerate(self.pool)}
-        say(f"{len(self.samples):,} training samples; {len(self.pool):,} candidates")
-        cfg = load_config(overrides={"trainer.domain": "games", "trainer.epochs": mode.epochs,
-                                     "trainer.learning_rate": mode.learning_rate})
-        self.t = cfg.trainer
-        self.surrogate = Surrogate(len(self.catalog), seed=0)
-        train_enc = self.surrogate.encode([s.history for s in self.samples], [s.target for s in self.samples],
-                                          range(len(self.samples)))
-        started = time.perf_counter()
-        self.surrogate.fit(train_enc.batch, surrogate_epochs, 128,
-                           progress=lambda e, loss, s: say(f"surrogate epoch {e + 1}/{surrogate_epochs}: loss {loss:.4f}"))
-        self.timings: dict[str, float] = {"surrogate_s": time.perf_counter() - started}
-        enc = self.surrogate.encode([s.history for s in self.pool], [s.target for s in self.pool],
-                                    range(len(self.pool)))
-        assert len(enc.batch) == len(self.pool)
-        g = torch.Generator().manual_seed(0)
-        reference = train_enc.batch.select(torch.randperm(len(train_enc.batch), generator=g)[:4096])
-        self.scores: dict[str, np.ndarray] = {}
-        for name, params in (("influence", {"seed": 0, "depth": 500}), ("grand", {"seed": 0}), ("el2n", {"seed": 0})):
-            started = time.perf_counter()
-            scorer = make_scorer("dealrec" if name == "influence" else name, **params)
-            scorer.prepare(self.surrogate, reference)
-            self.scores[name] = scorer.score(self.surrogate, enc.batch).values.double().numpy()
-            self.timings[f"{name}_s"] = time.perf_counter() - started
-            say(f"{name} scores: {self.timings[f'{name}_s']:.1f} s")
-        self.embeddings = self.surrogate.embed(enc.batch).numpy()
-        val_users = sorted((u for u in self.valid if u in self.train), key=lambda u: (len(u), u))
-        val_users = random.Random(0).sample(val_users, min(2000, len(val_users)))
-        val = self.surrogate.encode([self.train[u] for u in val_users], [self.valid[u][0] for u in val_users],
-                                    range(len(val_users)))
-        self.validation_embeddings = self.surrogate.embed(val.batch).numpy()
+        picked = sorted(random.Random(1234).sample(range(len(self.samples)), min(protocol.pool, len(self.samples))))
+        self.pool = [self.samples[i] for i in picked]  # file (data) order kept
+        popularity: Counter[str] = Counter()
+        for split in (self.train, self.valid):
+            for items in split.values():
+                popularity.update(items)
+        self.popularity = popularity
+        self.users = sample_test_users(self.test, protocol.users, seed=0)
+        sampler = NegativeSampler([it.item_id for it in self.catalog], dict(popularity), seed=0)
+        self.histories = [self.train.get(u, []) + self.valid.get(u, []) for u in self.users]
+        self.candidates = [sampler.candidates(u, set(h) | set(self.test[u]), self.test[u][0], protocol.candidates)
+                           for u, h in zip(self.users, self.histories, strict=True)]
+        keep = [i for i, h in enumerate(self.histories) if h]
+        self.users = [self.users[i] for i in keep]
+        self.histories = [self.histories[i] for i in keep]
+        self.candidates = [self.candidates[i] for i in keep]
 
-        started = time.perf_counter()
+
+class CpuBench:
+    def __init__(self, data: Data, protocol: Protocol, out: Path) -> None:
+        self.data, self.p, self.out = data, protocol, out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t: TrainerConfig = load_config(overrides={
+            "trainer.domain": "games", "trainer.epochs": protocol.epochs, "trainer.learning_rate": protocol.learning_rate,
+            "trainer.warmup_steps": protocol.warmup_steps, "trainer.batch_size": protocol.batch_size,
+            "trainer.prompt_history": protocol.prompt_history, "trainer.train_on_inputs": True,
+            "trainer.base_model": protocol.base_model, "trainer.early_stopping_patience": 100}).trainer
         self.llm = self.load()
-        self.builder = PromptBuilder(self.llm.encode, self.catalog.title, self.llm.eos_token_id, domain_named("games"),
-                                     self.t.max_prompt_tokens, max_history=mode.max_history,
-                                     pad_token_id=self.llm.pad_token_id)
-        effort = EffortScorer(add_lora(self.llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout,
-                                       self.t.target_modules, self.t.seed),
-                              self.builder.batch, batch_size=self.t.effort_batch_size,
-                              autocast_dtype=self.llm.autocast_dtype)
-        values = []
-        for start in range(0, len(self.pool), 256):
-            values.append(effort(self.pool[start:start + 256]))
-            say(f"effort: {start + len(values[-1]):,}/{len(self.pool):,} "
-                f"({(start + len(values[-1])) / (time.perf_counter() - started):.1f}/s)")
-        self.scores["effort"] = torch.cat(values).double().numpy()
-        self.timings["effort_s"] = time.perf_counter() - started
-        self.scores["dealrec"] = combine(torch.from_numpy(self.scores["influence"]),
-                                         torch.from_numpy(self.scores["effort"]), EFFORT_WEIGHT).numpy()
-        self.llm = self.load()  # the effort pass wrapped the base model: start the trainings from a clean one
-        self.test_users = sample_test_users(self.test, mode.test_users, seed=0)
-        self.recommender: Recommender | None = None
-        say(f"{len(self.test_users):,} test users")
+        self.builder = self.make_builder(self.llm)
+        self.scores: dict[str, np.ndarray] = {}
+        self.timings: dict[str, float] = {}
 
     def load(self) -> LLM:
-        return load_llm(self.t.base_model, self.t.cache_dir, self.t.dtype)
+        return load_llm(self.t.base_model, self.t.cache_dir, self.t.dtype, self.t.device)
 
-    def select(self, method: str, seed: int) -> list[int]:
-        """Indices into the pool."""
-        ids, budget = np.arange(len(self.pool)), self.mode.budget
-        if method == "random":
-            return random_select(ids, budget, seed).ids.tolist()
-        if method == "dealrec":
-            return dealrec_select(ids, self.scores["dealrec"], budget, STRATA, HARD_PRUNE, seed).ids.tolist()
-        if method == "ccs":
-            return dealrec_select(ids, self.scores["el2n"], budget, STRATA, HARD_PRUNE, seed).ids.tolist()
-        if method in ("grand", "el2n"):
-            return topk_select(ids, self.scores[method], budget).ids.tolist()
-        if method == "goracs":  # exact OT over at most GORACS_CANDIDATES (a seeded subsample beyond that)
-            rows = np.arange(len(self.pool))
-            if len(rows) > GORACS_CANDIDATES:
-                rows = np.sort(np.random.default_rng(seed).choice(rows, GORACS_CANDIDATES, replace=False))
-            result = goracs_select(self.embeddings[rows], self.validation_embeddings, budget,
-                                   grad_norms=self.scores["effort"][rows], lam=0.1)
-            return rows[result.selected].tolist()
-        if method == "streaming":
-            reservoir = StratifiedReservoir(budget, STRATA, HARD_PRUNE, seed=seed)
-            for start in range(0, len(self.pool), 512):
-                reservoir.offer([Offer(self.pool[i], float(self.scores["dealrec"][i]), 1, self.embeddings[i])
-                                 for i in range(start, min(start + 512, len(self.pool)))])
-            return sorted(self.pool_index[m.sample.sample_id] for m in reservoir.members.values())
-        raise ValueError(method)
+    def make_builder(self, llm: LLM) -> PromptBuilder:
+        return builder_for(llm.encode, self.data.catalog.title, llm.eos_token_id, llm.pad_token_id, self.t)
 
-    def finetune(self, samples: Sequence[Sample], seed: int) -> tuple[Any, dict[str, float]]:
-        llm = self.load()
-        model = add_lora(llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout, self.t.target_modules, seed)
-        cfg = self.t.model_copy(update={"seed": seed})
-        result = train_lora(model, self.builder, list(samples), [], cfg, llm.autocast_dtype, progress=say)
-        self.llm = llm
-        return model, {"train_s": result.seconds, "samples_per_s": result.samples_per_s,
-                       "train_loss": result.train_losses[-1] if result.train_losses else float("nan")}
+    # ------------------------------------------------------------------ cached scoring
 
-    def evaluate(self, model: Any, label: str) -> dict[str, np.ndarray]:
-        """Per-user metrics (arrays aligned with ``test_users``)."""
+    def score_pool(self) -> None:
+        """Surrogate, influence, effort and embeddings over the pool; cached by the protocol's digest."""
+        d, p = self.data, self.p
+        path = self.out / f"scores-{digest(p.data_digest, p.pool, p.surrogate_epochs, p.prompt_history, p.base_model)}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            self.scores = {k: np.asarray(v) for k, v in cached["scores"].items()}
+            self.timings = cached["timings"]
+            say(f"pool scores from the cache ({path.name})")
+            return
         started = time.perf_counter()
-        rec = Recommender(self.llm, model, self.catalog, self.builder, cache_dir=self.t.cache_dir / "titles",
-                          max_new_tokens=self.t.max_new_tokens)
-        histories = [self.train.get(u, []) + self.valid.get(u, []) for u in self.test_users]
-        ranked: list[list[str]] = []
-        for start in range(0, len(histories), 256):
-            chunk = histories[start:start + 256]
-            if self.mode.generate:
-                ranked += [rec.recommend(h, 20, generate=True) for h in chunk]
-            else:
-                ranked += rec.rank_from_prompts(chunk, 20, batch_size=32)
-            say(f"{label}: evaluated {len(ranked):,}/{len(histories):,} users")
-        per_user = {m: np.zeros(len(ranked)) for m in METRICS}
-        for i, (items, u) in enumerate(zip(ranked, self.test_users, strict=True)):
-            for m, v in recall_ndcg([items], [self.test[u]], (10, 20)).items():
-                per_user[m][i] = v
-        say(f"{label}: " + ", ".join(f"{m} {per_user[m].mean():.4f}" for m in METRICS)
-            + f" ({time.perf_counter() - started:.0f} s)")
-        return per_user
+        surrogate = Surrogate(len(d.catalog), seed=0)
+        train_enc = surrogate.encode([s.history for s in d.samples], [s.target for s in d.samples],
+                                     range(len(d.samples)))
+        surrogate.fit(train_enc.batch, p.surrogate_epochs, 128,
+                      progress=lambda e, loss, s: say(f"surrogate epoch {e + 1}/{p.surrogate_epochs}: loss {loss:.4f}"))
+        self.timings["surrogate_s"] = time.perf_counter() - started
+        enc = surrogate.encode([s.history for s in d.pool], [s.target for s in d.pool], range(len(d.pool)))
+        reference = train_enc.batch.select(torch.randperm(len(train_enc.batch),
+                                                          generator=torch.Generator().manual_seed(0))[:4096])
+        started = time.perf_counter()
+        scorer = make_scorer("dealrec", seed=0, depth=500)
+        scorer.prepare(surrogate, reference)
+        self.scores["influence"] = scorer.score(surrogate, enc.batch).values.double().numpy()
+        self.timings["influence_s"] = time.perf_counter() - started
+        self.scores["embedding"] = surrogate.embed(enc.batch).numpy()
+        val_users = sorted((u for u in d.valid if u in d.train), key=lambda u: (len(u), u))
+        val_users = random.Random(0).sample(val_users, min(2000, len(val_users)))
+        val = surrogate.encode([d.train[u] for u in val_users], [d.valid[u][0] for u in val_users],
+                               range(len(val_users)))
+        self.scores["validation_embedding"] = surrogate.embed(val.batch).numpy()
+        started = time.perf_counter()
+        llm = self.load()
+        effort = EffortScorer(add_lora(llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout,
+                                       self.t.target_modules, self.t.seed),
+                              self.make_builder(llm).batch, batch_size=self.t.effort_batch_size,
+                              autocast_dtype=llm.autocast_dtype)
+        values = []
+        for start in range(0, len(d.pool), 256):
+            values.append(effort(d.pool[start:start + 256]))
+            done = start + len(values[-1])
+            say(f"effort: {done:,}/{len(d.pool):,} ({done / (time.perf_counter() - started):.1f}/s)")
+        self.scores["effort"] = torch.cat(values).double().numpy()
+        self.timings["effort_s"] = time.perf_counter() - started
+        path.write_text(json.dumps({"timings": self.timings,
+                                    "scores": {k: np.round(v, 8).tolist() for k, v in self.scores.items()}}))
+
+    @property
+    def dealrec_scores(self) -> np.ndarray:
+        return combine(torch.from_numpy(self.scores["influence"]), torch.from_numpy(self.scores["effort"]),
+                       EFFORT_WEIGHT).numpy()
+
+    # ------------------------------------------------------------------ arms
+
+    def select(self, arm: str, seed: int) -> list[int]:
+        """Indices into the pool."""
+        ids, budget = np.arange(len(self.data.pool)), self.p.budget
+        if arm == "random":
+            return random_select(ids, budget, seed).ids.tolist()
+        if arm == "random4x":
+            return random_select(ids, 4 * budget, seed).ids.tolist()
+        if arm == "dealrec":
+            return dealrec_select(ids, self.dealrec_scores, budget, STRATA, HARD_PRUNE, seed).ids.tolist()
+        if arm == "streaming":
+            reservoir = StratifiedReservoir(budget, STRATA, HARD_PRUNE, seed=seed)
+            scores, index = self.dealrec_scores, {s.sample_id: k for k, s in enumerate(self.data.pool)}
+            for start in range(0, len(self.data.pool), 512):
+                reservoir.offer([Offer(self.data.pool[i], float(scores[i]), 1)
+                                 for i in range(start, min(start + 512, len(self.data.pool)))])
+            return sorted(index[m.sample.sample_id] for m in reservoir.members.values())
+        if arm == "goracs":
+            torch.manual_seed(seed)
+            return goracs_select(self.scores["embedding"], self.scores["validation_embedding"], budget,
+                                 grad_norms=self.scores["effort"], lam=0.1).selected.tolist()
+        raise ValueError(f"unknown arm {arm!r}")
+
+    def evaluate(self, model: Any, label: str) -> dict[str, list[float]]:
+        d = self.data
+        scores = np.zeros((len(d.users), self.p.candidates))
+        nll = np.zeros(len(d.users))
+        started = time.perf_counter()
+        for i, (history, cands) in enumerate(zip(d.histories, d.candidates, strict=True)):
+            logliks, lengths = candidate_logliks(self.llm, model, self.builder, history, cands)
+            scores[i], nll[i] = logliks, -logliks[0] / lengths[0]
+            if (i + 1) % 100 == 0:
+                say(f"{label}: evaluated {i + 1:,}/{len(d.users):,} users "
+                    f"({(i + 1) / (time.perf_counter() - started):.2f}/s)")
+        return {m: np.round(v, 6).tolist() for m, v in candidate_metrics(scores, nll).items()}
+
+    def popularity(self) -> dict[str, list[float]]:
+        d = self.data
+        scores = np.array([[d.popularity.get(c, 0) for c in cands] for cands in d.candidates], dtype=np.float64)
+        return {m: np.round(v, 6).tolist() for m, v in candidate_metrics(scores).items()}
+
+    def run_arm(self, arm: str, seed: int) -> dict[str, Any]:
+        path = self.out / f"{arm}-s{seed}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("protocol") == self.p.key():
+                say(f"{arm} seed {seed}: from {path.name}")
+                return cached  # type: ignore[no-any-return]
+        started = time.perf_counter()
+        record: dict[str, Any] = {"arm": arm, "seed": seed, "protocol": self.p.key()}
+        if arm == "popularity":
+            record["per_user"] = self.popularity()
+        elif arm == "base":
+            record["per_user"] = self.evaluate(self.llm.model, "base")
+            record["eval_s"] = time.perf_counter() - started
+        else:
+            chosen = self.select(arm, seed)
+            record["selected"] = len(chosen)
+            say(f"{arm} seed {seed}: {len(chosen)} samples; fine-tuning")
+            llm = self.load()
+            model = add_lora(llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout,
+                             self.t.target_modules, seed)
+            result = train_lora(model, self.make_builder(llm), [self.data.pool[i] for i in chosen], [],
+                                self.t.model_copy(update={"seed": seed}), llm.autocast_dtype,
+                                progress=lambda line: say(f"{arm} seed {seed}: {line}"))
+            record.update({"train_s": result.seconds, "train_tokens_per_s": result.tokens_per_s,
+                           "train_loss": result.train_losses})
+            self.llm = llm
+            evaluated = time.perf_counter()
+            record["per_user"] = self.evaluate(model, f"{arm} seed {seed}")
+            record["eval_s"] = time.perf_counter() - evaluated
+        record["seconds"] = time.perf_counter() - started
+        record["mean"] = {m: float(np.mean(v)) for m, v in record["per_user"].items()}
+        path.write_text(json.dumps(record))
+        say(f"{arm} seed {seed}: " + ", ".join(f"{m} {v:.4f}" for m, v in record["mean"].items())
+            + f" ({record['seconds']:.0f} s)")
+        return record
 
 
-def bootstrap_diff(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Paired bootstrap over users of mean(a − b): the mean difference and its 95% interval."""
-    diff = a - b
+# ---------------------------------------------------------------------- statistics
+
+
+def hierarchical_bootstrap(diffs: Sequence[np.ndarray], rounds: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean of per-user differences, resampling seeds and then users within each seed; 95% interval."""
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(rounds, len(diff)))].mean(axis=1)
-    return {"diff": float(diff.mean()), "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5))}
+    means = np.empty(rounds)
+    for r in range(rounds):
+        picked = rng.integers(0, len(diffs), len(diffs))
+        means[r] = np.mean([diffs[k][rng.integers(0, len(diffs[k]), len(diffs[k]))].mean() for k in picked])
+    point = float(np.mean([d.mean() for d in diffs]))
+    low, high = (float(x) for x in np.percentile(means, [2.5, 97.5]))
+    return {"diff": point, "ci95": [low, high], "per_seed": [float(d.mean()) for d in diffs],
+            "significant": bool(low > 0 or high < 0)}
 
 
-def summarise(per_seed: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, Any]:
-    """Mean ± std over seeds; per-user means over seeds for the paired intervals."""
-    user_means = {name: {m: np.mean([r[m] for r in runs], axis=0) for m in METRICS} for name, runs in per_seed.items()}
-    out: dict[str, Any] = {}
-    for name, runs in per_seed.items():
-        seed_means = {m: [float(r[m].mean()) for r in runs] for m in METRICS}
-        out[name] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for m, v in seed_means.items()}
-        if "random" in user_means and name != "random":
-            out[name]["vs_random"] = {m: bootstrap_diff(user_means[name][m], user_means["random"][m]) for m in METRICS}
-    if "streaming" in user_means and "dealrec" in user_means:
-        out["streaming"]["vs_dealrec"] = {m: bootstrap_diff(user_means["streaming"][m], user_means["dealrec"][m])
-                                          for m in METRICS}
+def compare(records: dict[str, dict[int, dict[str, Any]]], a: str, b: str) -> dict[str, Any]:
+    """a − b on every metric; seeds paired where both arms have them, else every seed of the seeded arm
+    against the unseeded (or single-seed) one."""
+    sa, sb = records[a], records[b]
+    shared = sorted(set(sa) & set(sb))
+    pairs = [(sa[s], sb[s]) for s in shared] if len(shared) > 1 or (len(sa) == 1 and len(sb) == 1) else \
+        [(ra, rb) for ra in sa.values() for rb in sb.values()]
+    out: dict[str, Any] = {"a": a, "b": b, "seeds": [[ra["seed"], rb["seed"]] for ra, rb in pairs]}
+    for m in CANDIDATE_METRICS:
+        out[m] = hierarchical_bootstrap([np.asarray(ra["per_user"][m]) - np.asarray(rb["per_user"][m])
+                                         for ra, rb in pairs])
+    out["ci95"] = out[PRIMARY]["ci95"]
     return out
 
 
-def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    lines = [f"# Games quality benchmark ({meta['mode']}{'-' + meta['tag'] if meta['tag'] else ''})", "",
-             f"{meta['date']}, commit {meta['commit']}, {meta['cores']} cores; budget {meta['budget']}, "
-             f"{meta['test_users']:,} test users, seeds {meta['seeds']}, "
-             f"{'generation + grounding' if meta['generate'] else 'prompt-state grounding'}.", "",
-             "| method | " + " | ".join(METRICS) + " | R@20 − Random [95% CI] |",
-             "| --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
-    for name, row in summary.items():
-        cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" for m in METRICS]
-        vs = row.get("vs_random", {}).get("recall@20")
-        ci = f"{vs['diff']:+.4f} [{vs['low']:+.4f}, {vs['high']:+.4f}]" if vs else "–"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ci} |")
-    s = summary.get("streaming", {}).get("vs_dealrec")
-    if s:
-        lines += ["", "Streaming − batch DEALRec: " + ", ".join(
-            f"{m} {s[m]['diff']:+.4f} [{s[m]['low']:+.4f}, {s[m]['high']:+.4f}]" for m in METRICS)]
-    return "\n".join(lines) + "\n"
+def summarise(records: dict[str, dict[int, dict[str, Any]]], meta: dict[str, Any]) -> dict[str, Any]:
+    arms = {arm: {"seeds": sorted(runs), "per_seed": {str(s): r["mean"] for s, r in sorted(runs.items())},
+                  "mean": {m: float(np.mean([r["mean"][m] for r in runs.values()])) for m in CANDIDATE_METRICS},
+                  "train_s": [r.get("train_s") for r in runs.values()], "eval_s": [r.get("eval_s") for r in runs.values()]}
+            for arm, runs in records.items()}
+    comparisons = {f"{a} - random": compare(records, a, "random") for a in records if a != "random" and "random" in records}
+    if "streaming" in records and "dealrec" in records:
+        comparisons["streaming - dealrec"] = compare(records, "streaming", "dealrec")
+
+    def beats(a: str) -> bool | None:
+        c = comparisons.get(f"{a} - random")
+        return None if c is None else bool(c[PRIMARY]["ci95"][1] < 0)  # (a − random) entirely below 0
+
+    control = comparisons.get("random4x - random")
+    gates = {"random beats base": beats("base"), "random beats popularity": beats("popularity"),
+             "positive control beats random": None if control is None else bool(control[PRIMARY]["ci95"][0] > 0)}
+    complete = all(v is not None for v in gates.values())
+    measurable = complete and all(gates.values())
+    return {"arms": arms, "comparisons": comparisons,
+            "gates": {**gates, "complete": complete, "measurable": measurable}, **meta}
 
 
-def chart(summary: dict[str, Any], path: Path, title: str) -> None:
+def markdown(summary: dict[str, Any]) -> str:
+    gates = summary["gates"]
+    lines = [f"# Quality on {summary['dataset']} (--cpu protocol)", "",
+             f"{summary['date']}, commit {summary['commit']}, {summary['cores']} cores, {summary['base_model']}; "
+             f"pool {summary['pool']:,}, budget {summary['budget']}, {summary['epochs']} epochs, "
+             f"{summary['users']:,} test users × {summary['candidates']} candidates. Primary metric: {PRIMARY} "
+             "(share of the 19 negatives the target outranks; 0.5 = chance).", ""]
+    if not gates["complete"]:
+        lines += ["**Incomplete run**: arms still missing; gates not evaluated.", ""]
+    elif not gates["measurable"]:
+        lines += ["**Not measurable at this scale**: a gate failed (below), so no method is ranked.", ""]
+    lines += ["| arm | seeds | " + " | ".join(CANDIDATE_METRICS) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in CANDIDATE_METRICS) + " |"]
+    for arm, row in summary["arms"].items():
+        lines.append(f"| {arm} | {len(row['seeds'])} | " + " | ".join(f"{row['mean'][m]:.4f}" for m in CANDIDATE_METRICS)
+                     + " |")
+    lines += ["", f"Differences in {PRIMARY} (hierarchical bootstrap over seeds and users, 95% interval; "
+              "per-seed differences listed):", "", "| comparison | difference | 95% interval | per seed | significant |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, c in summary["comparisons"].items():
+        p = c[PRIMARY]
+        lines.append(f"| {name} | {p['diff']:+.4f} | [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] | "
+                     + ", ".join(f"{x:+.4f}" for x in p["per_seed"]) + f" | {'yes' if p['significant'] else 'no'} |")
+    lines += ["", "Gates: " + "; ".join(f"{k}: {v}" for k, v in gates.items()), ""]
+    return "\n".join(lines)
+
+
+def chart(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(summary)
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.1), 4))
-    width = 0.2
-    for k, m in enumerate(METRICS):
-        x = np.arange(len(names)) + (k - 1.5) * width
-        ax.bar(x, [summary[n][m]["mean"] for n in names], width, yerr=[summary[n][m]["std"] for n in names],
-               label=m, capsize=2)
-    ax.set_xticks(np.arange(len(names)), names, rotation=20)
-    ax.set_title(title)
-    ax.legend()
+    comps = list(summary["comparisons"].items())
+    if not comps:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(comps) + 1.5))
+    for y, (name, c) in enumerate(comps):
+        p = c[PRIMARY]
+        ax.errorbar(p["diff"], y, xerr=[[p["diff"] - p["ci95"][0]], [p["ci95"][1] - p["diff"]]], fmt="o", capsize=3)
+        ax.scatter(p["per_seed"], [y] * len(p["per_seed"]), s=8, color="grey")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(comps)), [n for n, _ in comps])
+    ax.set_xlabel(f"difference in {PRIMARY} (95% interval; grey: seeds)")
+    ax.set_title(f"{summary['dataset']}, {summary['base_model']}, budget {summary['budget']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def run_cpu(args: argparse.Namespace, path: Path) -> None:
+    started = time.perf_counter()
+    protocol = Protocol(dataset=path.name, data_digest=digest(*(file_digest(path / f) for f in
+                                                                 ("train.txt", "valid.txt", "test.txt", "items.tsv"))),
+                        users=args.users, budget=args.budget, epochs=args.epochs, learning_rate=args.lr,
+                        prompt_history=args.history, pool=args.pool, surrogate_epochs=args.surrogate_epochs)
+    name = f"quality-{path.name}-cpu{'-' + args.tag if args.tag else ''}"
+    say(f"protocol {protocol.key()}: {asdict(protocol)}")
+    data = Data(path, protocol)
+    bench = CpuBench(data, protocol, RESULTS / name)
+    say(f"{len(data.samples):,} training samples, pool {len(data.pool):,}, {len(data.users):,} test users")
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = set(arms) - set(ALL_ARMS)
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}; known: {', '.join(ALL_ARMS)}")
+    plan = [(a, 0) for a in arms if a in ("popularity", "base")]  # need no pool scores: they run first
+    for seed in range(args.seeds):  # seed by seed, so the gates and a first comparison come early
+        plan += [(a, seed) for a in arms if a in TRAINED_ARMS and (a not in SINGLE_SEED or seed == 0)]
+    records: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm, seed in plan:
+        if arm in TRAINED_ARMS and not bench.scores:
+            bench.score_pool()
+        records.setdefault(arm, {})[seed] = bench.run_arm(arm, seed)
+        write_summary(records, protocol, bench, name, started, data)
+    say(f"done: {RESULTS / name}.json")
+
+
+def write_summary(records: dict[str, dict[int, dict[str, Any]]], protocol: Protocol, bench: CpuBench, name: str,
+                  started: float, data: Data) -> None:
+    arm_seconds = sum(r.get("seconds", 0.0) for runs in records.values() for r in runs.values())
+    meta = {"dataset": protocol.dataset, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+            "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(), "protocol": asdict(protocol), "protocol_key": protocol.key(),
+            "base_model": protocol.base_model, "pool": len(data.pool), "budget": protocol.budget,
+            "epochs": protocol.epochs, "users": len(data.users), "candidates": protocol.candidates,
+            "scoring_timings_s": bench.timings, "wall_s": arm_seconds,
+            "this_invocation_s": time.perf_counter() - started,
+            "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]])}
+    summary = summarise(records, meta)
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(summary))
+    chart(summary, RESULTS / f"{name}.png")
+
+
+def run_full(args: argparse.Namespace, path: Path) -> None:
+    """Budget 1,024 from every training sample, generation + base-model grounding, Recall/NDCG@10/20 over the
+    full catalogue, and the full-data reference; on ``trainer.device`` (CUDA when present)."""
+    started = time.perf_counter()
+    protocol = Protocol(dataset=path.name, data_digest=digest(*(file_digest(path / f) for f in
+                                                                 ("train.txt", "valid.txt", "test.txt", "items.tsv"))),
+                        users=args.test_users or 10**9, budget=args.budget, epochs=args.epochs, learning_rate=args.lr,
+                        prompt_history=None, pool=10**9, surrogate_epochs=args.surrogate_epochs)
+    name = f"quality-{path.name}-full{'-' + args.tag if args.tag else ''}"
+    data = Data(path, protocol)
+    bench = CpuBench(data, protocol, RESULTS / name)
+    say(f"--full on {bench.llm.device}: {len(data.pool):,} candidates, {len(data.users):,} test users")
+    bench.score_pool()
+    users = sample_test_users(data.test, args.test_users, seed=0)
+    results: dict[str, list[dict[str, float]]] = {}
+    plan = [("base", 0), *((a, s) for s in range(args.seeds) for a in ("random", "dealrec", "streaming")), ("full", 0)]
+    for arm, seed in plan:
+        model, llm = bench.llm.model, bench.llm
+        if arm != "base":
+            chosen = list(range(len(data.pool))) if arm == "full" else bench.select(arm, seed)
+            llm = bench.load()
+            model = add_lora(llm.model, bench.t.lora_r, bench.t.lora_alpha, bench.t.lora_dropout,
+                             bench.t.target_modules, seed)
+            train_lora(model, bench.make_builder(llm), [data.pool[i] for i in chosen], [],
+                       bench.t.model_copy(update={"seed": seed}), llm.autocast_dtype, progress=say)
+        rec = Recommender(llm, model, data.catalog, bench.make_builder(llm), bench.t.cache_dir / "titles",
+                          bench.t.max_new_tokens, bench.t.num_beams)
+        results.setdefault(arm, []).append(evaluate_dealrec(lambda h, k: rec.recommend(h, k), data.train,
+                                                            data.valid, data.test, users))
+        say(f"{arm} seed {seed}: {results[arm][-1]}")
+        (RESULTS / f"{name}.json").write_text(json.dumps({
+            "results": results, "protocol": asdict(protocol), "device": str(llm.device), "users": len(users),
+            "scoring_timings_s": bench.timings, "wall_s": time.perf_counter() - started}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = ap.add_mutually_exclusive_group(required=True)
-    which.add_argument("--quick", action="store_const", dest="mode", const="quick")
+    which.add_argument("--cpu", action="store_const", dest="mode", const="cpu")
     which.add_argument("--full", action="store_const", dest="mode", const="full")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "games")
-    ap.add_argument("--budget", type=int)
-    ap.add_argument("--test-users", type=int, help="a seeded sample of this many test users")
-    ap.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...)")
-    ap.add_argument("--pool", type=int, help="candidates: a seeded uniform pool of this many training samples")
-    ap.add_argument("--full-limit", type=int, help="train the full-data reference on this many samples only")
-    ap.add_argument("--methods", default=",".join(SELECTORS))
+    ap.add_argument("--dataset", default="games", help="games, or any directory in the DEALRec format "
+                    "(train/valid/test.txt + items.tsv)")
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--arms", default=",".join(ALL_ARMS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--users", type=int, default=1000, help="--cpu: seeded test users")
+    ap.add_argument("--test-users", type=int, help="--full: a seeded sample of test users (default: all)")
+    ap.add_argument("--pool", type=int, default=4096)
+    ap.add_argument("--budget", type=int, help="default: 256 (--cpu), 1,024 (--full)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--history", type=int, default=5, help="--cpu: most recent history items in a prompt")
     ap.add_argument("--surrogate-epochs", type=int, default=10)
-    ap.add_argument("--tag", default="", help="suffix of the result files (for a reduced slice)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (a reduced slice)")
     args = ap.parse_args(argv)
-    if not (args.data / "train.txt").is_file():
-        sys.exit(f"the Games dataset is not at {args.data} (../shared/data is absent)")
-    mode = MODES[args.mode]
-    if args.budget:
-        mode.budget = args.budget
-    if args.test_users:
-        mode.test_users = args.test_users
-    if args.seeds:
-        mode.seeds = list(range(args.seeds))
-    if args.pool:
-        mode.pool = args.pool
+    path = resolve_dataset(args.dataset, args.data_dir)
+    if not (path / "train.txt").is_file():
+        sys.exit(f"no DEALRec-format dataset at {path} (train.txt missing; ../shared/data absent?)")
+    args.budget = args.budget or (256 if args.mode == "cpu" else 1024)
     torch.manual_seed(0)
-    started = time.perf_counter()
-    bench = Bench(args.data, mode, args.surrogate_epochs)
-    per_seed: dict[str, list[dict[str, np.ndarray]]] = {"base": [bench.evaluate(bench.llm.model, "base")]}
-    runs: list[dict[str, Any]] = []
-    methods = [m for m in args.methods.split(",") if m]
-    for seed in mode.seeds:
-        for method in methods:
-            t0 = time.perf_counter()
-            chosen = bench.select(method, seed)
-            select_s = time.perf_counter() - t0
-            samples = [bench.pool[i] for i in chosen]
-            say(f"seed {seed} {method}: {len(samples)} samples selected in {select_s:.2f} s; fine-tuning")
-            model, train = bench.finetune(samples, seed)
-            per_seed.setdefault(method, []).append(bench.evaluate(model, f"seed {seed} {method}"))
-            runs.append({"seed": seed, "method": method, "selected": len(samples), "select_s": select_s, **train})
-    if mode.full_data:
-        samples = bench.pool[: args.full_limit] if args.full_limit else bench.pool
-        model, train = bench.finetune(samples, 0)
-        per_seed["full"] = [bench.evaluate(model, "full data")]
-        runs.append({"seed": 0, "method": "full", "selected": len(samples), **train})
-    summary = summarise(per_seed)
-    meta = {"mode": args.mode, "tag": args.tag, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
-            "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(), "budget": mode.budget, "max_history": mode.max_history,
-            "epochs": mode.epochs, "learning_rate": mode.learning_rate, "seeds": mode.seeds,
-            "test_users": len(bench.test_users), "generate": mode.generate, "candidates": len(bench.pool),
-            "training_samples": len(bench.samples), "effort_weight": EFFORT_WEIGHT, "strata": STRATA,
-            "hard_prune": HARD_PRUNE, "full_limit": args.full_limit, "base_model": bench.t.base_model,
-            "timings": bench.timings, "wall_s": time.perf_counter() - started,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])])}
-    name = f"quality-games-{args.mode}{'-' + args.tag if args.tag else ''}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown(summary, meta))
-    chart(summary, RESULTS / f"{name}.png", f"Games, SmolLM2-135M, budget {mode.budget} ({args.mode})")
-    print(markdown(summary, meta))
-    say(f"done in {meta['wall_s'] / 60:.1f} min: {RESULTS / name}.json")
+    (run_cpu if args.mode == "cpu" else run_full)(args, path)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,35 @@ def fidelity(make: Callable[[], StratifiedReservoir], scores: np.ndarray, order:
                     float(chisquare(observed, expected).pvalue), float(min(fills)) if fills else 0.0, len(sel))
 
 
+class KeepFirst(StratifiedReservoir):
+    """Negative control for :func:`fidelity` (never registered): each stratum keeps its first arrivals."""
+
+    arrivals = 0
+
+    def _key(self, sample_id: int, ts: float) -> float:
+        self.arrivals += 1
+        return -float(self.arrivals)
+
+
+class KeepLast(StratifiedReservoir):
+    """Negative control for :func:`fidelity` (never registered): each stratum keeps its latest arrivals."""
+
+    arrivals = 0
+
+    def _key(self, sample_id: int, ts: float) -> float:
+        self.arrivals += 1
+        return float(self.arrivals)
+
+
+def fidelity_orders(make: Callable[[int], StratifiedReservoir], scores: np.ndarray, shuffles: int = 20) -> list[Fidelity]:
+    """:func:`fidelity` in data order (seed 0) and in ``shuffles`` seeded shuffles (seeds 0, 1, ...)."""
+    results = []
+    for seed in [-1, *range(shuffles)]:
+        order = np.arange(len(scores)) if seed < 0 else np.random.default_rng(seed).permutation(len(scores))
+        results.append(fidelity(lambda: make(max(seed, 0)), scores, order, max(seed, 0)))
+    return results
+
+
 def fidelity_failures(results: Sequence[Fidelity], max_stratum_error: float = 0.02, min_fill: float = 0.99,
                       alpha: float = 0.01, max_rejections: float = 0.1) -> list[str]:
     """What is wrong with a selector, judged over many streamed orders (empty: it is faithful).

@@ -28,6 +28,23 @@ from recsift.stream.windows import Sample
 METHOD_SCORERS = {"dealrec": "dealrec", "random": "random", "grand": "grand", "el2n": "el2n", "ccs": "el2n", "loss": "loss"}
 
 
+def influence_scores(data_dir: Path, epochs: int = 1, lissa_depth: int = 100, reference_size: int = 1024,
+                     seed: int = 0) -> np.ndarray:
+    """DEALRec influence of every training sample of a DEALRec dataset (file order; one-item users excluded)
+    on a SASRec surrogate trained for ``epochs``: the score stream the fidelity checks replay."""
+    train = read_dealrec_split(data_dir, "train")
+    catalog = catalog_for(data_dir)
+    n_items = len(catalog) if catalog is not None else len({i for v in train.values() for i in v})
+    users = list(train)
+    surrogate = Surrogate(n_items, seed=seed)
+    enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
+    surrogate.fit(enc.batch, epochs, 128)
+    scorer = make_scorer("dealrec", seed=seed, depth=lissa_depth)
+    g = torch.Generator().manual_seed(seed)
+    scorer.prepare(surrogate, enc.batch.select(torch.randperm(len(enc.batch), generator=g)[:reference_size]))
+    return scorer.score(surrogate, enc.batch).values.numpy()
+
+
 @dataclass
 class PruneReport:
     dataset: str

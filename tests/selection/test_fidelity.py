@@ -3,69 +3,32 @@ from the batch run), with negative controls that must fail the same checks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from recsift.data.datasets import catalog_for, read_dealrec_split
-from recsift.scoring.scorer import make_scorer
-from recsift.scoring.surrogate import Surrogate
-from recsift.selection.checks import Fidelity, fidelity, fidelity_failures, synthetic_offers
+from recsift.selection.checks import KeepFirst, KeepLast, fidelity_failures, fidelity_orders, synthetic_offers
+from recsift.selection.prune import influence_scores
 from recsift.selection.reservoir import Offer, StratifiedReservoir
 from recsift.stream.windows import Sample
 
 BUDGET, STRATA, PRUNE = 1024, 50, 0.1
-ORDERS = [-1, *range(20)]  # data order, then 20 seeded shuffles
-
-
-class KeepFirst(StratifiedReservoir):
-    """Negative control: each stratum keeps its first arrivals and never replaces them."""
-
-    arrivals = 0
-
-    def _key(self, sample_id: int, ts: float) -> float:
-        self.arrivals += 1
-        return -float(self.arrivals)
-
-
-class KeepLast(StratifiedReservoir):
-    """Negative control: each stratum keeps its latest arrivals."""
-
-    arrivals = 0
-
-    def _key(self, sample_id: int, ts: float) -> float:
-        self.arrivals += 1
-        return float(self.arrivals)
 
 
 @pytest.fixture(scope="module")
 def games_scores(games: Path) -> np.ndarray:
     """DEALRec influence of every Games training sample on a real SASRec surrogate (one epoch; ~20 s)."""
-    train = read_dealrec_split(games, "train")
-    catalog = catalog_for(games)
-    assert catalog is not None
-    users = list(train)
-    surrogate = Surrogate(len(catalog), seed=0)
-    enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
-    surrogate.fit(enc.batch, 1, 128)
-    scorer = make_scorer("dealrec", seed=0, depth=100)
-    reference = enc.batch.select(torch.randperm(len(enc.batch), generator=torch.Generator().manual_seed(0))[:1024])
-    scorer.prepare(surrogate, reference)
-    return scorer.score(surrogate, enc.batch).values.numpy()
+    return influence_scores(games)
 
 
-def run_orders(cls: type[StratifiedReservoir], scores: np.ndarray) -> list[Fidelity]:
-    results = []
-    for seed in ORDERS:
-        order = np.arange(len(scores)) if seed < 0 else np.random.default_rng(seed).permutation(len(scores))
-        results.append(fidelity(lambda: cls(BUDGET, STRATA, PRUNE, seed=max(seed, 0)), scores, order, max(seed, 0)))
-    return results
+def make(cls: type[StratifiedReservoir]) -> Callable[[int], StratifiedReservoir]:
+    return lambda seed: cls(BUDGET, STRATA, PRUNE, seed=seed)
 
 
 def test_streaming_matches_batch_dealrec_on_games(games_scores: np.ndarray) -> None:
-    results = run_orders(StratifiedReservoir, games_scores)
+    results = fidelity_orders(make(StratifiedReservoir), games_scores)
     assert len(games_scores) > 40_000 and len(results) == 21
     assert fidelity_failures(results) == [], [(r.max_stratum_error, r.ks_pvalue, r.position_pvalue, r.min_fill)
                                               for r in results]
@@ -75,7 +38,7 @@ def test_streaming_matches_batch_dealrec_on_games(games_scores: np.ndarray) -> N
 @pytest.mark.parametrize("control", [KeepFirst, KeepLast])
 def test_keep_first_and_keep_last_fail_the_same_checks(games_scores: np.ndarray,
                                                        control: type[StratifiedReservoir]) -> None:
-    failures = fidelity_failures(run_orders(control, games_scores))
+    failures = fidelity_failures(fidelity_orders(make(control), games_scores))
     assert any(f.startswith("position_pvalue") for f in failures), failures
 
 
