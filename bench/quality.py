@@ -389,8 +389,9 @@ def markdown(summary: dict[str, Any]) -> str:
               "| --- | --- | --- | --- | --- |"]
     for name, c in summary["comparisons"].items():
         p = c[PRIMARY]
+        verdict = ("yes" if p["significant"] else "no") if gates["measurable"] else "not measurable at this scale"
         lines.append(f"| {name} | {p['diff']:+.4f} | [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] | "
-                     + ", ".join(f"{x:+.4f}" for x in p["per_seed"]) + f" | {'yes' if p['significant'] else 'no'} |")
+                     + ", ".join(f"{x:+.4f}" for x in p["per_seed"]) + f" | {verdict} |")
     lines += ["", "Gates: " + "; ".join(f"{k}: {v}" for k, v in gates.items()), ""]
     return "\n".join(lines)
 
