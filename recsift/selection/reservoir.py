@@ -350,7 +350,8 @@ class StratifiedReservoir:
         be given more than it holds (members + spares + this batch's arrivals). Counts are exact only while
         the edges hold; after a re-bucketing they are estimates, and a sparse stratum's estimate can exceed
         the samples it still has. Its shortfall then goes to the other strata, as in the batch rule, instead
-        of leaving the coreset under-filled."""
+        of leaving the coreset under-filled; what no count can place goes to strata holding more than their
+        quota."""
         counts = np.floor(self.counts + 1e-9).astype(np.int64)
         held = np.array([len(h) + len(s) for h, s in zip(self.heaps, self.spare_heaps, strict=True)], dtype=np.int64)
         if arriving is not None:
@@ -362,6 +363,13 @@ class StratifiedReservoir:
                 break
             counts[short] = held[short]
             quotas = allocate(counts.tolist(), self.budget)
+        # budget the counts cannot place (the stream's recent scores moved away from what is held, so the
+        # strata that hold samples have small estimated counts) goes, fewest-first, to strata holding more
+        # than their quota: the coreset stays full with the best it has until arrivals take the places back
+        remaining = self.budget - sum(quotas)
+        if remaining > 0:
+            extra = np.maximum(held - np.asarray(quotas), 0)
+            quotas = [q + a for q, a in zip(quotas, allocate(extra.tolist(), remaining), strict=True)]
         self.quotas = quotas
 
     def _rebuild_heaps(self) -> None:
