@@ -22,7 +22,7 @@ from scipy.stats import chisquare, ks_2samp
 
 from recsift.selection.reservoir import Offer, StratifiedReservoir
 from recsift.selection.store import CoresetStore
-from recsift.selection.stratified import dealrec_select, stratum_of
+from recsift.selection.stratified import dealrec_select, hard_prune_cut, stratum_of
 from recsift.stream.checkpoint import Checkpoint
 from recsift.stream.windows import Sample
 
@@ -94,7 +94,7 @@ def fidelity(make: Callable[[], StratifiedReservoir], scores: np.ndarray, order:
             fills.append(len(sel) / budget)
     ids = np.arange(len(scores))
     reference = dealrec_select(ids, scores, budget, strata, prune, seed)
-    kept = scores <= (np.sort(scores)[len(scores) - int(len(scores) * prune) - 1] if prune else np.inf)
+    kept = scores <= hard_prune_cut(scores, prune)
     low, high = float(scores[kept].min()), float(scores[kept].max())
     members = np.array(sorted(sel.members))
     got = np.bincount(stratum_of(scores[members], low, high, strata), minlength=strata)
