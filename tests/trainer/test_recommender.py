@@ -80,6 +80,7 @@ def test_candidate_logliks_equal_a_full_forward_per_candidate(tmp_path: Path) ->
     rec = make(tmp_path)
     history, items = ["0", "1", "2"], ["3", "6", "4", "7"]
     got, lengths = candidate_logliks(rec.llm, rec.model, rec.builder, history, items)
+    assert len(set(lengths.tolist())) > 1  # candidates of different lengths, so the packing is exercised
     prompt, _ = rec.builder.prompt_ids(history)
     for item, value, n in zip(items, got, lengths, strict=True):
         response = rec.builder.response_ids(item)
