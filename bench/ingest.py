@@ -63,7 +63,7 @@ def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int, fetch_
     from recsift.config import load_config
     from recsift.monitoring.metrics import Metrics
     from recsift.service import Ingest
-    from recsift.stream.events import Catalog
+    from recsift.stream.catalog import Catalog
 
     state = tempfile.mkdtemp(prefix="recsift-bench-")
     cfg = load_config(overrides={
@@ -130,7 +130,7 @@ def main() -> None:
     from recsift.config import load_config
     from recsift.data.synthetic import SyntheticStream
     from recsift.stream.broker import EmbeddedBroker
-    from recsift.stream.sources import ensure_topic, produce_events
+    from recsift.stream.kafka import ensure_topic, produce_events
 
     try:
         import crc32c  # noqa: F401

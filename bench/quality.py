@@ -57,12 +57,14 @@ sys.path.insert(0, str(ROOT))
 from recsift.config import TrainerConfig, load_config  # noqa: E402
 from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset  # noqa: E402
 from recsift.scoring.effort import EffortScorer  # noqa: E402
-from recsift.scoring.scorer import combine, make_scorer  # noqa: E402
-from recsift.scoring.surrogate import Surrogate  # noqa: E402
+from recsift.scoring.registry import make_scorer
+from recsift.scoring.sasrec import SASRecSurrogate  # noqa: E402
+from recsift.scoring.scorer import combine  # noqa: E402
 from recsift.selection.goracs import goracs_select  # noqa: E402
-from recsift.selection.reservoir import Offer, StratifiedReservoir  # noqa: E402
+from recsift.selection.reservoir import StratifiedReservoir
+from recsift.selection.selector import Offer  # noqa: E402
 from recsift.selection.stratified import dealrec_select, random_select  # noqa: E402
-from recsift.stream.events import Catalog  # noqa: E402
+from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
 from recsift.trainer.evaluate import (  # noqa: E402
     CANDIDATE_METRICS,
@@ -194,7 +196,7 @@ class CpuBench:
             say(f"pool scores from the cache ({path.name})")
             return
         started = time.perf_counter()
-        surrogate = Surrogate(len(d.catalog), seed=0)
+        surrogate = SASRecSurrogate(len(d.catalog), seed=0)
         train_enc = surrogate.encode([s.history for s in d.samples], [s.target for s in d.samples],
                                      range(len(d.samples)))
         surrogate.fit(train_enc.batch, p.surrogate_epochs, 128,
@@ -204,7 +206,7 @@ class CpuBench:
         reference = train_enc.batch.select(torch.randperm(len(train_enc.batch),
                                                           generator=torch.Generator().manual_seed(0))[:4096])
         started = time.perf_counter()
-        scorer = make_scorer("dealrec", seed=0, depth=500)
+        scorer = make_scorer({"type": "dealrec", "depth": 500}, seed=0)
         scorer.prepare(surrogate, reference)
         self.scores["influence"] = scorer.score(surrogate, enc.batch).values.double().numpy()
         self.timings["influence_s"] = time.perf_counter() - started

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from recsift.config import load_config  # noqa: E402
 from recsift.data.datasets import catalog_for, read_dealrec_split  # noqa: E402
-from recsift.stream.events import Catalog  # noqa: E402
+from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
 from recsift.trainer.llm import add_lora, load_llm  # noqa: E402
 from recsift.trainer.prompts import PromptBuilder, domain_named  # noqa: E402

@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from recsift.data.datasets import read_dealrec_split  # noqa: E402
-from recsift.scoring.scorer import DEALRecScorer, make_scorer  # noqa: E402
-from recsift.scoring.surrogate import SeqBatch, Surrogate  # noqa: E402
+from recsift.scoring.dealrec import DEALRecScorer
+from recsift.scoring.registry import make_scorer  # noqa: E402
+from recsift.scoring.sasrec import SASRecSurrogate  # noqa: E402
+from recsift.scoring.surrogate import SeqBatch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -51,7 +53,7 @@ def main() -> None:
         sys.exit(f"the Games dataset is not at {args.data}")
 
     train = read_dealrec_split(args.data, "train")
-    surrogate = Surrogate(17_332, seed=0)
+    surrogate = SASRecSurrogate(17_332, seed=0)
     enc = surrogate.encode([v[:-1] for v in train.values()], [v[-1] for v in train.values()], [int(u) for u in train])
     batch = enc.batch
     print(f"Games: {len(train):,} users, {len(batch):,} training sequences, {enc.too_short:,} too short to score "
@@ -128,7 +130,7 @@ def stream_stage_figures(events: int = 60_000) -> dict[str, float]:
     from recsift.config import load_config
     from recsift.data.synthetic import SyntheticStream
     from recsift.service import build_scoring
-    from recsift.stream.events import Catalog
+    from recsift.stream.catalog import Catalog
     from recsift.stream.windows import StreamState
 
     cfg = load_config()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from recsift.config import ConfigError, Settings, load_config, parse_override
+from recsift.vocab import AdminAction, Outcome, Trigger
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-generate", action="store_true", help="ground from the prompt (no generation)")
 
     admin = sub.add_parser("admin", help="talk to a running service: status, refresh, pause, resume, rollback")
-    admin.add_argument("action", choices=["status", "refresh", "pause", "resume", "rollback"])
+    admin.add_argument("action", choices=AdminAction.values())
     admin.add_argument("--url", default="http://127.0.0.1:9400", help="the service's monitoring address")
     admin.add_argument("--token-file", type=Path, help="read the bearer token from this file "
                        "(default: the RECSIFT_ADMIN__TOKEN environment variable)")
@@ -159,7 +160,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         resolve_dataset,
     )
     from recsift.data.synthetic import SyntheticStream
-    from recsift.stream.sources import ensure_topic, keyed, produce_events
+    from recsift.stream.kafka import ensure_topic, keyed, produce_events
 
     cfg = settings_from(args)
     if args.file == "synthetic":
@@ -182,8 +183,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from recsift.data.datasets import catalog_for, resolve_dataset
-    from recsift.selection.prune import prune
-    from recsift.stream.events import Catalog
+    from recsift.selection.prune import METHODS, prune
+    from recsift.service import scorer_options, stratified_options
+    from recsift.stream.catalog import Catalog
 
     cfg = settings_from(args)
     path = resolve_dataset(args.dataset, cfg.stream.data_dir)
@@ -194,9 +196,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from recsift.service import build_effort
 
         effort = build_effort(cfg, catalog_for(path) or Catalog())
+    strata = stratified_options(cfg)
     report = prune(path, args.method, args.budget, out, epochs=args.epochs, seed=cfg.scoring.seed,
-                   lissa_depth=cfg.scoring.lissa_depth, hidden=cfg.scoring.hidden, strata=cfg.selection.strata,
-                   hard_prune=cfg.selection.hard_prune, effort_weight=effort_weight, effort=effort,
+                   scorer_options=scorer_options(cfg, METHODS[args.method].scorer), hidden=cfg.scoring.hidden,
+                   strata=strata.strata, hard_prune=strata.hard_prune, effort_weight=effort_weight, effort=effort,
                    progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_table(f"recsift prune: {args.method} on {path.name}", [
         ("users", f"{report.users:,}"),
@@ -284,12 +287,12 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     cfg = settings_from(args)
     if not cfg.checkpoint.path.is_file():
         raise FileNotFoundError(f"no checkpoint at {cfg.checkpoint.path}: run `recsift run` first")
-    outcome = refresh(cfg, "manual", load_catalog(cfg), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    outcome = refresh(cfg, Trigger.MANUAL, load_catalog(cfg), progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_table("recsift refresh", [("outcome", outcome.outcome), ("snapshot", str(outcome.snapshot_id)),
                                     ("version", str(outcome.version)), ("serving before", str(outcome.serving_before)),
                                     ("validation loss before / after", f"{outcome.serving_loss} / {outcome.new_loss}"),
                                     ("seconds", f"{outcome.seconds:.1f}"), ("error", outcome.error or "-")])
-    return 0 if outcome.outcome in ("promoted", "skipped") else 1
+    return 0 if outcome.outcome in (Outcome.PROMOTED, Outcome.SKIPPED) else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -366,7 +369,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
                     last = status.get("last_refresh")
                     if last and last != before and not status.get("refresh_running"):
                         body = {"refresh": last, "adapter": status.get("adapter")}
-                        code = 200 if last.get("outcome") in ("promoted", "skipped") else 1
+                        code = 200 if last.get("outcome") in (Outcome.PROMOTED, Outcome.SKIPPED) else 1
                         break
                     _time.sleep(1.0)
                 else:
@@ -395,14 +398,17 @@ COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "coreset":
 
 def main(argv: list[str] | None = None) -> int:
     from recsift.data.datasets import DatasetNotFound
+    from recsift.selection.store import SnapshotNotFound
     from recsift.stream.broker import BrokerUnavailable
+    from recsift.trainer.registry import AdapterNotFound
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFound, FileNotFoundError, LookupError) as exc:
+    except (ConfigError, DatasetNotFound, FileNotFoundError, AdapterNotFound, SnapshotNotFound) as exc:
+        # what a user can fix; anything else is a bug and surfaces with its traceback (exit 1)
         print(f"recsift: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokerUnavailable as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -27,6 +28,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from recsift.vocab import Drift
 
 DEFAULT_DATA_DIR = Path("../shared/data")
 
@@ -37,6 +40,44 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    moved: ClassVar[dict[str, str]] = {}  # old key → where it lives now (an error names the new place)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            gone = [f"{key} moved to {cls.moved[key]}" for key in data if key in cls.moved]
+            if gone:
+                raise ValueError("; ".join(gone))
+        return data
+
+
+class ComponentSpec(BaseModel):
+    """A pluggable component as configured: its registered ``type`` and that type's options. The package
+    that owns the component validates it against its registry's discriminated union of configs
+    (:mod:`recsift.registry`), so a new implementation needs no change here. A bare name means
+    ``{type: name}``."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ScorerSpec(ComponentSpec):
+    type: str = "dealrec"
+
+
+class SelectorSpec(ComponentSpec):
+    type: str = "stratified"
 
 
 class SyntheticConfig(_Section):
@@ -134,6 +175,9 @@ class CheckpointConfig(_Section):
 class ScoringConfig(_Section):
     """DEALRec scoring: SASRec surrogate, influence, effort (consumed by recsift.scoring)."""
 
+    moved: ClassVar[dict[str, str]] = {"lissa_damping": "scoring.scorer.damping", "lissa_scale": "scoring.scorer.scale",
+                                       "lissa_depth": "scoring.scorer.depth"}
+
     enabled: bool = Field(True, description="false: ingest only (histories, windows, checkpoint), no scoring")
     seed: int = 0
     effort_weight: float = Field(
@@ -144,10 +188,8 @@ class ScoringConfig(_Section):
     layers: int = Field(2, gt=0)
     heads: int = Field(2, gt=0)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    lissa_damping: float = Field(0.01, ge=0.0, lt=1.0)
-    lissa_scale: float = Field(25.0, gt=0.0)
-    lissa_depth: int = Field(500, gt=0, description="LiSSA mini-batch steps (the authors: 5000 single-sample steps)")
-    scorer: Literal["dealrec", "random", "loss", "el2n", "grand"] = "dealrec"
+    scorer: ScorerSpec = Field(ScorerSpec(), description="type (dealrec, random, loss, el2n, grand) and its "
+                               "options, e.g. {type: dealrec, depth: 500} (recsift.scoring.registry)")
     batch_size: int = Field(4096, gt=0, description="samples per surrogate update and scoring pass on the stream")
     train_rows: int = Field(512, gt=0, description="new rows per surrogate step (plus as many replayed); the "
                             "rest of a scoring batch is scored but not trained on")
@@ -160,15 +202,13 @@ class ScoringConfig(_Section):
 class SelectionConfig(_Section):
     """Coverage-enhanced stratified selection (consumed by recsift.selection)."""
 
+    moved: ClassVar[dict[str, str]] = {k: f"selection.selector.{k}" for k in (
+        "strata", "hard_prune", "sketch_size", "half_life_s", "user_cap", "spares")}
+
     seed: int = 0
     budget: int = Field(1024, gt=0)
-    strata: int = Field(50, gt=0)
-    hard_prune: float = Field(0.1, ge=0.0, lt=1.0)
-    sketch_size: int = Field(8192, ge=16, description="recent scores the stratum edges and the hard-prune cut come from")
-    half_life_s: float | None = Field(None, gt=0, description="event-time half-life favouring recent samples; unset: off")
-    user_cap: int | None = Field(None, gt=0, description="at most this many members per user; unset: no cap")
-    spares: int | None = Field(None, ge=0, description="non-members per stratum kept to refill a stratum whose "
-                               "quota grows; unset: ⌈budget / strata⌉; 0: none (the coreset under-fills)")
+    selector: SelectorSpec = Field(SelectorSpec(), description="type (stratified) and its options, e.g. {type: "
+                                   "stratified, strata: 50, hard_prune: 0.1} (recsift.selection.registry)")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="hash-chosen share kept out of the coreset")
     validation_size: int = Field(2048, gt=0, description="recent validation samples kept")
     recent_window: int = Field(4096, gt=0, description="recent samples drift is measured against")
@@ -225,6 +265,14 @@ class TrainerConfig(_Section):
     refresh_samples: int | None = Field(None, gt=0, description="train on a seeded uniform subset of this many "
                                         "snapshot members (CPU demos); unset: the whole snapshot")
     refresh_timeout_s: float = Field(3600.0, gt=0, description="a refresh process running longer is killed (failed)")
+
+    @field_validator("drift_thresholds")
+    @classmethod
+    def _known_drift_names(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(Drift.values()))
+        if unknown:  # a misspelt name would never trigger
+            raise ValueError(f"unknown drift metrics {unknown}; known: {', '.join(Drift.values())}")
+        return value
 
 
 class MonitoringConfig(_Section):

@@ -22,56 +22,44 @@ from recsift.data.datasets import (
     catalog_for,
     detect_format,
     iter_events_or_payloads,
+    iter_payloads,
     resolve_dataset,
 )
 from recsift.data.synthetic import SyntheticStream
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.scoring.effort import EffortScorer
-from recsift.scoring.scorer import make_scorer
+from recsift.scoring.registry import SCORERS, make_scorer
+from recsift.scoring.sasrec import SASRecSurrogate
 from recsift.scoring.stream import (
     ScoredSample,
     ScoringStage,
     ScoringStore,
     StreamScorer,
 )
-from recsift.scoring.surrogate import Surrogate
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
-from recsift.selection.reservoir import make_selector
+from recsift.selection.registry import SELECTORS, make_selector
+from recsift.selection.reservoir import StratifiedConfig
 from recsift.selection.stage import GoracsSettings, SelectionStage, ValidationReservoir
 from recsift.selection.store import CoresetStore, read_snapshot
 from recsift.stream.broker import EmbeddedBroker
+from recsift.stream.catalog import Catalog, CatalogTopicReader
 from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
-from recsift.stream.events import (
-    Catalog,
-    DeadLetterSink,
-    DedupIndex,
-    FileDeadLetterSink,
-    Validator,
-)
+from recsift.stream.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
+from recsift.stream.dedup import DedupIndex
 from recsift.stream.fetcher import ProcessKafkaSource
-from recsift.stream.pipeline import (
-    DirectSink,
-    Pipeline,
-    RunSummary,
-    Source,
-    ThreadedSink,
-)
-from recsift.stream.sources import (
-    CatalogTopicReader,
-    FileSource,
-    KafkaDeadLetterSink,
-    KafkaSource,
-    ensure_topic,
-    keyed,
-    produce_events,
-)
+from recsift.stream.file_source import FileSource
+from recsift.stream.kafka import KafkaSource, ensure_topic, keyed, produce_events
+from recsift.stream.pipeline import DirectSink, Pipeline, RunSummary, ThreadedSink
+from recsift.stream.sources import Source
+from recsift.stream.validator import Validator
 from recsift.stream.windows import Batch
 from recsift.trainer.llm import add_lora, load_llm
 from recsift.trainer.prompts import builder_for
 from recsift.trainer.refresh import RefreshOutcome, refresh_in_process, registry_for
 from recsift.trainer.scheduler import RefreshScheduler
+from recsift.vocab import AdminAction, LossMetric, Outcome, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +86,30 @@ def embedded_feed(cfg: Settings, limit: int | None) -> Feed:
     if limit is not None:
         payloads = islice(payloads, limit)
     return Feed(str(path), payloads, catalog_for(path) or Catalog())
+
+
+def check_components(cfg: Settings) -> None:
+    """Validate the configured scorer and selector against their registries (a :class:`ConfigError` naming
+    the section), so a bad option fails at start-up rather than when the stage is built."""
+    for section, registry, spec in (("scoring.scorer", SCORERS, cfg.scoring.scorer),
+                                    ("selection.selector", SELECTORS, cfg.selection.selector)):
+        try:
+            registry.config(spec)
+        except ValueError as exc:
+            raise ConfigError(f"{section}: {exc}") from None
+
+
+def scorer_options(cfg: Settings, scorer_type: str) -> dict[str, object]:
+    """The configured options of ``scorer_type`` (empty when another scorer is configured)."""
+    spec = cfg.scoring.scorer
+    return SCORERS.config(spec).options() if spec.type == scorer_type else {}
+
+
+def stratified_options(cfg: Settings) -> StratifiedConfig:
+    """The stratified selector's options (strata, hard-prune), which batch pruning shares; defaults when
+    another selector is configured."""
+    spec = cfg.selection.selector
+    return StratifiedConfig.model_validate(spec.model_dump()) if spec.type == "stratified" else StratifiedConfig()
 
 
 def load_catalog(cfg: Settings) -> Catalog:
@@ -148,7 +160,9 @@ class Ingest:
         s = self.cfg.stream
         if s.source == "file":
             assert s.file_path is not None
-            return FileSource(s.file_path, s.file_format, self.pipeline.on_assign)
+            path, fmt = Path(s.file_path), s.file_format
+            return FileSource(path, lambda: iter_payloads(path, detect_format(path) if fmt == "auto" else fmt),
+                              self.pipeline.on_assign)
         if s.fetch_process:
             return ProcessKafkaSource(
                 s, self.embedded, self.pipeline.on_assign, self.pipeline.on_revoke,
@@ -174,13 +188,10 @@ def build_effort(cfg: Settings, catalog: Catalog) -> EffortScorer:
 def build_scoring(cfg: Settings, catalog: Catalog, metrics: Metrics | None = None) -> tuple[ScoringStage, ScoringStore]:
     """Surrogate, scorer (and effort when λ > 0), the batching stage and its checkpoint participant."""
     sc = cfg.scoring
-    surrogate = Surrogate(sc.item_capacity, hidden=sc.hidden, layers=sc.layers, heads=sc.heads,
+    surrogate = SASRecSurrogate(sc.item_capacity, hidden=sc.hidden, layers=sc.layers, heads=sc.heads,
                           max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed)
-    params: dict[str, object] = {"seed": sc.seed}
-    if sc.scorer == "dealrec":
-        params.update(damping=sc.lissa_damping, scale=sc.lissa_scale, depth=sc.lissa_depth)
     effort = build_effort(cfg, catalog) if sc.effort_weight > 0 else None
-    stream_scorer = StreamScorer(surrogate, make_scorer(sc.scorer, **params), sc.reestimate_every, sc.reference_size,
+    stream_scorer = StreamScorer(surrogate, make_scorer(sc.scorer, seed=sc.seed), sc.reestimate_every, sc.reference_size,
                                  sc.seed, effort, sc.effort_weight, sc.train_rows)
     stage = ScoringStage(stream_scorer, sc.batch_size, metrics=metrics)
     return stage, ScoringStore(stream_scorer, stage)
@@ -190,9 +201,7 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
                     metrics: Metrics | None = None) -> tuple[SelectionStage, CoresetStore]:
     """Streaming selector, validation reservoir, coverage and drift, and their checkpoint participant."""
     sel = cfg.selection
-    selector = make_selector("stratified", budget=sel.budget, strata=sel.strata, hard_prune=sel.hard_prune,
-                             seed=sel.seed, sketch_size=sel.sketch_size, half_life_s=sel.half_life_s,
-                             user_cap=sel.user_cap, spares=sel.spares)
+    selector = make_selector(sel.selector, budget=sel.budget, seed=sel.seed)
     validation = ValidationReservoir(sel.validation_size)
 
     def category(item_id: str) -> str | None:
@@ -207,7 +216,7 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
                                                      sel.goracs_max_exchanges, sel.goracs_exchange_candidates)
                                if sel.goracs_size else None)
     if metrics is not None:
-        metrics.init_strata(sel.strata, sel.budget)
+        metrics.init_strata(selector.strata, sel.budget)
     return selection, CoresetStore(selector, validation)
 
 
@@ -230,7 +239,7 @@ class Operations:
         current = self.registry.current()
         self.metrics.serving_version.set(int(current.name[1:]) if current else 0)
 
-    def refresh_job(self, trigger: str) -> RefreshOutcome:
+    def refresh_job(self, trigger: Trigger) -> RefreshOutcome:
         """The scheduler's job: one refresh in its own process, then metrics and turnover bookkeeping."""
         log.info("refresh (%s) starting", trigger)
         if self.pipeline is not None and not self.pipeline.request_checkpoint():
@@ -239,9 +248,9 @@ class Operations:
         m = self.metrics
         m.refresh_runs.labels(trigger, outcome.outcome).inc()
         m.refresh_duration.observe(outcome.seconds)
-        if outcome.outcome == "promoted":
+        if outcome.outcome is Outcome.PROMOTED:
             m.last_refresh.set(time.time())
-        for name, value in (("validation_loss", outcome.new_loss), ("serving_loss", outcome.serving_loss),
+        for name, value in ((LossMetric.VALIDATION_LOSS, outcome.new_loss), (LossMetric.SERVING_LOSS, outcome.serving_loss),
                             *outcome.metrics.items()):
             if value is not None:
                 m.eval_metric.labels(name).set(value)
@@ -258,7 +267,7 @@ class Operations:
         self._since_refresh += len(scored)
         if every is not None and self._since_refresh >= every:
             self._since_refresh = 0
-            self.scheduler.trigger("interval")
+            self.scheduler.trigger(Trigger.INTERVAL)
 
     def status(self) -> dict[str, object]:
         p, sel = self.pipeline, self.selection
@@ -281,9 +290,9 @@ class Operations:
             "adapter": current.name if current else None,
         }
 
-    def actions(self) -> dict[str, Callable[[], dict[str, object]]]:
+    def actions(self) -> dict[AdminAction, Callable[[], dict[str, object]]]:
         def refresh_now() -> dict[str, object]:
-            started = self.scheduler.trigger("manual")
+            started = self.scheduler.trigger(Trigger.MANUAL)
             return {"queued": started, "coalesced": not started, "runs_so_far": len(self.outcomes)}
 
         def pause() -> dict[str, object]:
@@ -303,7 +312,8 @@ class Operations:
             self._serving_gauge()
             return {"adapter": version.name}
 
-        return {"refresh": refresh_now, "pause": pause, "resume": resume, "rollback": rollback}
+        return {AdminAction.REFRESH: refresh_now, AdminAction.PAUSE: pause, AdminAction.RESUME: resume,
+                AdminAction.ROLLBACK: rollback}
 
 
 def _copy(d: dict[int, int]) -> dict[int, int]:
@@ -363,6 +373,7 @@ def _num(value: float | None) -> str:
 def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = None,
         progress: bool | None = None) -> ServiceSummary:
     """``recsift run``: consume until stopped, checkpointing as it goes; returns the run summary."""
+    check_components(cfg)
     metrics = metrics or Metrics()
     progress = cfg.monitoring.progress if progress is None else progress
     with ExitStack() as stack:

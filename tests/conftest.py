@@ -30,7 +30,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 @pytest.fixture
 def make_topic(broker: EmbeddedBroker) -> Callable[..., str]:
     """Create a fresh topic with N partitions on the session broker; returns its name."""
-    from recsift.stream.sources import ensure_topic
+    from recsift.stream.kafka import ensure_topic
 
     def make(partitions: int = 1, prefix: str = "t") -> str:
         name = f"{prefix}-{os.getpid()}-{next(_topic_ids)}"

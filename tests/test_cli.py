@@ -18,7 +18,7 @@ from tests.helpers import ROOT
 @pytest.mark.slow
 def test_embedded_default_run_consumes_the_synthetic_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--max-events", "3000", "--no-progress", "--state-dir", str(tmp_path), "--set", "monitoring.port=0",
-                 "--set", "scoring.batch_size=500", "--set", "scoring.lissa_depth=20"]) == 0
+                 "--set", "scoring.batch_size=500", "--set", "scoring.scorer.depth=20"]) == 0
     out = capsys.readouterr().out
     assert "events consumed             3,000" in out
     assert "max-events" in out

@@ -79,3 +79,25 @@ def test_run_applies_the_configured_log_level(tmp_path: Path, capsys: pytest.Cap
         assert root.level == logging.WARNING
     finally:
         root.setLevel(before)
+
+
+def test_a_moved_setting_fails_with_an_error_naming_its_new_place() -> None:
+    with pytest.raises(ConfigError, match="lissa_depth moved to scoring.scorer.depth"):
+        load_config(overrides={"scoring.lissa_depth": 20})
+    with pytest.raises(ConfigError, match="strata moved to selection.selector.strata"):
+        load_config(overrides={"selection.strata": 20})
+
+
+def test_component_sections_take_a_type_and_its_options_and_the_registry_checks_them() -> None:
+    from recsift.service import check_components
+
+    cfg = load_config(overrides={"scoring.scorer.depth": 20, "selection.selector.strata": 8})
+    assert (cfg.scoring.scorer.type, cfg.scoring.scorer.options()) == ("dealrec", {"depth": 20})
+    assert load_config(overrides={"scoring.scorer": "loss"}).scoring.scorer.type == "loss"
+    check_components(cfg)
+    with pytest.raises(ConfigError, match="scoring.scorer: .*depth"):
+        check_components(load_config(overrides={"scoring.scorer.depth": -1}))
+    with pytest.raises(ConfigError, match="selection.selector: unknown selector type 'fifo'"):
+        check_components(load_config(overrides={"selection.selector": "fifo"}))
+    with pytest.raises(ConfigError, match="drift metrics"):
+        load_config(overrides={"trainer.drift_thresholds": {"target_jss": 0.3}})

@@ -27,7 +27,7 @@ from recsift.data.datasets import recbole_events
 from recsift.selection.stage import is_validation
 from recsift.stream.broker import EmbeddedBroker, free_port
 from recsift.stream.checkpoint import sample_from_json
-from recsift.stream.sources import ensure_topic, keyed, produce_events
+from recsift.stream.kafka import ensure_topic, keyed, produce_events
 from tests.helpers import (
     MONITORING,
     PROMETHEUS,
@@ -49,7 +49,7 @@ BUDGET = 64
 def service_cmd(state: Path, tiny: Path, port: int, *extra: str) -> list[str]:
     """`recsift run` with small scoring batches, a 64-sample coreset and the tiny model as the LLM."""
     sets = {
-        "monitoring.port": port, "scoring.batch_size": 500, "scoring.lissa_depth": 20, "selection.budget": BUDGET,
+        "monitoring.port": port, "scoring.batch_size": 500, "scoring.scorer.depth": 20, "selection.budget": BUDGET,
         "trainer.base_model": tiny, "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 256,
         "trainer.refresh_samples": 16, "trainer.eval_samples": 16, "trainer.learning_rate": 0.005,
         "trainer.promote_tolerance": 1000, "trainer.cache_dir": state.parent / "cache",

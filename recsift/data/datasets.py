@@ -11,7 +11,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from recsift.stream.events import Catalog, Event
+from recsift.stream.catalog import Catalog
+from recsift.stream.events import Event
 
 SPLITS = ("train", "valid", "test")
 SPLIT_PERIOD_S = 30 * 86400.0  # DEALRec files carry no timestamps: each split gets a synthetic 30-day period

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from recsift.config import SyntheticConfig
-from recsift.stream.events import Catalog, Event, Item
+from recsift.stream.catalog import Catalog, Item
+from recsift.stream.events import Event
 
 _GENRES = ["Space", "Fantasy", "Racing", "Puzzle", "Horror", "Sports", "Strategy", "Mystery", "Western", "Pirate",
            "Ninja", "Robot"]

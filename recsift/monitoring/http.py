@@ -27,11 +27,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 
 from recsift.monitoring.metrics import Metrics
+from recsift.vocab import AdminAction
 
 log = logging.getLogger(__name__)
-
-ADMIN_ACTIONS = ("refresh", "pause", "resume", "rollback")
-
 
 @dataclass
 class Endpoints:
@@ -42,7 +40,7 @@ class Endpoints:
     lag: Callable[[], dict[int, int]] = dict
     connected: Callable[[], bool] = lambda: True  # the source reaches its broker
     status: Callable[[], dict[str, Any]] = dict
-    actions: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    actions: dict[AdminAction, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     token: SecretStr | None = None
     liveness_s: float = 30.0
     ready_lag: int = 10_000

@@ -12,11 +12,19 @@ import platform
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from recsift import __version__
-from recsift.stream.events import RejectReason
+from recsift.vocab import (
+    AdminAction,
+    CandidateMetric,
+    Drift,
+    Eviction,
+    LossMetric,
+    Outcome,
+    Rebalance,
+    RejectReason,
+    Stage,
+    Trigger,
+)
 
-DRIFT_METRICS = ("target_js", "category_js", "embedding_sw", "score_ks", "turnover", "member_age_s")
-
-STAGES = ("poll", "validate", "window", "sink", "checkpoint", "score", "select")
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -42,8 +50,8 @@ class Metrics:
         self.users_evicted = Counter(
             "recsift_users_evicted_total", "User histories evicted, by reason (ttl, capacity)", ["reason"], registry=r
         )
-        for reason in ("ttl", "capacity"):
-            self.users_evicted.labels(reason)
+        for eviction in Eviction:
+            self.users_evicted.labels(eviction.value)
         self.users_tracked = Gauge("recsift_users_tracked", "User histories held in memory", registry=r)
         self.pending_samples = Gauge("recsift_pending_samples", "Samples buffered in open windows", registry=r)
         self.watermark = Gauge(
@@ -59,8 +67,8 @@ class Metrics:
         self.rebalances = Counter(
             "recsift_rebalances_total", "Partition assignment changes, by outcome (assigned, revoked)", ["outcome"], registry=r
         )
-        for outcome in ("assigned", "revoked"):
-            self.rebalances.labels(outcome)
+        for change in Rebalance:
+            self.rebalances.labels(change.value)
         self.backpressure_paused = Gauge(
             "recsift_backpressure_paused", "1 while the source is paused because scoring is behind", registry=r
         )
@@ -77,8 +85,8 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
-        for stage in STAGES:
-            self.stage_duration.labels(stage)
+        for stage in Stage:
+            self.stage_duration.labels(stage.value)
 
         # checkpoint
         self.checkpoint_commits = Counter("recsift_checkpoint_commits_total", "Checkpoint transactions committed", registry=r)
@@ -127,15 +135,15 @@ class Metrics:
             "recsift_goracs_objective", "OT cost of the last GORACS subset to the validation reservoir", registry=r
         )
         self.drift = Gauge("recsift_drift", "Coreset vs. recent stream, by drift metric", ["metric"], registry=r)
-        for name in DRIFT_METRICS:
-            self.drift.labels(name)
+        for drift in Drift:
+            self.drift.labels(drift.value)
 
         # refresh and operations
         self.refresh_runs = Counter("recsift_refresh_runs_total", "Refresh runs by trigger and outcome",
                                     ["trigger", "outcome"], registry=r)
-        for trigger in ("interval", "drift", "manual"):
-            for outcome in ("promoted", "rejected", "failed", "skipped"):
-                self.refresh_runs.labels(trigger, outcome)
+        for trigger in Trigger:
+            for outcome in Outcome:
+                self.refresh_runs.labels(trigger.value, outcome.value)
         self.refresh_duration = Histogram("recsift_refresh_duration_seconds", "Refresh duration",
                                           buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600), registry=r)
         self.last_refresh = Gauge("recsift_last_successful_refresh_timestamp_seconds",
@@ -144,11 +152,12 @@ class Metrics:
                                      registry=r)
         self.eval_metric = Gauge("recsift_eval", "Validation metrics of the last refresh, by metric",
                                  ["metric"], registry=r)
-        for name in ("validation_loss", "serving_loss"):
-            self.eval_metric.labels(name)
+        for metric in (*LossMetric, *CandidateMetric):
+            self.eval_metric.labels(metric.value)
         self.admin_requests = Counter("recsift_admin_requests_total", "Admin actions performed", ["action"], registry=r)
-        for action in ("refresh", "pause", "resume", "rollback"):
-            self.admin_requests.labels(action)
+        for action in AdminAction:
+            if action is not AdminAction.STATUS:  # reading the status is not an action
+                self.admin_requests.labels(action.value)
         self.admin_auth_failures = Counter("recsift_admin_auth_failures_total",
                                            "Admin requests refused for a missing or wrong token", registry=r)
         self.paused = Gauge("recsift_consumption_paused", "1 while consumption is paused by an admin", registry=r)

@@ -14,26 +14,37 @@ EL2N or another difficulty score, so it lives with the selectors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from recsift.scoring.influence import default_block
-from recsift.scoring.scorer import (
-    Scores,
-    _check_batch,
-    _FollowsSurrogate,
-    _Versioned,
-    by_length,
-    register,
-)
+from recsift.registry import ComponentConfig
+from recsift.scoring.scorer import FollowsSurrogate, Scores, Versioned, by_length, check_batch
 from recsift.scoring.surrogate import PAD, SeqBatch, Surrogate, hashed_negatives
 
 
-@register
-class RandomScorer(_Versioned):
-    name = "random"
+class RandomConfig(ComponentConfig):
+    type: Literal["random"] = "random"
+
+
+class LossConfig(ComponentConfig):
+    type: Literal["loss"] = "loss"
+
+
+class EL2NConfig(ComponentConfig):
+    type: Literal["el2n"] = "el2n"
+
+
+class GraNdConfig(ComponentConfig):
+    type: Literal["grand"] = "grand"
+    block: tuple[str, ...] | None = Field(None, description="parameter names; unset: the surrogate's own block")
+
+
+class RandomScorer(Versioned):
+    Config = RandomConfig
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -43,22 +54,20 @@ class RandomScorer(_Versioned):
         return None  # nothing depends on the surrogate
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        _check_batch(batch)
+        check_batch(batch)
         draws = hashed_negatives(batch.sample_ids, 1, 2**31, self.seed)[:, 0]
         return Scores(draws.double() / 2**31, self.version)
 
 
-@register
-class LossScorer(_FollowsSurrogate):
-    name = "loss"
+class LossScorer(FollowsSurrogate):
+    Config = LossConfig
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
         return Scores(by_length(surrogate.losses, batch), self.version)
 
 
-@register
-class EL2NScorer(_FollowsSurrogate):
-    name = "el2n"
+class EL2NScorer(FollowsSurrogate):
+    Config = EL2NConfig
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
         def el2n(rows: SeqBatch) -> Tensor:
@@ -71,27 +80,27 @@ class EL2NScorer(_FollowsSurrogate):
         return Scores(by_length(el2n, batch, 512), self.version)
 
 
-@register
-class GraNdScorer(_FollowsSurrogate):
-    name = "grand"
+class GraNdScorer(FollowsSurrogate):
+    Config = GraNdConfig
 
     def __init__(self, seed: int = 0, block: Sequence[str] | None = None) -> None:
         super().__init__(seed)
         self.block = list(block) if block else None
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        model = surrogate.model
+        model = surrogate.loss_model
         model.eval()
-        names = self.block or default_block(model)
+        names = self.block or surrogate.influence_block()
         params = {k: v.detach() for k, v in model.named_parameters()}
         block = {k: params[k] for k in names}
         buffers = dict(model.named_buffers())
 
-        def one(p: dict[str, Tensor], seq: Tensor, neg: Tensor) -> Tensor:
-            return functional_call(model, {**params, **buffers, **p}, (seq[None], neg[None]))[0]
+        def one(p: dict[str, Tensor], *inputs: Tensor) -> Tensor:
+            return functional_call(model, {**params, **buffers, **p}, tuple(x[None] for x in inputs))[0]
 
         def norms(rows: SeqBatch) -> Tensor:
-            grads = vmap(grad(one), in_dims=(None, 0, 0))(block, rows.seqs, surrogate.negatives(rows))
+            inputs = surrogate.loss_inputs(rows)
+            grads = vmap(grad(one), in_dims=(None, *([0] * len(inputs))))(block, *inputs)
             return torch.stack([g.reshape(len(rows), -1).double().pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
 
         return Scores(by_length(norms, batch, 512), self.version)

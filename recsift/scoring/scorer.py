@@ -1,7 +1,8 @@
-"""Scorers: DEALRec's influence score (here) and the coreset baselines (``baselines.py``), behind one contract.
+"""The scorer contract, what every scorer shares, and DEALRec's score combination.
 
-Every scorer is a small class whose constructor arguments are its configuration (a ``seed`` included),
-registered by name. ``prepare(surrogate, reference)`` builds what a score depends on (for DEALRec the
+Implementations: DEALRec's influence (``dealrec.py``) and the coreset baselines (``baselines.py``),
+registered in ``registry.py``. Every scorer is a small class whose constructor arguments are its
+configuration (its ``Config``, a pydantic model with a ``type`` discriminator) plus a ``seed``. ``prepare(surrogate, reference)`` builds what a score depends on (for DEALRec the
 H⁻¹v estimate) and starts a new *version*; ``score(surrogate, batch)`` returns raw scores carrying that
 version. Higher means more valuable to keep (DEALRec's influence) or harder (GraNd, EL2N, loss): the
 selection stage decides what to do with the order.
@@ -14,14 +15,14 @@ is not known in advance: :class:`Bounds` fixes it from the reference reservoir w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
-from recsift.scoring.influence import InfluenceEstimator, default_block
+from recsift.registry import ComponentConfig
 from recsift.scoring.surrogate import PAD, SeqBatch, Surrogate
 
 
@@ -32,7 +33,7 @@ class Scores:
 
 
 class Scorer(Protocol):
-    name: ClassVar[str]
+    Config: ClassVar[type[ComponentConfig]]
     seed: int
     version: int
 
@@ -46,7 +47,7 @@ class Scorer(Protocol):
     def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None: ...
 
 
-class _Versioned:
+class Versioned:
     """State of a scorer that keeps nothing but its version."""
 
     version: int
@@ -58,7 +59,7 @@ class _Versioned:
         self.version = int(tensors["version"])
 
 
-class _FollowsSurrogate(_Versioned):
+class FollowsSurrogate(Versioned):
     """A scorer computed from the current surrogate alone: each prepare starts a new version."""
 
     def __init__(self, seed: int = 0) -> None:
@@ -69,22 +70,7 @@ class _FollowsSurrogate(_Versioned):
         self.version += 1
 
 
-SCORERS: dict[str, type] = {}
-
-
-def register(cls: type) -> type:
-    SCORERS[cls.name] = cls  # type: ignore[attr-defined]
-    return cls
-
-
-def make_scorer(name: str, **config: object) -> Scorer:
-    """A registered scorer by name; ``config`` are its constructor arguments."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; registered: {sorted(SCORERS)}")
-    return SCORERS[name](**config)  # type: ignore[no-any-return]
-
-
-def _check_batch(batch: SeqBatch) -> None:
+def check_batch(batch: SeqBatch) -> None:
     if len(batch) == 0:
         raise ValueError("empty batch: nothing to score")
 
@@ -96,67 +82,13 @@ def by_length(fn: Callable[[SeqBatch], Tensor], batch: SeqBatch, bucket: int = B
     """Apply a batch-invariant scoring function to rows grouped by length, each group trimmed to its
     longest row, and return the scores in the input order. Stream histories are mostly short, so this
     avoids computing on padding (several times faster on Games)."""
-    _check_batch(batch)
+    check_batch(batch)
     lengths = (batch.seqs != PAD).sum(1)
     order = torch.argsort(lengths, stable=True)
     out = torch.empty(len(batch), dtype=torch.float64)
     for chunk in torch.split(order, bucket):
         out[chunk] = fn(batch.select(chunk)).double()
     return out
-
-
-@register
-class DEALRecScorer(_Versioned):
-    """DEALRec's influence on the surrogate: score_i = ⟨∇loss_i, H⁻¹v⟩ (see ``influence.py``)."""
-
-    name = "dealrec"
-
-    def __init__(self, seed: int = 0, damping: float = 0.01, scale: float = 25.0, depth: int = 500,
-                 batch_size: int = 64, repeats: int = 1, block: Sequence[str] | None = None) -> None:
-        self.seed = seed
-        self.damping, self.scale, self.depth, self.batch_size, self.repeats = damping, scale, depth, batch_size, repeats
-        self.block = list(block) if block else None
-        self.estimator: InfluenceEstimator | None = None
-        self.version = 0
-
-    def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
-        """Re-estimate H⁻¹v: v from ``reference``, Hessian mini-batches sampled from it too."""
-        _check_batch(reference)
-        model = surrogate.model
-        self.estimator = InfluenceEstimator(model, self.block or default_block(model), self.damping, self.scale,
-                                            self.depth, self.repeats, self.seed)
-        size = min(self.batch_size, len(reference))
-
-        def sample(g: torch.Generator) -> tuple[Tensor, Tensor]:
-            rows = reference.select(torch.randint(0, len(reference), (size,), generator=g))
-            return rows.seqs, surrogate.negatives(rows)
-
-        self.estimator.estimate((reference.seqs, surrogate.negatives(reference)), sample)
-        self.version += 1
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        out = super().state_tensors()
-        if self.estimator is not None and self.estimator.ihvp is not None:
-            out["ihvp"] = self.estimator.ihvp
-        return out
-
-    def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None:
-        super().load_state_tensors(surrogate, tensors)
-        if "ihvp" in tensors:
-            model = surrogate.model
-            self.estimator = InfluenceEstimator(model, self.block or default_block(model), self.damping, self.scale,
-                                                self.depth, self.repeats, self.seed)
-            self.estimator.set_ihvp(tensors["ihvp"])
-
-    def influence(self, surrogate: Surrogate, batch: SeqBatch) -> Tensor:
-        estimator = self.estimator
-        if estimator is None:
-            raise RuntimeError("call prepare() before scoring")
-        return by_length(lambda rows: estimator.scores((rows.seqs, surrogate.negatives(rows))), batch)
-
-    def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
-        """Raw influence (the effort term joins in :func:`combine`)."""
-        return Scores(self.influence(surrogate, batch), self.version)
 
 
 def minmax(x: Tensor) -> Tensor:
@@ -192,6 +124,3 @@ class Bounds:
         span = self.high - self.low
         return (x.double() - self.low) / span if span > 0 else torch.zeros_like(x, dtype=torch.float64)
 
-
-# the baselines register themselves on import; the registry must exist first
-from recsift.scoring import baselines as _baselines  # noqa: F401

@@ -38,6 +38,7 @@ from recsift.scoring.surrogate import (
 )
 from recsift.stream.checkpoint import sample_from_json, sample_to_json
 from recsift.stream.windows import Sample
+from recsift.vocab import Stage
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ class ScoringStage:
         self.busy_s += took
         m = self.metrics
         if m is not None:
-            m.stage_duration.labels("score").observe(took)
+            m.stage_duration.labels(Stage.SCORE).observe(took)
             m.samples_scored.inc(len(out))
             m.samples_unscorable.inc(self.scorer.excluded - excluded)
             m.effort_cache_hits.inc(self._effort_hits() - hits)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import chisquare, ks_2samp
 
-from recsift.selection.reservoir import Offer, StratifiedReservoir
+from recsift.selection.reservoir import StratifiedReservoir
+from recsift.selection.selector import Offer
 from recsift.selection.store import CoresetStore
 from recsift.selection.stratified import dealrec_select, hard_prune_cut, stratum_of
 from recsift.stream.checkpoint import Checkpoint

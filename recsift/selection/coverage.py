@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import faiss
 import numpy as np
 
-from recsift.selection.reservoir import Member
+from recsift.selection.selector import Member
 
 
 class Coverage:

@@ -19,8 +19,7 @@ import ot
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from recsift.monitoring.metrics import DRIFT_METRICS  # noqa: F401  (one list of names, shared with the gauges)
-from recsift.selection.reservoir import Member
+from recsift.selection.selector import Member
 
 
 def js_divergence(p: Counter[str] | dict[str, float], q: Counter[str] | dict[str, float]) -> float:
@@ -69,6 +68,8 @@ class RecentWindow:
 
 @dataclass(frozen=True)
 class DriftReport:
+    """One value per :class:`~recsift.vocab.Drift` name (the fields are those names, in that order)."""
+
     target_js: float
     category_js: float
     embedding_sw: float

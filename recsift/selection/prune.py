@@ -11,24 +11,36 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from recsift.data.datasets import catalog_for, read_dealrec_split
-from recsift.scoring.scorer import DEALRecScorer, combine, make_scorer
+from recsift.scoring.dealrec import DEALRecScorer
+from recsift.scoring.registry import make_scorer
+from recsift.scoring.sasrec import SASRecSurrogate
+from recsift.scoring.scorer import combine
 from recsift.scoring.stream import EffortFn
-from recsift.scoring.surrogate import Surrogate
 from recsift.selection.stratified import dealrec_select, random_select, topk_select
 from recsift.stream.windows import Sample
 
-METHOD_SCORERS = {"dealrec": "dealrec", "random": "random", "grand": "grand", "el2n": "el2n", "ccs": "el2n", "loss": "loss"}
+
+class Method(NamedTuple):
+    """A method of the DEALRec paper's comparison: a score and the rule that selects by it."""
+
+    scorer: str  # a registered scorer type
+    rule: Literal["strata", "uniform", "top"]  # coverage-enhanced sampling, uniform, the highest scores
 
 
-def influence_scores(data_dir: Path, epochs: int = 1, lissa_depth: int = 100, reference_size: int = 1024,
+METHODS = {"dealrec": Method("dealrec", "strata"), "ccs": Method("el2n", "strata"), "random": Method("random", "uniform"),
+           "grand": Method("grand", "top"), "el2n": Method("el2n", "top"), "loss": Method("loss", "top")}
+
+
+def influence_scores(data_dir: Path, epochs: int = 1, depth: int = 100, reference_size: int = 1024,
                      seed: int = 0) -> np.ndarray:
     """DEALRec influence of every training sample of a DEALRec dataset (file order; one-item users excluded)
     on a SASRec surrogate trained for ``epochs``: the score stream the fidelity checks replay."""
@@ -36,10 +48,10 @@ def influence_scores(data_dir: Path, epochs: int = 1, lissa_depth: int = 100, re
     catalog = catalog_for(data_dir)
     n_items = len(catalog) if catalog is not None else len({i for v in train.values() for i in v})
     users = list(train)
-    surrogate = Surrogate(n_items, seed=seed)
+    surrogate = SASRecSurrogate(n_items, seed=seed)
     enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
     surrogate.fit(enc.batch, epochs, 128)
-    scorer = make_scorer("dealrec", seed=seed, depth=lissa_depth)
+    scorer = make_scorer({"type": "dealrec", "depth": depth}, seed=seed)
     g = torch.Generator().manual_seed(seed)
     scorer.prepare(surrogate, enc.batch.select(torch.randperm(len(enc.batch), generator=g)[:reference_size]))
     return scorer.score(surrogate, enc.batch).values.numpy()
@@ -70,21 +82,22 @@ class PruneReport:
 
 
 def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int = 10, seed: int = 0,
-          reference_size: int = 4096, lissa_depth: int = 500, hidden: int = 64, strata: int = 50,
+          reference_size: int = 4096, scorer_options: Mapping[str, Any] | None = None, hidden: int = 64, strata: int = 50,
           hard_prune: float = 0.1, effort_weight: float = 0.0, effort: EffortFn | None = None,
           progress: Callable[[str], None] = print) -> PruneReport:
-    """Run the pipeline; write ``scores.jsonl`` (every sample), ``selected.jsonl`` (the budget) and ``report.json``."""
+    """Run the pipeline; write ``scores.jsonl`` (every sample), ``selected.jsonl`` (the budget) and ``report.json``.
+    ``scorer_options`` are the options of the method's scorer (e.g. ``{"depth": 500}`` for DEALRec)."""
     if effort_weight > 0 and effort is None:
         raise ValueError("effort_weight > 0 needs an effort function (the LLM's gradient norm)")
-    if method not in METHOD_SCORERS:
-        raise ValueError(f"unknown method {method!r}; one of {sorted(METHOD_SCORERS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {sorted(METHODS)}")
     train = read_dealrec_split(data_dir, "train")
     catalog = catalog_for(data_dir)
     n_items = len(catalog) if catalog is not None else len({i for v in train.values() for i in v})
     users = list(train)
-    surrogate = Surrogate(n_items, hidden=hidden, seed=seed)
+    surrogate = SASRecSurrogate(n_items, hidden=hidden, seed=seed)
     enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
-    scorer_name = METHOD_SCORERS[method]
+    scorer_name, rule = METHODS[method]
     report = PruneReport(str(data_dir), method, scorer_name, budget, len(users), len(enc.batch), enc.too_short, epochs)
     progress(f"{len(users):,} users, {len(enc.batch):,} training sequences, {enc.too_short:,} excluded (one item)")
 
@@ -94,17 +107,14 @@ def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int =
         progress(f"surrogate epoch {epoch + 1}/{epochs}: loss {loss:.4f} ({seconds:.1f} s)")
 
     surrogate.fit(enc.batch, epochs, 128, progress=on_epoch)
-    config: dict[str, object] = {"seed": seed}
-    if scorer_name == "dealrec":
-        config["depth"] = lissa_depth
-    scorer = make_scorer(scorer_name, **config)
+    scorer = make_scorer({**(scorer_options or {}), "type": scorer_name}, seed=seed)
     g = torch.Generator().manual_seed(seed)
     reference = enc.batch.select(torch.randperm(len(enc.batch), generator=g)[:reference_size])
     started = time.perf_counter()
     scorer.prepare(surrogate, reference)
     report.prepare_seconds = time.perf_counter() - started
     if isinstance(scorer, DEALRecScorer):
-        progress(f"LiSSA H⁻¹v ({lissa_depth} steps): {report.prepare_seconds:.1f} s")
+        progress(f"LiSSA H⁻¹v ({scorer.depth} steps): {report.prepare_seconds:.1f} s")
     started = time.perf_counter()
     scores = scorer.score(surrogate, enc.batch)
     report.score_seconds = time.perf_counter() - started
@@ -119,9 +129,9 @@ def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int =
         overall = combine(scores.values, effort(samples), effort_weight)
     values = overall.numpy()
     ids = np.asarray(kept, dtype=np.int64)
-    if method in ("dealrec", "ccs"):
+    if rule == "strata":
         selection = dealrec_select(ids, values, budget, strata, hard_prune, seed)
-    elif method == "random":
+    elif rule == "uniform":
         selection = random_select(ids, budget, seed)
     else:
         selection = topk_select(ids, values, budget)

@@ -34,12 +34,15 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
+from recsift.registry import ComponentConfig
+from recsift.selection.selector import Member, Offer, Rescore, SelectorStats
 from recsift.selection.stratified import allocate, stratum_of
-from recsift.stream.windows import Sample
 
 _MASK = (1 << 64) - 1
 
@@ -53,50 +56,26 @@ def uniform_key(sample_id: int, seed: int) -> float:
     return ((z >> 11) + 0.5) / float(1 << 53)
 
 
-@dataclass
-class Member:
-    """A coreset member: the sample, its current score and stratum, and what the selector needs."""
+class StratifiedConfig(ComponentConfig):
+    """DEALRec's coverage-enhanced sampling on a stream (see the module docstring)."""
 
-    sample: Sample
-    score: float
-    version: int
-    key: float
-    stratum: int
-    embedding: np.ndarray | None = None
-    inserted_ts: float = 0.0
-    effort: float = float("nan")
-
-
-@dataclass(frozen=True)
-class Offer:
-    """One scored sample offered to the selector."""
-
-    sample: Sample
-    score: float
-    version: int
-    embedding: np.ndarray | None = None
-    effort: float = float("nan")
-
-
-@dataclass
-class SelectorStats:
-    offered: int = 0
-    accepted: int = 0
-    evicted: int = 0
-    pruned: int = 0
-    capped: int = 0
-    rebuckets: int = 0
-    rescored: int = 0
-    refilled: int = 0
-
-
-Rescore = Callable[[list[Sample]], tuple[list[float], int]]  # samples → (scores, version)
+    type: Literal["stratified"] = "stratified"
+    strata: int = Field(50, gt=0)
+    hard_prune: float = Field(0.1, ge=0.0, lt=1.0)
+    sketch_size: int = Field(8192, ge=16, description="recent scores the stratum edges and the hard-prune cut come from")
+    half_life_s: float | None = Field(None, gt=0, description="event-time half-life favouring recent samples; unset: off")
+    user_cap: int | None = Field(None, gt=0, description="at most this many members per user; unset: no cap")
+    spares: int | None = Field(None, ge=0, description="non-members per stratum kept to refill a stratum whose "
+                               "quota grows; unset: ⌈budget / strata⌉; 0: none (the coreset under-fills)")
+    edge_tolerance: float = Field(0.02, ge=0.0, description="edges move when the sketch's move by more than "
+                                  "this fraction of the span")
+    rebucket_every: int = Field(1024, gt=0, description="offers between checks of the sketch edges")
 
 
 class StratifiedReservoir:
     """Bounded, coverage-preserving coreset of capacity ``budget`` (see the module docstring)."""
 
-    name = "stratified"
+    Config = StratifiedConfig
 
     def __init__(self, budget: int = 1024, strata: int = 50, hard_prune: float = 0.1, seed: int = 0,
                  sketch_size: int = 8192, edges: tuple[float, float] | None = None, half_life_s: float | None = None,
@@ -409,17 +388,5 @@ class StratifiedReservoir:
     def __len__(self) -> int:
         return len(self.members)
 
-    def member_list(self) -> list[Member]:
-        return sorted(self.members.values(), key=lambda m: m.sample.sample_id)
-
     def strata_sizes(self) -> list[int]:
         return [len(h) for h in self.heaps]
-
-
-SELECTOR_TYPES: dict[str, type] = {StratifiedReservoir.name: StratifiedReservoir}
-
-
-def make_selector(name: str, **config: object) -> StratifiedReservoir:
-    if name not in SELECTOR_TYPES:
-        raise ValueError(f"unknown selector {name!r}; registered: {sorted(SELECTOR_TYPES)}")
-    return SELECTOR_TYPES[name](**config)  # type: ignore[no-any-return]

@@ -20,8 +20,10 @@ from recsift.scoring.stream import ScoredSample
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import DriftReport, RecentWindow, drift
 from recsift.selection.goracs import goracs_select
-from recsift.selection.reservoir import Offer, Rescore, StratifiedReservoir, uniform_key
+from recsift.selection.reservoir import StratifiedReservoir, uniform_key
+from recsift.selection.selector import Offer, Rescore
 from recsift.stream.windows import Sample
+from recsift.vocab import Stage
 
 
 class ValidationReservoir:
@@ -143,7 +145,7 @@ class SelectionStage:
     def _export(self, seconds: float) -> None:
         m, sel = self.metrics, self.selector
         assert m is not None
-        m.stage_duration.labels("select").observe(seconds)
+        m.stage_duration.labels(Stage.SELECT).observe(seconds)
         m.coreset_size.set(len(sel))
         for k, size in enumerate(sel.strata_sizes()):
             m.coreset_stratum_members.labels(str(k)).set(size)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from recsift.selection.reservoir import Member, StratifiedReservoir
+from recsift.selection.reservoir import StratifiedReservoir
+from recsift.selection.selector import Member
 
 if TYPE_CHECKING:
     from recsift.selection.stage import ValidationReservoir
@@ -51,6 +52,10 @@ SCHEMA = (
     " user_id TEXT NOT NULL, history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL,"
     " stratum INTEGER NOT NULL, PRIMARY KEY (snapshot_id, sample_id))",
 )
+
+
+class SnapshotNotFound(LookupError):
+    """A coreset snapshot that is not in the checkpoint database."""
 
 
 class CoresetStore:
@@ -196,10 +201,10 @@ def read_snapshot(db_path: str | Path, snapshot_id: int | None = None) -> tuple[
     """A snapshot's members (the latest snapshot when ``snapshot_id`` is None)."""
     snaps = list_snapshots(db_path)
     if not snaps:
-        raise LookupError(f"no coreset snapshot in {db_path}")
+        raise SnapshotNotFound(f"no coreset snapshot in {db_path}")
     info = snaps[-1] if snapshot_id is None else next((s for s in snaps if s.snapshot_id == snapshot_id), None)
     if info is None:
-        raise LookupError(f"no coreset snapshot {snapshot_id} in {db_path}")
+        raise SnapshotNotFound(f"no coreset snapshot {snapshot_id} in {db_path}")
     rows = _rows(db_path, "SELECT sample_id, user_id, history, target, ts, score, stratum FROM snapshot_members"
                           " WHERE snapshot_id = ? ORDER BY sample_id", (info.snapshot_id,))
     return info, [SnapshotMember(Sample(int(a), b, tuple(orjson.loads(c)), d, float(e)), float(f), int(g))

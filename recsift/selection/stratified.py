@@ -4,8 +4,8 @@ DEALRec (Lin et al., SIGIR 2024, §3.3), following CCS (Zheng et al., ICLR 2023)
 fraction of samples with the highest score, split the remaining score range into K equal-width strata,
 then repeatedly take the stratum holding the fewest samples, give it min(its size, ⌊remaining budget /
 remaining strata⌋) samples drawn uniformly at random, and remove it. CCS is the same procedure over a
-difficulty score (EL2N in the DEALRec paper's comparison): recsift exposes it as ``ccs_select`` so the
-method names match the paper's table; the score decides what it means.
+difficulty score (EL2N in the DEALRec paper's comparison): ``recsift prune --method ccs`` is
+:func:`dealrec_select` over EL2N; the score decides what it means.
 """
 
 from __future__ import annotations
@@ -93,12 +93,6 @@ def dealrec_select(ids: np.ndarray, scores: np.ndarray, budget: int, strata: int
     return Selection(ids[picked], scores[picked], strata_of_picked, tuple(quotas))
 
 
-def ccs_select(ids: np.ndarray, scores: np.ndarray, budget: int, strata: int = 50, hard_prune: float = 0.1,
-               seed: int = 0) -> Selection:
-    """Coverage-centric selection (Zheng et al., 2023) over a difficulty score such as EL2N."""
-    return dealrec_select(ids, scores, budget, strata, hard_prune, seed)
-
-
 def topk_select(ids: np.ndarray, scores: np.ndarray, budget: int, highest: bool = True) -> Selection:
     """Greedy ablation: the ``budget`` highest (or lowest) scores, no strata."""
     ids, scores = np.asarray(ids), check_scores(scores)
@@ -111,5 +105,3 @@ def random_select(ids: np.ndarray, budget: int, seed: int = 0) -> Selection:
     picked = np.sort(np.random.default_rng(seed).choice(len(ids), size=min(budget, len(ids)), replace=False))
     return Selection(ids[picked], np.zeros(len(picked)), np.full(len(picked), -1, dtype=np.int64))
 
-
-SELECTORS = {"dealrec": dealrec_select, "ccs": ccs_select}

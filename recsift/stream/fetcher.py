@@ -29,7 +29,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from recsift.config import StreamConfig
-from recsift.stream.sources import KafkaSource, SourceRecord, consumer_timeouts
+from recsift.process import die_with_parent
+from recsift.stream.kafka import KafkaSource, consumer_timeouts
+from recsift.stream.sources import SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,6 @@ def _child_main(conn: Connection, cfg: StreamConfig, embedded: bool) -> None:
     """The fetch process: a KafkaSource driven by the parent's requests."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from recsift.stream.broker import die_with_parent
 
     die_with_parent()
     logging.basicConfig(level=logging.WARNING)

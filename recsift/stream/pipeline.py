@@ -28,38 +28,15 @@ from typing import Any, Protocol
 from recsift.config import Settings
 from recsift.monitoring.metrics import Metrics
 from recsift.stream.checkpoint import Checkpoint, Participant, StreamStateStore
-from recsift.stream.events import (
-    DeadLetterSink,
-    DedupIndex,
-    Event,
-    Rejection,
-    RejectReason,
-    Validator,
-)
-from recsift.stream.sources import SourceRecord
+from recsift.stream.deadletter import DeadLetterSink
+from recsift.stream.dedup import DedupIndex
+from recsift.stream.events import Event, Rejection
+from recsift.stream.sources import Source, SourceRecord
+from recsift.stream.validator import Validator
 from recsift.stream.windows import Batch, StreamState
+from recsift.vocab import Rebalance, RejectReason, Stage
 
 log = logging.getLogger(__name__)
-
-
-class Source(Protocol):
-    topic: str
-
-    def poll(self, max_records: int, timeout_ms: int) -> list[SourceRecord]: ...
-
-    def assignment(self) -> set[int]: ...
-
-    def commit(self, offsets: dict[int, int]) -> bool: ...
-
-    def pause(self) -> None: ...
-
-    def resume(self) -> None: ...
-
-    def lag(self, processed: dict[int, int]) -> dict[int, int]: ...
-
-    def connected(self) -> bool: ...
-
-    def close(self) -> None: ...
 
 
 class SampleSink(Protocol):
@@ -231,7 +208,7 @@ class Pipeline:
         saved = self.checkpoint.offsets(self._topic())
         offsets = {p: saved[p] for p in partitions if p in saved}
         self.offsets.update(offsets)
-        self.metrics.rebalances.labels("assigned").inc()
+        self.metrics.rebalances.labels(Rebalance.ASSIGNED).inc()
         log.info("assigned partitions %s; resuming at %s", sorted(partitions), offsets or "the group's position")
         return offsets
 
@@ -250,7 +227,7 @@ class Pipeline:
             if str(p) in self._lag_labels and not self._closing:  # at shutdown the last values stay visible
                 self.metrics.consumer_lag.remove(str(p))
                 self._lag_labels.discard(str(p))
-        self.metrics.rebalances.labels("revoked").inc()
+        self.metrics.rebalances.labels(Rebalance.REVOKED).inc()
         log.info("revoked partitions %s after checkpointing", sorted(partitions))
 
     def _topic(self) -> str:
@@ -284,7 +261,7 @@ class Pipeline:
                 self.heartbeat = time.monotonic()
                 t0 = time.perf_counter()
                 records = source.poll(cfg.poll_max_records, cfg.poll_timeout_ms)
-                self.metrics.stage_duration.labels("poll").observe(time.perf_counter() - t0)
+                self.metrics.stage_duration.labels(Stage.POLL).observe(time.perf_counter() - t0)
                 now = time.monotonic()
                 if max_events is not None:
                     records = records[: max(0, max_events - self.summary.consumed)]
@@ -358,8 +335,8 @@ class Pipeline:
         self._since_checkpoint += n
         m = self.metrics
         m.events_consumed.inc(n)
-        m.stage_duration.labels("validate").observe(t1 - t0)
-        m.stage_duration.labels("window").observe(t2 - t1)
+        m.stage_duration.labels(Stage.VALIDATE).observe(t1 - t0)
+        m.stage_duration.labels(Stage.WINDOW).observe(t2 - t1)
         m.events_late.inc(state.counts.late - late_before)
 
     def _emit(self, batches: list[Batch]) -> None:
@@ -369,7 +346,7 @@ class Pipeline:
         for batch in batches:
             self.sink.put(batch)
             self.metrics.samples_emitted.inc(len(batch))
-        self.metrics.stage_duration.labels("sink").observe(time.perf_counter() - t0)
+        self.metrics.stage_duration.labels(Stage.SINK).observe(time.perf_counter() - t0)
 
     def request_checkpoint(self, timeout: float = 120.0) -> bool:
         """From another thread: have the loop checkpoint now (downstream drained); True once committed."""
@@ -436,7 +413,7 @@ class Pipeline:
         m = self.metrics
         m.checkpoint_commits.inc()
         m.checkpoint_duration.observe(elapsed)
-        m.stage_duration.labels("checkpoint").observe(elapsed)
+        m.stage_duration.labels(Stage.CHECKPOINT).observe(elapsed)
         m.last_checkpoint.set_to_current_time()
         if self.source is not None and not self.source.commit(dict(self.offsets)):
             m.offset_commit_failures.inc()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from recsift.scoring.effort import causal_lm
-from recsift.stream.events import Catalog
+from recsift.stream.catalog import Catalog
 from recsift.trainer.llm import LLM
 from recsift.trainer.prompts import PromptBuilder
 

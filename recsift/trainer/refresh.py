@@ -34,22 +34,20 @@ import numpy as np
 import torch
 
 from recsift.config import Settings, TrainerConfig
+from recsift.process import die_with_parent
 from recsift.scoring.effort import response_losses
 from recsift.selection.store import read_snapshot, read_validation, take_snapshot
+from recsift.stream.catalog import Catalog, Item
 from recsift.stream.checkpoint import connect
-from recsift.stream.events import Catalog
 from recsift.stream.windows import Sample
 from recsift.trainer.evaluate import NegativeSampler, candidate_metrics
 from recsift.trainer.llm import LLM, add_lora, autocast, load_llm
 from recsift.trainer.prompts import PromptBuilder, builder_for
 from recsift.trainer.recommender import candidate_logliks
 from recsift.trainer.registry import AdapterRegistry
+from recsift.vocab import LossMetric, Outcome, RefreshReason, Trigger
 
 log = logging.getLogger(__name__)
-
-OUTCOMES = ("promoted", "rejected", "failed", "skipped")
-TRIGGERS = ("interval", "drift", "manual")
-
 
 @dataclass
 class TrainResult:
@@ -157,18 +155,26 @@ def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps
 
 @dataclass
 class RefreshOutcome:
-    trigger: str
-    outcome: str
+    trigger: Trigger
+    outcome: Outcome
     snapshot_id: int | None = None
     version: str | None = None
     serving_before: str | None = None
     serving_loss: float | None = None
     new_loss: float | None = None
     train: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)  # Recall/NDCG@K of the new adapter on validation
+    metrics: dict[str, float] = field(default_factory=dict)  # CandidateMetric → value, new adapter on validation
     seconds: float = 0.0
     error: str | None = None
-    reason: str | None = None  # why a run was not promoted: no_validation, worse, error, empty
+    reason: RefreshReason | None = None  # why a run was not promoted
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RefreshOutcome:
+        """A run as :func:`list_runs` returns it."""
+        out = cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
+        out.trigger, out.outcome = Trigger(out.trigger), Outcome(out.outcome)
+        out.reason = RefreshReason(out.reason) if out.reason is not None else None
+        return out
 
 
 RUNS_SCHEMA = ("CREATE TABLE IF NOT EXISTS refresh_runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, trigger TEXT NOT NULL,"
@@ -209,14 +215,13 @@ def model_for(llm: LLM, cfg: TrainerConfig, registry: AdapterRegistry) -> tuple[
     return PeftModel.from_pretrained(llm.model, serving.path, is_trainable=True), serving.name
 
 
-def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LLM | None = None,
+def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = None, llm: LLM | None = None,
             progress: Callable[[str], None] = lambda line: log.info("%s", line)) -> RefreshOutcome:
     """One refresh, recorded in the checkpoint database; never raises for a failed run (it is recorded)."""
-    if trigger not in TRIGGERS:
-        raise ValueError(f"unknown trigger {trigger!r}; one of {TRIGGERS}")
+    trigger = Trigger(trigger)  # a ValueError naming the value for anything else
     db, t = cfg.checkpoint.path, cfg.trainer
     started_at, started = time.time(), time.perf_counter()
-    outcome = RefreshOutcome(trigger, "failed")
+    outcome = RefreshOutcome(trigger, Outcome.FAILED)
     registry = registry_for(cfg)
     try:
         snap = take_snapshot(db, reason=trigger)
@@ -224,11 +229,11 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
         _, members = read_snapshot(db, snap.snapshot_id)
         validation = read_validation(db)[-t.eval_samples:]
         if not members:
-            outcome.outcome, outcome.reason = "skipped", "empty"
+            outcome.outcome, outcome.reason = Outcome.SKIPPED, RefreshReason.EMPTY_CORESET
             outcome.error = "the coreset is empty"
             return outcome
         if len(validation) < t.min_eval_samples:
-            outcome.outcome, outcome.reason = "rejected", "no_validation"
+            outcome.outcome, outcome.reason = Outcome.REJECTED, RefreshReason.NO_VALIDATION
             outcome.error = (f"{len(validation)} validation samples, fewer than trainer.min_eval_samples = "
                              f"{t.min_eval_samples}: an adapter that cannot be judged is never promoted")
             return outcome
@@ -256,7 +261,8 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
         progress("validation " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
         better = outcome.new_loss <= outcome.serving_loss * (1 + t.promote_tolerance)
         meta = {"snapshot_id": snap.snapshot_id, "scorer_version": snap.scorer_version, "trigger": trigger,
-                "metrics": {"serving_loss": outcome.serving_loss, "validation_loss": outcome.new_loss,
+                "metrics": {LossMetric.SERVING_LOSS.value: outcome.serving_loss,
+                            LossMetric.VALIDATION_LOSS.value: outcome.new_loss,
                             **outcome.metrics},
                 "config_hash": _config_hash(cfg), "timings": {"train_s": result.seconds},
                 "base_model": t.base_model, "promoted": better}
@@ -264,14 +270,14 @@ def refresh(cfg: Settings, trigger: str, catalog: Catalog | None = None, llm: LL
         outcome.version = version.name
         if better:
             registry.promote(version.name, reason=trigger)
-            outcome.outcome = "promoted"
+            outcome.outcome = Outcome.PROMOTED
         else:
-            outcome.outcome, outcome.reason = "rejected", "worse"
+            outcome.outcome, outcome.reason = Outcome.REJECTED, RefreshReason.WORSE
             outcome.error = (f"validation loss {outcome.new_loss:.4f} is worse than serving "
                              f"{outcome.serving_loss:.4f} beyond tolerance {t.promote_tolerance}")
         return outcome
     except Exception as exc:  # recorded, never propagated: the service keeps serving
-        outcome.outcome, outcome.reason = "failed", "error"
+        outcome.outcome, outcome.reason = Outcome.FAILED, RefreshReason.ERROR
         outcome.error = f"{type(exc).__name__}: {exc}"
         log.error("refresh failed: %s\n%s", exc, traceback.format_exc())
         return outcome
@@ -308,17 +314,13 @@ def _config_hash(cfg: Settings) -> str:
 
 
 def _child(cfg_json: str, trigger: str, catalog_items: list[tuple[str, str]]) -> None:
-    from recsift.config import Settings as S
-    from recsift.stream.broker import die_with_parent
-    from recsift.stream.events import Item
-
     die_with_parent()  # a killed service takes its refresh with it: no orphan writing to the registry
-    cfg = S.model_validate_json(cfg_json)
+    cfg = Settings.model_validate_json(cfg_json)
     outcome = refresh(cfg, trigger, Catalog(Item(i, t) for i, t in catalog_items))
-    raise SystemExit(0 if outcome.outcome != "failed" else 1)
+    raise SystemExit(0 if outcome.outcome != Outcome.FAILED else 1)
 
 
-def refresh_in_process(cfg: Settings, trigger: str, catalog: Catalog, timeout_s: float | None = None) -> RefreshOutcome:
+def refresh_in_process(cfg: Settings, trigger: Trigger, catalog: Catalog, timeout_s: float | None = None) -> RefreshOutcome:
     """Run :func:`refresh` in a spawned child process; a crash is recorded as a failed run."""
     ctx = multiprocessing.get_context("spawn")
     started_at = time.time()
@@ -332,8 +334,7 @@ def refresh_in_process(cfg: Settings, trigger: str, catalog: Catalog, timeout_s:
         proc.join()
     runs = list_runs(cfg.checkpoint.path)
     if len(runs) > before:
-        r = runs[-1]
-        return RefreshOutcome(**{k: r[k] for k in RefreshOutcome.__dataclass_fields__ if k in r})
-    outcome = RefreshOutcome(trigger, "failed", error=f"the refresh process exited with code {proc.exitcode}")
+        return RefreshOutcome.from_record(runs[-1])
+    outcome = RefreshOutcome(trigger, Outcome.FAILED, error=f"the refresh process exited with code {proc.exitcode}")
     record_run(cfg.checkpoint.path, outcome, started_at)
     return outcome

@@ -27,6 +27,10 @@ from typing import Any
 _VERSION = re.compile(r"^v(\d{4,})$")
 
 
+class AdapterNotFound(LookupError):
+    """An adapter version that is not in the registry (or no earlier version to roll back to)."""
+
+
 @dataclass(frozen=True)
 class AdapterVersion:
     name: str
@@ -50,7 +54,7 @@ class AdapterRegistry:
         for v in self.versions():
             if v.name == name:
                 return v
-        raise LookupError(f"no adapter version {name!r} in {self.root}")
+        raise AdapterNotFound(f"no adapter version {name!r} in {self.root}")
 
     def save(self, write: Callable[[Path], None], metadata: dict[str, Any]) -> AdapterVersion:
         """Write a new version: ``write(tmpdir)`` saves the adapter (``model.save_pretrained``)."""
@@ -102,5 +106,5 @@ class AdapterRegistry:
         current = self.current()
         previous = next((c["to"] for c in reversed(changes) if current is None or c["to"] != current.name), None)
         if current is None or previous is None:
-            raise LookupError("nothing to roll back to")
+            raise AdapterNotFound("nothing to roll back to")
         return self.promote(previous, reason=f"rollback from {current.name}")

@@ -23,6 +23,8 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from recsift.vocab import Trigger
+
 log = logging.getLogger(__name__)
 
 JOB_ID = "refresh"
@@ -37,10 +39,10 @@ class RefreshScheduler:
         self.cooldown_s = drift_cooldown_s
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
         self._lock = threading.Lock()
-        self._pending: str | None = None  # the trigger the next run reports
+        self._pending: Trigger | None = None  # the trigger the next run reports
         self._last_drift_fire = -float("inf")
         self.running = False
-        self.runs: list[tuple[str, Any]] = []  # (trigger, result)
+        self.runs: list[tuple[Trigger, Any]] = []  # (trigger, result)
 
     def start(self) -> None:
         trigger = IntervalTrigger(seconds=self.interval_s) if self.interval_s else \
@@ -55,7 +57,7 @@ class RefreshScheduler:
 
     def _job(self) -> None:
         with self._lock:
-            trigger = self._pending or "interval"
+            trigger = self._pending or Trigger.INTERVAL
             self._pending = None
             self.running = True
         try:
@@ -68,7 +70,7 @@ class RefreshScheduler:
             with self._lock:
                 self.running = False
 
-    def trigger(self, reason: str = "manual") -> bool:
+    def trigger(self, reason: Trigger = Trigger.MANUAL) -> bool:
         """Run the refresh job now. A trigger while a refresh is running or already due coalesces into
         it (returns False): the refresh in progress is the one asked for."""
         with self._lock:
@@ -88,6 +90,6 @@ class RefreshScheduler:
             if metrics.get(name, 0.0) > threshold:
                 self._last_drift_fire = now
                 log.info("drift %s = %.4f above %.4f: refreshing", name, metrics[name], threshold)
-                self.trigger("drift")
+                self.trigger(Trigger.DRIFT)
                 return name
         return None

@@ -62,7 +62,7 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
     from recsift import service
     from recsift.config import SyntheticConfig
     from recsift.data.synthetic import SyntheticStream
-    from recsift.stream.sources import produce_events
+    from recsift.stream.kafka import produce_events
     from tests.helpers import kafka_settings
 
     save_tiny_llm(tmp_path / "tiny")
@@ -72,7 +72,7 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
     port = free_port()
     cfg = kafka_settings(broker, topic, tmp_path, **{
         "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 25.0,
-        "scoring.batch_size": 500, "scoring.lissa_depth": 20, "selection.budget": 64,
+        "scoring.batch_size": 500, "scoring.scorer.depth": 20, "selection.budget": 64,
         "trainer.base_model": str(tmp_path / "tiny"), "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 600,
         "trainer.refresh_samples": 16, "trainer.eval_samples": 8, "trainer.min_eval_samples": 8,
         "trainer.learning_rate": 5e-3, "trainer.epochs": 2,

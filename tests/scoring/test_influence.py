@@ -17,12 +17,13 @@ from recsift.scoring.influence import (
     default_block,
     spearman,
 )
+from recsift.scoring.sasrec import SASRecSurrogate
 from recsift.scoring.surrogate import SeqBatch, Surrogate
 
 
 def tiny_surrogate(n: int = 240, seed: int = 0) -> tuple[Surrogate, SeqBatch]:
     rnd = random.Random(seed)
-    s = Surrogate(60, hidden=8, layers=2, heads=2, max_len=12, dropout=0.0, seed=seed)
+    s = SASRecSurrogate(60, hidden=8, layers=2, heads=2, max_len=12, dropout=0.0, seed=seed)
     histories = [[f"i{rnd.randrange(60)}" for _ in range(rnd.randint(1, 11))] for _ in range(n)]
     enc = s.encode(histories, [f"i{rnd.randrange(60)}" for _ in histories], range(n))
     s.fit(enc.batch, epochs=3, batch_size=32)

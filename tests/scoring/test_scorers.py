@@ -8,21 +8,17 @@ import pytest
 import torch
 
 from recsift.scoring.checks import check_scorer
-from recsift.scoring.scorer import (
-    SCORERS,
-    Bounds,
-    DEALRecScorer,
-    combine,
-    make_scorer,
-    minmax,
-)
+from recsift.scoring.dealrec import DEALRecScorer
+from recsift.scoring.registry import SCORERS, make_scorer
+from recsift.scoring.sasrec import SASRecSurrogate
+from recsift.scoring.scorer import Bounds, combine, minmax
 from recsift.scoring.surrogate import SeqBatch, Surrogate
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[Surrogate, SeqBatch]:
     rnd = random.Random(0)
-    s = Surrogate(70, hidden=16, max_len=20, seed=0)
+    s = SASRecSurrogate(70, hidden=16, max_len=20, seed=0)
     histories = [[f"i{rnd.randrange(70)}" for _ in range(rnd.randint(1, 15))] for _ in range(160)]
     enc = s.encode(histories, [f"i{rnd.randrange(70)}" for _ in histories], range(160))
     s.fit(enc.batch, epochs=3, batch_size=32)
@@ -32,15 +28,15 @@ def trained() -> tuple[Surrogate, SeqBatch]:
 CONFIGS = {"dealrec": {"depth": 40}, "grand": {}, "el2n": {}, "loss": {}, "random": {}}
 
 
-@pytest.mark.parametrize("name", sorted(SCORERS))
+@pytest.mark.parametrize("name", SCORERS.names())
 def test_every_registered_scorer_passes_check_scorer(name: str, trained: tuple[Surrogate, SeqBatch]) -> None:
     surrogate, batch = trained
     reference, rows = batch.select(torch.arange(0, 64)), batch.select(torch.arange(64, 124))
-    check_scorer(lambda seed: make_scorer(name, seed=seed, **CONFIGS[name]), surrogate, reference, rows)
+    check_scorer(lambda seed: make_scorer({"type": name, **CONFIGS[name]}, seed=seed), surrogate, reference, rows)
 
 
 def test_every_scorer_is_configured_in_this_test() -> None:
-    assert set(CONFIGS) == set(SCORERS)
+    assert set(CONFIGS) == set(SCORERS.names())
 
 
 def test_grand_is_the_per_sample_gradient_norm(trained: tuple[Surrogate, SeqBatch]) -> None:
@@ -61,7 +57,7 @@ def test_grand_is_the_per_sample_gradient_norm(trained: tuple[Surrogate, SeqBatc
 
 
 def test_el2n_is_zero_for_a_certain_correct_prediction_and_bounded() -> None:
-    s = Surrogate(5, hidden=4, max_len=4, seed=0)
+    s = SASRecSurrogate(5, hidden=4, max_len=4, seed=0)
     enc = s.encode([["a", "b"]], ["c"], [1])
     with torch.no_grad():
         s.model.item_emb.weight.mul_(0)
@@ -98,3 +94,12 @@ def test_bounds_fix_a_versions_range_from_its_reference() -> None:
 def test_unknown_scorer_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="registered"):
         make_scorer("nope")
+
+
+def test_a_scorer_is_built_from_its_own_config_and_a_bad_option_is_named() -> None:
+    scorer = make_scorer({"type": "dealrec", "depth": 7, "damping": 0.05}, seed=4)
+    assert isinstance(scorer, DEALRecScorer) and (scorer.depth, scorer.damping, scorer.seed) == (7, 0.05, 4)
+    with pytest.raises(ValueError, match="depth"):
+        make_scorer({"type": "dealrec", "depth": 0})
+    with pytest.raises(ValueError, match="depth"):  # an option of another scorer is refused, not ignored
+        make_scorer({"type": "loss", "depth": 10})

@@ -9,9 +9,9 @@ import pytest
 
 from recsift.config import SyntheticConfig, WindowConfig
 from recsift.data.synthetic import SyntheticStream
-from recsift.scoring.scorer import make_scorer
+from recsift.scoring.registry import make_scorer
+from recsift.scoring.sasrec import SASRecSurrogate
 from recsift.scoring.stream import ScoringStore, StreamScorer
-from recsift.scoring.surrogate import Surrogate
 from recsift.stream.checkpoint import Checkpoint
 from recsift.stream.windows import Sample, StreamState
 
@@ -26,8 +26,8 @@ def sample_batches(n_events: int = 6000, seed: int = 0) -> list[list[Sample]]:
 
 
 def make(reestimate_every: int = 4) -> StreamScorer:
-    return StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0, replay=500),
-                        make_scorer("dealrec", depth=30), reestimate_every=reestimate_every, reference_size=200)
+    return StreamScorer(SASRecSurrogate(80, hidden=16, max_len=20, seed=0, replay=500),
+                        make_scorer({"type": "dealrec", "depth": 30}), reestimate_every=reestimate_every, reference_size=200)
 
 
 def test_batches_are_learned_scored_and_versioned() -> None:
@@ -84,7 +84,7 @@ def test_effort_joins_the_overall_score_with_per_version_bounds() -> None:
                             tokenizer.eos_token_id, max_prompt_tokens=400, pad_token_id=tokenizer.pad_token_id)
     effort = EffortScorer(model, builder.batch, batch_size=16)
     batches = [b[:40] for b in sample_batches(3000)[:3]]
-    scorer = StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0), make_scorer("dealrec", depth=10),
+    scorer = StreamScorer(SASRecSurrogate(80, hidden=16, max_len=20, seed=0), make_scorer({"type": "dealrec", "depth": 10}),
                           reestimate_every=2, reference_size=60, effort=effort, effort_weight=0.3)
     for batch in batches:
         out = scorer(batch)
@@ -102,12 +102,12 @@ def test_effort_joins_the_overall_score_with_per_version_bounds() -> None:
 
 def test_lambda_zero_never_computes_effort() -> None:
     calls: list[int] = []
-    scorer = StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0), make_scorer("loss"),
+    scorer = StreamScorer(SASRecSurrogate(80, hidden=16, max_len=20, seed=0), make_scorer("loss"),
                           effort=lambda rows: calls.append(1) or __import__("torch").zeros(len(rows)), effort_weight=0.0)
     out = scorer(sample_batches(2000)[0])
     assert not calls and all(np.isnan(o.effort) for o in out)
     with pytest.raises(ValueError, match="needs an effort scorer"):
-        StreamScorer(Surrogate(80, hidden=16, max_len=20), make_scorer("loss"), effort_weight=0.3)
+        StreamScorer(SASRecSurrogate(80, hidden=16, max_len=20), make_scorer("loss"), effort_weight=0.3)
 
 
 def test_the_stage_scores_fixed_size_batches_and_a_restart_forms_the_same_ones(tmp_path: Path) -> None:

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from recsift.data.datasets import recbole_events
+from recsift.scoring.sasrec import SASRecSurrogate
 from recsift.scoring.surrogate import OOV, PAD, SeqBatch, Surrogate, hashed_negatives
 
 
 def random_surrogate(seed: int = 0, n: int = 200) -> tuple[Surrogate, SeqBatch]:
     rnd = random.Random(seed)
-    s = Surrogate(80, hidden=16, max_len=20, seed=seed, replay=64)
+    s = SASRecSurrogate(80, hidden=16, max_len=20, seed=seed, replay=64)
     histories = [[f"i{rnd.randrange(80)}" for _ in range(rnd.randint(1, 25))] for _ in range(n)]
     enc = s.encode(histories, [f"i{rnd.randrange(80)}" for _ in histories], range(n))
     return s, enc.batch
@@ -28,7 +29,7 @@ def test_the_surrogate_beats_popularity_on_ml100k(ml100k: Path) -> None:
     for e in recbole_events(ml100k):
         by_user.setdefault(e.user_id, []).append(e.item_id)
     users = sorted(by_user)
-    s = Surrogate(1700, hidden=64, seed=0)
+    s = SASRecSurrogate(1700, hidden=64, seed=0)
     train = s.encode([by_user[u][:-2] for u in users], [by_user[u][-2] for u in users], range(len(users)))
     s.fit(train.batch, epochs=40, batch_size=128)
     # leave-last-out: rank every item as the one after the user's whole training sequence
@@ -86,7 +87,7 @@ def test_state_round_trips_through_safetensors() -> None:
 
 
 def test_short_histories_are_excluded_and_counted_and_unknown_items_share_the_oov_row() -> None:
-    s = Surrogate(3, hidden=8, seed=0)
+    s = SASRecSurrogate(3, hidden=8, seed=0)
     enc = s.encode([[], ["a"], ["b", "c"]], ["x", "y", "z"], [1, 2, 3])
     assert enc.too_short == 1 and enc.kept.tolist() == [1, 2]
     assert len(s.vocab) == 3 and s.vocab.overflow >= 1  # capacity 3: later new items fall back to OOV

@@ -11,7 +11,8 @@ import pytest
 
 from recsift.selection.checks import KeepFirst, KeepLast, fidelity_failures, fidelity_orders, synthetic_offers
 from recsift.selection.prune import influence_scores
-from recsift.selection.reservoir import Offer, StratifiedReservoir
+from recsift.selection.reservoir import StratifiedReservoir
+from recsift.selection.selector import Offer
 from recsift.stream.windows import Sample
 
 BUDGET, STRATA, PRUNE = 1024, 50, 0.1

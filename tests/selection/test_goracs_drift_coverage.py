@@ -13,7 +13,7 @@ from recsift.selection.drift import (
     sliced_wasserstein,
 )
 from recsift.selection.goracs import cost_matrix, goracs_select, objective
-from recsift.selection.reservoir import Member
+from recsift.selection.selector import Member
 from recsift.stream.windows import Sample
 
 

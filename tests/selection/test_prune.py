@@ -23,7 +23,7 @@ def test_prune_writes_scores_and_a_report(tmp_path: Path, method: str, capsys: p
     data = write_dealrec(tmp_path)
     out = tmp_path / "out"
     assert main(["prune", "--dataset", str(data), "--method", method, "--epochs", "2", "--out", str(out), "--budget", "10",
-                 "--set", "scoring.lissa_depth=20", "--set", "scoring.hidden=16"]) == 0
+                 "--set", "scoring.scorer.depth=20", "--set", "scoring.hidden=16"]) == 0
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     report = json.loads((out / "report.json").read_text())
     assert len(rows) == 59 and report["too_short"] == 1 and report["scored"] == 59

@@ -9,7 +9,9 @@ import pytest
 from scipy.stats import ks_2samp
 
 from recsift.selection.checks import check_selector, synthetic_offers
-from recsift.selection.reservoir import Offer, StratifiedReservoir, make_selector
+from recsift.selection.registry import make_selector
+from recsift.selection.reservoir import StratifiedReservoir
+from recsift.selection.selector import Offer
 from recsift.selection.store import (
     CoresetStore,
     export_snapshot,
@@ -117,7 +119,16 @@ def test_user_cap_and_bad_scores() -> None:
     with pytest.raises(ValueError, match="finite"):
         capped.offer([bad])
     with pytest.raises(ValueError, match="unknown selector"):
-        make_selector("nope")
+        make_selector("nope", budget=4)
+
+
+def test_the_registry_builds_a_selector_from_its_config_and_names_a_bad_option() -> None:
+    sel = make_selector({"type": "stratified", "strata": 5, "spares": 0}, budget=40, seed=3)
+    assert isinstance(sel, StratifiedReservoir) and (sel.budget, sel.strata, sel.spares, sel.seed) == (40, 5, 0, 3)
+    with pytest.raises(ValueError, match="strata"):
+        make_selector({"type": "stratified", "strata": 0}, budget=40)
+    with pytest.raises(ValueError, match="stratas"):  # a misspelt option is refused, not ignored
+        make_selector({"type": "stratified", "stratas": 5}, budget=40)
 
 
 def test_budget_at_least_the_stream_keeps_everything_not_pruned() -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from recsift.monitoring.metrics import Metrics
-from recsift.scoring.scorer import make_scorer
+from recsift.scoring.registry import make_scorer
+from recsift.scoring.sasrec import SASRecSurrogate
 from recsift.scoring.stream import ScoringStage, StreamScorer
-from recsift.scoring.surrogate import Surrogate
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
 from recsift.selection.reservoir import StratifiedReservoir
@@ -14,7 +14,7 @@ from tests.scoring.test_stream_scorer import sample_batches
 
 
 def test_scored_samples_flow_into_the_coreset_and_the_validation_reservoir() -> None:
-    scorer = StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0), make_scorer("dealrec", depth=20),
+    scorer = StreamScorer(SASRecSurrogate(80, hidden=16, max_len=20, seed=0), make_scorer({"type": "dealrec", "depth": 20}),
                           reestimate_every=3, reference_size=200)
     metrics = Metrics()
     selector = StratifiedReservoir(budget=60, strata=6, sketch_size=256, rebucket_every=200)
@@ -40,7 +40,7 @@ def test_scored_samples_flow_into_the_coreset_and_the_validation_reservoir() -> 
 def test_goracs_runs_periodically_over_the_coreset_pool() -> None:
     from recsift.selection.stage import GoracsSettings
 
-    scorer = StreamScorer(Surrogate(80, hidden=16, max_len=20, seed=0), make_scorer("loss"), reference_size=200)
+    scorer = StreamScorer(SASRecSurrogate(80, hidden=16, max_len=20, seed=0), make_scorer("loss"), reference_size=200)
     metrics = Metrics()
     selector = StratifiedReservoir(budget=80, strata=4)
     selection = SelectionStage(selector, ValidationReservoir(200), RecentWindow(500), None, scorer.rescore, metrics,

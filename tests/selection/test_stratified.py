@@ -7,7 +7,6 @@ import pytest
 
 from recsift.selection.stratified import (
     allocate,
-    ccs_select,
     dealrec_select,
     hard_prune_cut,
     random_select,
@@ -63,4 +62,3 @@ def test_ccs_topk_random() -> None:
     assert topk_select(np.arange(100), scores, 5).ids.tolist() == [99, 98, 97, 96, 95]
     assert topk_select(np.arange(100), scores, 5, highest=False).ids.tolist() == [0, 1, 2, 3, 4]
     assert len(random_select(np.arange(100), 10, seed=0)) == 10
-    assert np.array_equal(ccs_select(np.arange(100), scores, 20, 4).ids, dealrec_select(np.arange(100), scores, 20, 4).ids)

@@ -13,7 +13,8 @@ from recsift.stream.checkpoint import (
     SampleJournal,
     StreamStateStore,
 )
-from recsift.stream.events import DedupIndex, Event
+from recsift.stream.dedup import DedupIndex
+from recsift.stream.events import Event
 from recsift.stream.windows import Sample, StreamState
 
 CFG = WindowConfig(max_history=4, window_seconds=10.0, allowed_lateness_s=5.0, max_batch=8, max_users=30, user_ttl_s=80.0)

@@ -16,7 +16,7 @@ import pytest
 
 from recsift.data.datasets import recbole_events
 from recsift.stream.broker import EmbeddedBroker
-from recsift.stream.sources import keyed, produce_events
+from recsift.stream.kafka import keyed, produce_events
 from tests.helpers import ROOT, kafka_settings
 
 pytestmark = pytest.mark.slow

@@ -5,19 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from recsift.stream.events import (
-    Catalog,
-    DedupIndex,
-    Event,
-    FileDeadLetterSink,
-    Item,
-    Rejection,
-    RejectReason,
-    Validator,
-    dead_letter_payload,
-    parse_event,
-    parse_timestamp,
-)
+from recsift.stream.catalog import Catalog, Item
+from recsift.stream.deadletter import FileDeadLetterSink, dead_letter_payload
+from recsift.stream.dedup import DedupIndex
+from recsift.stream.events import Event, Rejection, parse_event, parse_timestamp
+from recsift.stream.validator import Validator
+from recsift.vocab import RejectReason
 
 
 def ev(**kw: object) -> bytes:

@@ -18,9 +18,11 @@ from recsift.data.synthetic import SyntheticStream
 from recsift.monitoring.metrics import Metrics
 from recsift.service import Ingest
 from recsift.stream.broker import EmbeddedBroker
-from recsift.stream.events import Catalog, Item, RejectReason, dead_letter_payload
-from recsift.stream.sources import keyed, produce_events
+from recsift.stream.catalog import Catalog, Item
+from recsift.stream.deadletter import dead_letter_payload
+from recsift.stream.kafka import keyed, produce_events
 from recsift.stream.windows import Batch, sample_id_for
+from recsift.vocab import RejectReason
 from tests.helpers import kafka_settings
 
 

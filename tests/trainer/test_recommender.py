@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsift.stream.events import Catalog, Item
+from recsift.stream.catalog import Catalog, Item
 from recsift.trainer.llm import add_lora, wrap_llm
 from recsift.trainer.prompts import PromptBuilder
 from recsift.trainer.recommender import Recommender, last_token_states

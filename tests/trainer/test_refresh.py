@@ -12,8 +12,8 @@ from recsift.selection.checks import synthetic_offers
 from recsift.selection.reservoir import StratifiedReservoir
 from recsift.selection.stage import ValidationReservoir
 from recsift.selection.store import CoresetStore
+from recsift.stream.catalog import Catalog, Item
 from recsift.stream.checkpoint import Checkpoint
-from recsift.stream.events import Catalog, Item
 from recsift.trainer.evaluate import CANDIDATE_METRICS
 from recsift.trainer.llm import wrap_llm
 from recsift.trainer.refresh import list_runs, refresh, refresh_in_process, registry_for
