@@ -41,8 +41,9 @@ from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
 from recsift.selection.registry import SELECTORS, make_selector
 from recsift.selection.reservoir import StratifiedConfig
-from recsift.selection.stage import GoracsSettings, SelectionStage, ValidationReservoir
+from recsift.selection.stage import GoracsSettings, SelectionStage
 from recsift.selection.store import CoresetStore, read_snapshot
+from recsift.selection.validation import ValidationReservoir
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.catalog import Catalog, CatalogTopicReader
 from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
@@ -208,16 +209,16 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
         item = catalog.get(item_id)
         return item.attributes.get("category") if item is not None else None
 
-    selection = SelectionStage(selector, validation, RecentWindow(sel.recent_window),
-                               Coverage(sel.coverage_clusters, seed=sel.seed),
-                               stage.scorer.rescore if stage is not None else None, metrics, sel.validation_fraction,
-                               sel.seed, sel.coverage_constraint, category,
-                               goracs=GoracsSettings(sel.goracs_size, sel.goracs_every, sel.goracs_lambda,
-                                                     sel.goracs_max_exchanges, sel.goracs_exchange_candidates)
-                               if sel.goracs_size else None)
+    goracs = GoracsSettings(sel.goracs_size, sel.goracs_every, sel.goracs_lambda, sel.goracs_max_exchanges,
+                            sel.goracs_exchange_candidates) if sel.goracs_size else None
+    selection = SelectionStage(selector, validation=validation, recent=RecentWindow(sel.recent_window),
+                               coverage=Coverage(sel.coverage_clusters, seed=sel.seed),
+                               rescore=stage.scorer.rescore if stage is not None else None, metrics=metrics,
+                               validation_fraction=sel.validation_fraction, seed=sel.seed,
+                               coverage_constraint=sel.coverage_constraint, category=category, goracs=goracs)
     if metrics is not None:
         metrics.init_strata(selector.strata, sel.budget)
-    return selection, CoresetStore(selector, validation)
+    return selection, CoresetStore(selection)
 
 
 class Operations:

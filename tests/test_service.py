@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 
 from recsift.data.datasets import recbole_events
-from recsift.selection.stage import is_validation
+from recsift.selection.store import read_selection_state
+from recsift.selection.validation import is_validation
+from recsift.state import State
 from recsift.stream.broker import EmbeddedBroker, free_port
-from recsift.stream.checkpoint import sample_from_json
 from recsift.stream.kafka import ensure_topic, keyed, produce_events
+from recsift.stream.windows import Sample
 from tests.helpers import (
     MONITORING,
     PROMETHEUS,
@@ -213,9 +215,12 @@ def test_sigkill_of_the_whole_service_loses_and_duplicates_nothing(
     assert len(journal) + db_rows(state, "SELECT count(*) FROM pending")[0][0] == made
     # every journaled sample was offered to the selector exactly once (or held out for validation, or
     # is waiting in the checkpointed scoring batch)
-    waiting = {sample_from_json(b).sample_id for (b,) in db_rows(state, "SELECT sample FROM scoring_pending")}
+    stage = State.from_bytes(db_rows(state, "SELECT state FROM scoring_state WHERE name = 'stage'")[0][0])
+    waiting = {Sample.from_json(s).sample_id for s in stage.meta["pending"]}
     offerable = {s for s in journal if not is_validation(s, 0.05, 0) and s not in waiting}
-    stats = json.loads(db_rows(state, "SELECT state FROM selector_state")[0][0])["stats"]
+    selection = read_selection_state(state / "recsift.sqlite")
+    assert selection is not None
+    stats = selection.part("selector").meta["stats"]
     assert stats["offered"] == len(offerable)
     members = {r[0] for r in db_rows(state, "SELECT sample_id FROM coreset_members")}
     assert 0 < len(members) <= BUDGET and members <= offerable

@@ -15,6 +15,7 @@ from recsift.registry import ComponentConfig
 from recsift.scoring.influence import InfluenceEstimator
 from recsift.scoring.scorer import Scores, Versioned, by_length, check_batch
 from recsift.scoring.surrogate import SeqBatch, Surrogate
+from recsift.state import State
 
 
 class DEALRecConfig(ComponentConfig):
@@ -41,6 +42,7 @@ class DEALRecScorer(Versioned):
         self.damping, self.scale, self.depth, self.batch_size, self.repeats = damping, scale, depth, batch_size, repeats
         self.block = list(block) if block else None
         self.estimator: InfluenceEstimator | None = None
+        self._restored_ihvp: Tensor | None = None  # from load_state_dict; the estimator is rebuilt at scoring
         self.version = 0
 
     def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
@@ -55,23 +57,26 @@ class DEALRecScorer(Versioned):
         self.estimator.estimate(surrogate.loss_inputs(reference), sample)
         self.version += 1
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        out = super().state_tensors()
-        if self.estimator is not None and self.estimator.ihvp is not None:
-            out["ihvp"] = self.estimator.ihvp
-        return out
+    def state_dict(self) -> State:
+        state = super().state_dict()
+        ihvp = self.estimator.ihvp if self.estimator is not None else self._restored_ihvp
+        if ihvp is not None:
+            state.tensors["ihvp"] = ihvp
+        return state
 
-    def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None:
-        super().load_state_tensors(surrogate, tensors)
-        if "ihvp" in tensors:
-            self.estimator = self._estimator(surrogate)
-            self.estimator.set_ihvp(tensors["ihvp"])
+    def load_state_dict(self, state: State) -> None:
+        super().load_state_dict(state)
+        self.estimator, self._restored_ihvp = None, state.tensors.get("ihvp")
 
     def _estimator(self, surrogate: Surrogate) -> InfluenceEstimator:
         return InfluenceEstimator(surrogate.loss_model, self.block or surrogate.influence_block(), self.damping,
                                   self.scale, self.depth, self.repeats, self.seed)
 
     def influence(self, surrogate: Surrogate, batch: SeqBatch) -> Tensor:
+        if self.estimator is None and self._restored_ihvp is not None:
+            self.estimator = self._estimator(surrogate)
+            self.estimator.set_ihvp(self._restored_ihvp)
+            self._restored_ihvp = None
         estimator = self.estimator
         if estimator is None:
             raise RuntimeError("call prepare() before scoring")

@@ -26,14 +26,11 @@ Departures, and why:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from recsift.scoring.surrogate import (
@@ -44,9 +41,9 @@ from recsift.scoring.surrogate import (
     encode_sequences,
     hashed_negatives,
     left_pad,
-    safetensors_metadata,
     trim_padding,
 )
+from recsift.state import State
 
 
 class _PointWiseFeedForward(nn.Module):
@@ -269,34 +266,32 @@ class SASRecSurrogate:
         sequences = [[to_row(i) for i in h] + [to_row(t)] for h, t in zip(histories, targets, strict=True)]
         return encode_sequences(sequences, list(sample_ids), self.max_len)
 
-    # ------------------------------------------------------------------ state (safetensors, never pickle)
+    # ------------------------------------------------------------------ state (safetensors + JSON, never pickle)
 
-    def state_bytes(self) -> bytes:
-        """Weights, optimiser state, replay buffer and RNG state as one safetensors blob."""
-        tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+    def state_dict(self) -> State:
+        """Weights, optimiser state, replay buffer, RNG state, vocabulary and counters."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt = self.optimizer.state_dict()
         for pid, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{pid}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
         tensors["replay"] = self.replay
         tensors["rng"] = self.generator.get_state()
-        meta = {"vocab": self.vocab.to_json(), "steps": str(self.steps), "version": str(self.version),
-                "seed": str(self.seed),
-                "replay_seen": str(self.replay_seen), "param_groups": json.dumps(opt["param_groups"])}
-        return st_save(tensors, metadata=meta)
+        return State(tensors, {"vocab": self.vocab.to_dict(), "steps": self.steps, "version": self.version,
+                               "seed": self.seed, "replay_seen": self.replay_seen,
+                               "param_groups": opt["param_groups"]})
 
-    def load_state_bytes(self, blob: bytes) -> None:
-        tensors = st_load(blob)
-        metadata = safetensors_metadata(blob)
-        self.vocab = ItemVocab.from_json(metadata["vocab"])
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict[str, Tensor]] = {}
-        for k, v in tensors.items():
+    def load_state_dict(self, state: State) -> None:
+        t, meta = state.tensors, state.meta
+        self.vocab = ItemVocab.from_dict(meta["vocab"])
+        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        opt: dict[int, dict[str, Tensor]] = {}
+        for k, v in t.items():
             if k.startswith("opt."):
                 _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v
-        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-        self.replay = tensors["replay"]
-        self.generator.set_state(tensors["rng"])
-        self.steps, self.version, self.seed = int(metadata["steps"]), int(metadata["version"]), int(metadata["seed"])
-        self.replay_seen = int(metadata["replay_seen"])
+                opt.setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
+        self.replay = t["replay"]
+        self.generator.set_state(t["rng"])
+        self.steps, self.version, self.seed = meta["steps"], meta["version"], meta["seed"]
+        self.replay_seen = meta["replay_seen"]

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from recsift.registry import ComponentConfig
 from recsift.scoring.surrogate import PAD, SeqBatch, Surrogate
+from recsift.state import State
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,10 @@ class Scorer(Protocol):
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores: ...
 
-    def state_tensors(self) -> dict[str, Tensor]:
+    def state_dict(self) -> State:
         """What the checkpoint must keep to score the same way after a restart."""
 
-    def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None: ...
+    def load_state_dict(self, state: State) -> None: ...
 
 
 class Versioned:
@@ -52,11 +53,11 @@ class Versioned:
 
     version: int
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        return {"version": torch.tensor(self.version)}
+    def state_dict(self) -> State:
+        return State(meta={"version": self.version})
 
-    def load_state_tensors(self, surrogate: Surrogate, tensors: dict[str, Tensor]) -> None:
-        self.version = int(tensors["version"])
+    def load_state_dict(self, state: State) -> None:
+        self.version = int(state.meta["version"])
 
 
 class FollowsSurrogate(Versioned):

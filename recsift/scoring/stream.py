@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from recsift.monitoring.metrics import Metrics
@@ -34,9 +32,8 @@ from recsift.scoring.surrogate import (
     SeqBatch,
     Surrogate,
     left_pad,
-    safetensors_metadata,
 )
-from recsift.stream.checkpoint import sample_from_json, sample_to_json
+from recsift.state import State
 from recsift.stream.windows import Sample
 from recsift.vocab import Stage
 
@@ -164,30 +161,30 @@ class StreamScorer:
 
     # ------------------------------------------------------------------ state
 
-    def state_bytes(self) -> bytes:
-        tensors = {f"scorer.{k}": v for k, v in self.scorer.state_tensors().items()}
-        tensors.update({"reference.seqs": self.reference.seqs, "reference.ids": self.reference.sample_ids,
-                        "reference.effort": self.reference_effort, "rng": self.generator.get_state()})
-        if self.bounds is not None:
-            tensors["bounds"] = torch.tensor([self.bounds.low, self.bounds.high], dtype=torch.float64)
-        if self.effort_bounds is not None:
-            tensors["effort_bounds"] = torch.tensor([self.effort_bounds.low, self.effort_bounds.high],
-                                                    dtype=torch.float64)
-        meta = {"reference_seen": str(self.reference_seen), "batches": str(self.batches),
-                "batches_since_estimate": str(self.batches_since_estimate), "excluded": str(self.excluded)}
-        return st_save(tensors, metadata=meta)
+    def state_dict(self) -> State:
+        """Its surrogate's and scorer's state, the reference reservoir, the bounds, RNG and counters."""
+        tensors = {"reference.seqs": self.reference.seqs, "reference.ids": self.reference.sample_ids,
+                   "reference.effort": self.reference_effort, "rng": self.generator.get_state()}
+        meta = {"reference_seen": self.reference_seen, "batches": self.batches,
+                "batches_since_estimate": self.batches_since_estimate, "excluded": self.excluded,
+                "last_loss": self.last_loss,
+                "bounds": [self.bounds.low, self.bounds.high] if self.bounds is not None else None,
+                "effort_bounds": [self.effort_bounds.low, self.effort_bounds.high]
+                if self.effort_bounds is not None else None}
+        return State(tensors, meta).put("surrogate", self.surrogate.state_dict()).put("scorer", self.scorer.state_dict())
 
-    def load_state_bytes(self, blob: bytes) -> None:
-        tensors = st_load(blob)
-        meta = safetensors_metadata(blob)
-        self.scorer.load_state_tensors(self.surrogate, {k[7:]: v for k, v in tensors.items() if k.startswith("scorer.")})
-        self.reference = SeqBatch(tensors["reference.seqs"], tensors["reference.ids"])
-        self.reference_effort = tensors["reference.effort"]
-        self.bounds = Bounds(*tensors["bounds"].tolist()) if "bounds" in tensors else None
-        self.effort_bounds = Bounds(*tensors["effort_bounds"].tolist()) if "effort_bounds" in tensors else None
-        self.generator.set_state(tensors["rng"])
-        self.reference_seen, self.batches = int(meta["reference_seen"]), int(meta["batches"])
-        self.batches_since_estimate, self.excluded = int(meta["batches_since_estimate"]), int(meta["excluded"])
+    def load_state_dict(self, state: State) -> None:
+        t, meta = state.tensors, state.meta
+        self.surrogate.load_state_dict(state.part("surrogate"))
+        self.scorer.load_state_dict(state.part("scorer"))
+        self.reference = SeqBatch(t["reference.seqs"], t["reference.ids"])
+        self.reference_effort = t["reference.effort"]
+        self.generator.set_state(t["rng"])
+        self.bounds = Bounds(*meta["bounds"]) if meta["bounds"] is not None else None
+        self.effort_bounds = Bounds(*meta["effort_bounds"]) if meta["effort_bounds"] is not None else None
+        self.reference_seen, self.batches = meta["reference_seen"], meta["batches"]
+        self.batches_since_estimate, self.excluded = meta["batches_since_estimate"], meta["excluded"]
+        self.last_loss = meta["last_loss"]
 
 
 ScoredHandler = Callable[[list[ScoredSample]], None]
@@ -241,38 +238,43 @@ class ScoringStage:
     def _effort_hits(self) -> int:
         return int(getattr(self.scorer.effort, "hits", 0))
 
+    def state_dict(self) -> State:
+        """The samples waiting for the next scoring batch (the scorer's state is its own)."""
+        return State(meta={"pending": [s.to_json() for s in self.pending]})
+
+    def load_state_dict(self, state: State) -> None:
+        self.pending = [Sample.from_json(s) for s in state.meta["pending"]]
+
 
 class ScoringStore:
-    """Checkpoint participant for the scoring stage: surrogate, scorer state, and samples not yet scored.
+    """Checkpoint participant for the scoring stage: the stream scorer's state (surrogate and scorer
+    included) and the stage's pending samples, each as the bytes of its ``state_dict()``.
 
-    The model blobs are rewritten only when the surrogate has changed since the last checkpoint.
+    The scorer's state is rewritten only when it has changed since the last checkpoint (every change
+    comes with a surrogate update or an exclusion count).
     """
 
     def __init__(self, stream_scorer: StreamScorer, stage: ScoringStage | None = None) -> None:
         self.stream_scorer = stream_scorer
         self.stage = stage
-        self._saved_at = -1
-        self._pending = -1
+        self._saved_at: tuple[int, int] | None = None
+        self._pending: tuple[int, int] | None = None
         self._loaded = False
 
+    def _fingerprint(self) -> tuple[int, int]:
+        return self.stream_scorer.surrogate.version, self.stream_scorer.excluded
+
     def create_schema(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS scoring (id INTEGER PRIMARY KEY CHECK (id = 1), surrogate BLOB NOT NULL,"
-            " scorer BLOB NOT NULL, surrogate_version INTEGER NOT NULL)"
-        )
-        conn.execute("CREATE TABLE IF NOT EXISTS scoring_pending (pos INTEGER PRIMARY KEY, sample BLOB NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS scoring_state (name TEXT PRIMARY KEY, state BLOB NOT NULL)")
 
     def save(self, conn: sqlite3.Connection) -> None:
         if self.stage is not None:
-            conn.execute("DELETE FROM scoring_pending")
-            conn.executemany("INSERT INTO scoring_pending VALUES (?, ?)",
-                             ((i, sample_to_json(s)) for i, s in enumerate(self.stage.pending)))
-        surrogate = self.stream_scorer.surrogate
-        if surrogate.version == self._saved_at:
+            conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('stage', ?)", (self.stage.state_dict().to_bytes(),))
+        if self._fingerprint() == self._saved_at:
             return
-        conn.execute("INSERT OR REPLACE INTO scoring VALUES (1, ?, ?, ?)",
-                     (surrogate.state_bytes(), self.stream_scorer.state_bytes(), surrogate.version))
-        self._pending = surrogate.version
+        conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('scorer', ?)",
+                     (self.stream_scorer.state_dict().to_bytes(),))
+        self._pending = self._fingerprint()
 
     def committed(self) -> None:
         self._saved_at = self._pending
@@ -282,12 +284,9 @@ class ScoringStore:
         if self._loaded:
             return
         self._loaded = True
-        if self.stage is not None:
-            self.stage.pending = [sample_from_json(b) for (b,) in
-                                  conn.execute("SELECT sample FROM scoring_pending ORDER BY pos")]
-        row = conn.execute("SELECT surrogate, scorer, surrogate_version FROM scoring WHERE id = 1").fetchone()
-        if row is None:
-            return
-        self.stream_scorer.surrogate.load_state_bytes(row[0])
-        self.stream_scorer.load_state_bytes(row[1])
-        self._saved_at = int(row[2])
+        saved = dict(conn.execute("SELECT name, state FROM scoring_state").fetchall())
+        if self.stage is not None and "stage" in saved:
+            self.stage.load_state_dict(State.from_bytes(saved["stage"]))
+        if "scorer" in saved:
+            self.stream_scorer.load_state_dict(State.from_bytes(saved["scorer"]))
+            self._saved_at = self._fingerprint()

@@ -11,14 +11,15 @@ into a :class:`SeqBatch` of history + target.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from recsift.state import State
 
 PAD, OOV = 0, 1
 
@@ -58,9 +59,9 @@ class Surrogate(Protocol):
     def encode(self, histories: Iterable[Sequence[str]], targets: Iterable[str], sample_ids: Iterable[int],
                grow: bool = True) -> Encoded: ...
 
-    def state_bytes(self) -> bytes: ...
+    def state_dict(self) -> State: ...
 
-    def load_state_bytes(self, blob: bytes) -> None: ...
+    def load_state_dict(self, state: State) -> None: ...
 
 
 class ItemVocab:
@@ -93,15 +94,15 @@ class ItemVocab:
     def lookup(self, item_id: str) -> int:
         return self.index.get(item_id, OOV)
 
-    def to_json(self) -> str:
-        return json.dumps({"capacity": self.capacity, "items": list(self.index)})
+    def to_dict(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "items": list(self.index), "overflow": self.overflow}
 
     @classmethod
-    def from_json(cls, text: str) -> ItemVocab:
-        data = json.loads(text)
+    def from_dict(cls, data: dict[str, Any]) -> ItemVocab:
         vocab = cls(int(data["capacity"]))
         for item in data["items"]:
             vocab.add(item)
+        vocab.overflow = int(data.get("overflow", 0))
         return vocab
 
 
@@ -155,12 +156,6 @@ def left_pad(seqs: Tensor, width: int) -> Tensor:
     if seqs.shape[1] >= width:
         return seqs[:, seqs.shape[1] - width:]
     return torch.cat([torch.zeros((seqs.shape[0], width - seqs.shape[1]), dtype=seqs.dtype), seqs], 1)
-
-
-def safetensors_metadata(blob: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (its header is 8 bytes of length, then JSON)."""
-    size = int.from_bytes(blob[:8], "little")
-    return dict(json.loads(blob[8 : 8 + size]).get("__metadata__", {}))
 
 
 def hashed_negatives(sample_ids: Tensor, positions: int, n_rows: int, seed: int) -> Tensor:

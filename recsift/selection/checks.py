@@ -22,6 +22,7 @@ from scipy.stats import chisquare, ks_2samp
 
 from recsift.selection.reservoir import StratifiedReservoir
 from recsift.selection.selector import Offer
+from recsift.selection.stage import SelectionStage
 from recsift.selection.store import CoresetStore
 from recsift.selection.stratified import dealrec_select, hard_prune_cut, stratum_of
 from recsift.stream.checkpoint import Checkpoint
@@ -54,13 +55,13 @@ def check_selector(make: Callable[[], StratifiedReservoir], stream: Sequence[lis
 
     half = len(stream) // 2
     first = make()
-    ckpt = Checkpoint(tmp_db, [CoresetStore(first)])
+    ckpt = Checkpoint(tmp_db, [CoresetStore(SelectionStage(first))])
     for batch in stream[:half]:
         first.offer(batch)
     ckpt.commit({})
     ckpt.close()
     resumed = make()
-    ckpt = Checkpoint(tmp_db, [CoresetStore(resumed)])
+    ckpt = Checkpoint(tmp_db, [CoresetStore(SelectionStage(resumed))])
     ckpt.load(set())
     ckpt.close()
     assert _ids(resumed) == _ids(first), "the checkpoint must restore the members"

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable
 
 import faiss
 import numpy as np
+import torch
 
 from recsift.selection.selector import Member
+from recsift.state import State
 
 
 class Coverage:
@@ -56,6 +58,26 @@ class Coverage:
         self.centroids, self.index = km.centroids.copy(), km.index
         self.mass = np.bincount(self.assign(self.recent), minlength=self.k) / len(self.recent)
         self.since_refresh = 0
+
+    def state_dict(self) -> State:
+        """The recent ring, the clusters and their mass (the faiss index is rebuilt from the centroids)."""
+        tensors = {"mass": torch.from_numpy(np.asarray(self.mass, dtype=np.float64))}
+        if self.recent is not None:
+            tensors["recent"] = torch.from_numpy(self.recent.copy())
+        if self.centroids is not None:
+            tensors["centroids"] = torch.from_numpy(self.centroids.copy())
+        return State(tensors, {"pos": self.pos, "since_refresh": self.since_refresh})
+
+    def load_state_dict(self, state: State) -> None:
+        t = state.tensors
+        self.recent = t["recent"].numpy().copy() if "recent" in t else None
+        self.centroids = t["centroids"].numpy().copy() if "centroids" in t else None
+        self.mass = t["mass"].numpy().copy()
+        self.pos, self.since_refresh = state.meta["pos"], state.meta["since_refresh"]
+        self.index = None
+        if self.centroids is not None:
+            self.index = faiss.IndexFlatL2(self.centroids.shape[1])
+            self.index.add(self.centroids)
 
     @property
     def ready(self) -> bool:

@@ -19,7 +19,8 @@ import ot
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from recsift.selection.selector import Member
+from recsift.selection.selector import Member, embeddings_from_tensors, embeddings_to_tensors
+from recsift.state import State
 
 
 def js_divergence(p: Counter[str] | dict[str, float], q: Counter[str] | dict[str, float]) -> float:
@@ -64,6 +65,16 @@ class RecentWindow:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def state_dict(self) -> State:
+        return State(embeddings_to_tensors(self.embeddings, "embeddings"),
+                     {"targets": self.targets, "scores": self.scores, "pos": self.pos})
+
+    def load_state_dict(self, state: State) -> None:
+        self.targets, self.scores = list(state.meta["targets"]), list(state.meta["scores"])
+        self.embeddings = [e if e is not None else np.zeros(0, np.float32)
+                           for e in embeddings_from_tensors(state.tensors, "embeddings")]
+        self.pos = state.meta["pos"]
 
 
 @dataclass(frozen=True)

@@ -34,15 +34,24 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from recsift.registry import ComponentConfig
-from recsift.selection.selector import Member, Offer, Rescore, SelectorStats
+from recsift.selection.selector import (
+    Member,
+    Offer,
+    Rescore,
+    SelectorStats,
+    embeddings_from_tensors,
+    embeddings_to_tensors,
+)
 from recsift.selection.stratified import allocate, stratum_of
+from recsift.state import State
 
 _MASK = (1 << 64) - 1
 
@@ -316,13 +325,39 @@ class StratifiedReservoir:
         self._refill()
         self.stats.rebuckets += 1
 
-    def restored(self, quotas: list[int] | None = None) -> None:
-        """Rebuild what is derived from members, spares and counts (after the store loaded them)."""
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> State:
+        """Members and spares (with their embeddings), the sketch, counts, quotas, edges, clocks, stats."""
+        held = {"members": list(self.members.values()), "spares": list(self.spare.values())}
+        tensors = {"sketch": torch.from_numpy(self.sketch.copy()), "counts": torch.from_numpy(self.counts.copy())}
+        for name, ms in held.items():
+            tensors.update(embeddings_to_tensors([m.embedding for m in ms], f"{name}.embedding"))
+        meta = {name: [m.to_json() for m in ms] for name, ms in held.items()}
+        meta.update({"edges": list(self.edges) if self.edges is not None else None, "version": self.version,
+                     "t0": self.t0, "t_counts": self.t_counts, "since_edges": self.since_edges,
+                     "sketch_pos": self.sketch_pos, "quotas": list(self.quotas), "stats": asdict(self.stats)})
+        return State(tensors, meta)
+
+    def load_state_dict(self, state: State) -> None:
+        t, meta = state.tensors, state.meta
+        self.members.clear()
+        self.spare.clear()
+        self.users.clear()
+        for name, held in (("members", self.members), ("spares", self.spare)):
+            embeddings = embeddings_from_tensors(t, f"{name}.embedding")
+            for data, emb in zip(meta[name], embeddings, strict=True):
+                m = Member.from_json(data, emb)
+                held[m.sample.sample_id] = m
+        for m in self.members.values():
+            self.users[m.sample.user_id] += 1
+        self.sketch, self.counts = t["sketch"].numpy().copy(), t["counts"].numpy().copy()
+        self.edges = (float(meta["edges"][0]), float(meta["edges"][1])) if meta["edges"] is not None else None
+        self.version, self.t0, self.t_counts = meta["version"], meta["t0"], meta["t_counts"]
+        self.since_edges, self.sketch_pos = meta["since_edges"], meta["sketch_pos"]
+        self.quotas = [int(q) for q in meta["quotas"]]
+        self.stats = SelectorStats(**meta["stats"])
         self._rebuild_heaps()
-        if quotas is not None and len(quotas) == self.strata:
-            self.quotas = [int(q) for q in quotas]
-        else:
-            self._allocate()
 
     def _allocate(self, arriving: np.ndarray | None = None) -> None:
         """Quotas by the fewest-first rule over the stratum counts, with one correction: a stratum cannot

@@ -20,40 +20,10 @@ from recsift.scoring.stream import ScoredSample
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import DriftReport, RecentWindow, drift
 from recsift.selection.goracs import goracs_select
-from recsift.selection.reservoir import StratifiedReservoir, uniform_key
-from recsift.selection.selector import Offer, Rescore
-from recsift.stream.windows import Sample
+from recsift.selection.selector import Offer, Rescore, Selector
+from recsift.selection.validation import ValidationReservoir, is_validation
+from recsift.state import State
 from recsift.vocab import Stage
-
-
-class ValidationReservoir:
-    """The most recent ``size`` validation samples (a ring), with their scores and embeddings."""
-
-    def __init__(self, size: int = 2048) -> None:
-        if size < 1:
-            raise ValueError("validation size must be positive")
-        self.size = size
-        self.samples: list[Sample] = []
-        self.embeddings: list[np.ndarray] = []
-        self.pos = 0
-        self.seen = 0
-
-    def add(self, sample: Sample, embedding: np.ndarray) -> None:
-        self.seen += 1
-        if len(self.samples) < self.size:
-            self.samples.append(sample)
-            self.embeddings.append(embedding)
-        else:
-            self.samples[self.pos], self.embeddings[self.pos] = sample, embedding
-            self.pos = (self.pos + 1) % self.size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-def is_validation(sample_id: int, fraction: float, seed: int) -> bool:
-    """Hash-chosen: the same sample is always on the same side, across restarts and replicas."""
-    return fraction > 0 and uniform_key(sample_id, seed ^ 0x5EED) < fraction
 
 
 @dataclass(frozen=True)
@@ -66,15 +36,17 @@ class GoracsSettings:
 
 
 class SelectionStage:
-    def __init__(self, selector: StratifiedReservoir, validation: ValidationReservoir, recent: RecentWindow,
-                 coverage: Coverage | None = None, rescore: Rescore | None = None, metrics: Metrics | None = None,
+    def __init__(self, selector: Selector, *, validation: ValidationReservoir | None = None,
+                 recent: RecentWindow | None = None, coverage: Coverage | None = None, rescore: Rescore | None = None, metrics: Metrics | None = None,
                  validation_fraction: float = 0.05, seed: int = 0, coverage_constraint: bool = False,
                  category: Callable[[str], str | None] = lambda _: None, drift_every: int = 8,
                  goracs: GoracsSettings | None = None,
                  on_drift: Callable[[dict[str, float]], None] | None = None) -> None:
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in [0, 1)")
-        self.selector, self.validation, self.recent, self.coverage = selector, validation, recent, coverage
+        self.selector, self.coverage = selector, coverage
+        self.validation = validation if validation is not None else ValidationReservoir()
+        self.recent = recent if recent is not None else RecentWindow()
         self.rescore, self.metrics, self.fraction, self.seed = rescore, metrics, validation_fraction, seed
         self.category, self.drift_every, self.goracs = category, drift_every, goracs
         self.on_drift = on_drift
@@ -141,6 +113,31 @@ class SelectionStage:
     def snapshot_taken(self, member_ids: Sequence[int]) -> None:
         """Turnover is measured against the members of the last refresh's snapshot."""
         self.last_snapshot = set(member_ids)
+
+    def state_dict(self) -> State:
+        """The selector's, validation reservoir's, recent window's and coverage's states, and the stage's
+        counters (the drift and GORACS cadence, the last snapshot's members, GORACS's last subset)."""
+        state = State(meta={"batches": self.batches, "last_snapshot": sorted(self.last_snapshot),
+                            "goracs_subset": self.goracs_subset, "goracs_objective": self.goracs_objective,
+                            "last_coverage": self.last_coverage,
+                            "last_drift": self.last_drift.as_dict() if self.last_drift is not None else None})
+        state.put("selector", self.selector.state_dict()).put("validation", self.validation.state_dict())
+        state.put("recent", self.recent.state_dict())
+        if self.coverage is not None:
+            state.put("coverage", self.coverage.state_dict())
+        return state
+
+    def load_state_dict(self, state: State) -> None:
+        meta = state.meta
+        self.selector.load_state_dict(state.part("selector"))
+        self.validation.load_state_dict(state.part("validation"))
+        self.recent.load_state_dict(state.part("recent"))
+        if self.coverage is not None and "coverage" in meta:
+            self.coverage.load_state_dict(state.part("coverage"))
+        self.batches, self.last_snapshot = meta["batches"], set(meta["last_snapshot"])
+        self.goracs_subset, self.goracs_objective = list(meta["goracs_subset"]), meta["goracs_objective"]
+        self.last_coverage = meta["last_coverage"]
+        self.last_drift = DriftReport(**meta["last_drift"]) if meta["last_drift"] is not None else None
 
     def _export(self, seconds: float) -> None:
         m, sel = self.metrics, self.selector

@@ -1,13 +1,13 @@
-"""The coreset store: members and selector state inside the checkpoint transaction, immutable snapshots.
+"""The coreset store: the selection stage's state inside the checkpoint transaction, immutable snapshots.
 
 Tables (in the checkpoint database):
 
-- ``coreset_members``: the live coreset (sample, scores, stratum, scorer version, key, times, embedding),
-  rewritten by :meth:`CoresetStore.save` inside the checkpoint transaction, so it always matches the
-  committed source offsets (a crash rolls members back together with the offsets);
-- ``coreset_spares``: the selector's spares (non-members that refill a stratum whose quota grows), same
-  columns, saved in the same transaction;
-- ``selector_state``: the selector's counts, edges, sketch and clocks (one JSON row + the sketch blob);
+- ``selection_state``: the bytes of :meth:`SelectionStage.state_dict` (selector members and spares,
+  sketch, counts, quotas; validation reservoir; recent window; coverage; counters), rewritten by
+  :meth:`CoresetStore.save` inside the checkpoint transaction, so it always matches the committed source
+  offsets (a crash rolls the coreset back together with the offsets). Restoring reads only this.
+- ``coreset_members`` and ``validation_samples``: rows derived from the same state in the same
+  transaction, for readers in other processes (snapshots, the refresh's validation set, ``recsift coreset``).
 - ``coreset_snapshots`` / ``snapshot_members``: numbered, immutable copies that refresh jobs train on.
   A snapshot is taken from committed members only, in its own transaction.
 
@@ -19,33 +19,24 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import orjson
 
-from recsift.selection.reservoir import StratifiedReservoir
 from recsift.selection.selector import Member
-
-if TYPE_CHECKING:
-    from recsift.selection.stage import ValidationReservoir
-from recsift.stream.checkpoint import connect, sample_from_json, sample_to_json
+from recsift.selection.stage import SelectionStage
+from recsift.state import State
+from recsift.stream.checkpoint import connect
 from recsift.stream.windows import Sample
 
 SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS selection_state (id INTEGER PRIMARY KEY CHECK (id = 1), state BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS coreset_members (sample_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
     " history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL, version INTEGER NOT NULL,"
-    " key REAL NOT NULL, stratum INTEGER NOT NULL, inserted_ts REAL NOT NULL,"
-    " updated_at REAL NOT NULL, embedding BLOB)",
-    "CREATE TABLE IF NOT EXISTS coreset_spares (sample_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
-    " history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL, version INTEGER NOT NULL,"
-    " key REAL NOT NULL, stratum INTEGER NOT NULL, inserted_ts REAL NOT NULL,"
-    " updated_at REAL NOT NULL, embedding BLOB)",
-    "CREATE TABLE IF NOT EXISTS selector_state (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL,"
-    " sketch BLOB NOT NULL, counts BLOB NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS validation_samples (pos INTEGER PRIMARY KEY, sample BLOB NOT NULL, embedding BLOB)",
+    " stratum INTEGER NOT NULL, updated_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS validation_samples (pos INTEGER PRIMARY KEY, sample BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS coreset_snapshots (snapshot_id INTEGER PRIMARY KEY AUTOINCREMENT,"
     " created_at REAL NOT NULL, size INTEGER NOT NULL, scorer_version INTEGER NOT NULL, reason TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS snapshot_members (snapshot_id INTEGER NOT NULL, sample_id INTEGER NOT NULL,"
@@ -59,11 +50,10 @@ class SnapshotNotFound(LookupError):
 
 
 class CoresetStore:
-    """Checkpoint participant for a streaming selector."""
+    """Checkpoint participant for the selection stage (the coreset is not partitioned: one row)."""
 
-    def __init__(self, selector: StratifiedReservoir, validation: ValidationReservoir | None = None) -> None:
-        self.selector = selector
-        self.validation = validation
+    def __init__(self, stage: SelectionStage) -> None:
+        self.stage = stage
         self._loaded = False
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
@@ -71,24 +61,14 @@ class CoresetStore:
             conn.execute(statement)
 
     def save(self, conn: sqlite3.Connection) -> None:
-        sel = self.selector
         now = time.time()
-        for table, held in (("coreset_members", sel.members), ("coreset_spares", sel.spare)):
-            conn.execute(f"DELETE FROM {table}")
-            conn.executemany(f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                             (_member_row(m, now) for m in held.values()))
-        if self.validation is not None:
-            v = self.validation
-            conn.execute("DELETE FROM validation_samples")
-            conn.executemany("INSERT INTO validation_samples VALUES (?, ?, ?)",
-                             ((i, sample_to_json(smp), np.asarray(e, dtype=np.float32).tobytes())
-                              for i, (smp, e) in enumerate(zip(v.samples, v.embeddings, strict=True))))
-        state = {"edges": sel.edges, "version": sel.version, "t0": sel.t0, "t_counts": sel.t_counts,
-                 "since_edges": sel.since_edges, "sketch_pos": sel.sketch_pos, "stats": asdict(sel.stats),
-                 "quotas": sel.quotas,
-                 "validation": [self.validation.pos, self.validation.seen] if self.validation is not None else None}
-        conn.execute("INSERT OR REPLACE INTO selector_state VALUES (1, ?, ?, ?)",
-                     (json.dumps(state), sel.sketch.astype(np.float64).tobytes(), sel.counts.astype(np.float64).tobytes()))
+        conn.execute("INSERT OR REPLACE INTO selection_state VALUES (1, ?)", (self.stage.state_dict().to_bytes(),))
+        conn.execute("DELETE FROM coreset_members")
+        conn.executemany("INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?)",
+                         (_member_row(m, now) for m in self.stage.selector.members.values()))
+        conn.execute("DELETE FROM validation_samples")
+        conn.executemany("INSERT INTO validation_samples VALUES (?, ?)",
+                         enumerate(s.encode() for s in self.stage.validation.samples))
 
     def committed(self) -> None:
         return None
@@ -98,47 +78,20 @@ class CoresetStore:
         if self._loaded:
             return
         self._loaded = True
-        row = conn.execute("SELECT state, sketch, counts FROM selector_state WHERE id = 1").fetchone()
-        if row is None:
-            return
-        sel = self.selector
-        state = json.loads(row[0])
-        sel.edges = tuple(state["edges"]) if state["edges"] is not None else None  # type: ignore[assignment]
-        sel.version, sel.t0, sel.t_counts = state["version"], state["t0"], state["t_counts"]
-        sel.since_edges, sel.sketch_pos = state["since_edges"], state["sketch_pos"]
-        for k, v in state["stats"].items():
-            setattr(sel.stats, k, v)
-        sel.sketch = np.frombuffer(row[1], dtype=np.float64).copy()
-        sel.counts = np.frombuffer(row[2], dtype=np.float64).copy()
-        sel.members.clear()
-        sel.spare.clear()
-        sel.users.clear()
-        for table, held in (("coreset_members", sel.members), ("coreset_spares", sel.spare)):
-            for r in conn.execute("SELECT sample_id, user_id, history, target, ts, score, version, key, stratum,"
-                                  f" inserted_ts, embedding FROM {table}"):
-                m = _member_from_row(r)
-                held[m.sample.sample_id] = m
-        for m in sel.members.values():
-            sel.users[m.sample.user_id] += 1
-        sel.restored(state.get("quotas"))
-        if self.validation is not None and state.get("validation") is not None:
-            v = self.validation
-            v.pos, v.seen = state["validation"]
-            rows = conn.execute("SELECT sample, embedding FROM validation_samples ORDER BY pos").fetchall()
-            v.samples = [sample_from_json(a) for a, _ in rows]
-            v.embeddings = [np.frombuffer(b, dtype=np.float32).copy() for _, b in rows]
+        row = conn.execute("SELECT state FROM selection_state WHERE id = 1").fetchone()
+        if row is not None:
+            self.stage.load_state_dict(State.from_bytes(row[0]))
 
 
 def _member_row(m: Member, now: float) -> tuple[Any, ...]:
-    return (m.sample.sample_id, m.sample.user_id, orjson.dumps(m.sample.history).decode(), m.sample.target,
-            m.sample.ts, m.score, m.version, m.key, m.stratum, m.inserted_ts, now,
-            None if m.embedding is None else np.asarray(m.embedding, dtype=np.float32).tobytes())
+    s = m.sample
+    return (s.sample_id, s.user_id, orjson.dumps(s.history).decode(), s.target, s.ts, m.score, m.version, m.stratum, now)
 
 
-def _member_from_row(r: tuple[Any, ...]) -> Member:
-    emb = None if r[10] is None else np.frombuffer(r[10], dtype=np.float32).copy()
-    return Member(Sample(int(r[0]), r[1], tuple(orjson.loads(r[2])), r[3], float(r[4])), float(r[5]), int(r[6]),
-                  float(r[7]), int(r[8]), emb, float(r[9]))
+def read_selection_state(db_path: str | Path) -> State | None:
+    """The committed selection stage state (for inspection and equivalence checks)."""
+    rows = _rows(db_path, "SELECT state FROM selection_state WHERE id = 1")
+    return State.from_bytes(rows[0][0]) if rows else None
 
 
 @dataclass(frozen=True)
@@ -230,4 +183,4 @@ def live_members(db_path: str | Path) -> list[tuple[Any, ...]]:
 
 def read_validation(db_path: str | Path) -> list[Sample]:
     """The committed recent validation reservoir (refresh evaluation reads it)."""
-    return [sample_from_json(a) for (a,) in _rows(db_path, "SELECT sample FROM validation_samples ORDER BY pos")]
+    return [Sample.from_json(a) for (a,) in _rows(db_path, "SELECT sample FROM validation_samples ORDER BY pos")]

@@ -152,15 +152,6 @@ def _in(partitions: set[int]) -> str:
     return ",".join(str(int(p)) for p in sorted(partitions)) or "NULL"
 
 
-def sample_to_json(s: Sample) -> bytes:
-    return orjson.dumps([s.sample_id, s.user_id, s.history, s.target, s.ts])
-
-
-def sample_from_json(text: str | bytes) -> Sample:
-    sid, user, history, target, ts = orjson.loads(text)
-    return Sample(int(sid), user, tuple(history), target, float(ts))
-
-
 class StreamStateStore:
     """Checkpoint participant for histories, open windows, per-partition clocks and the dedup index.
 
@@ -208,7 +199,7 @@ class StreamStateStore:
             conn.executemany(
                 "INSERT INTO pending VALUES (?, ?, ?, ?)",
                 [
-                    (p, start, pos, sample_to_json(s))
+                    (p, start, pos, s.encode())
                     for start, window in part.windows.items()
                     for pos, s in enumerate(window.samples)
                 ],
@@ -244,7 +235,7 @@ class StreamStateStore:
                 window = windows[float(start)] = OpenWindow(first_buffered_at=now)
                 part = state.partition(int(p))
                 part.next_close = min(part.next_close, float(start) + state.cfg.window_seconds)
-            window.samples.append(sample_from_json(text))
+            window.samples.append(Sample.from_json(text))
         (newest,) = conn.execute(f"SELECT max(generation) FROM dedup_chunks WHERE partition IN ({parts})").fetchone()
         if newest is not None:
             rows = conn.execute(

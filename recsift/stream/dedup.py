@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from recsift.state import State
+
 
 class DedupIndex:
     """Recently accepted event ids, each tagged with its source partition, in two generations.
@@ -67,4 +69,17 @@ class DedupIndex:
         self.added = {k: v for k, v in self.added.items() if k[0] not in partitions}
 
     def clear_changes(self) -> None:
+        self.added = {}
+
+    def state_dict(self) -> State:
+        """The remembered ids by generation (the changes since the last checkpoint are not state)."""
+        return State(meta={"capacity": self.capacity, "generation": self.generation,
+                           "forgotten_below": self.forgotten_below, "current": self._current,
+                           "previous": self._previous})
+
+    def load_state_dict(self, state: State) -> None:
+        meta = state.meta
+        self.capacity, self._half = meta["capacity"], max(1, meta["capacity"] // 2)
+        self.generation, self.forgotten_below = meta["generation"], meta["forgotten_below"]
+        self._current, self._previous = dict(meta["current"]), dict(meta["previous"])
         self.added = {}

@@ -23,9 +23,12 @@ import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import orjson
 
 from recsift.config import WindowConfig
+from recsift.state import State
 from recsift.stream.events import Event
 
 
@@ -37,6 +40,19 @@ class Sample(NamedTuple):
     history: tuple[str, ...]
     target: str
     ts: float
+
+    # the one codec of a sample (checkpoint rows, coreset state, snapshots): [id, user, history, target, ts]
+
+    def to_json(self) -> list[Any]:
+        return [self.sample_id, self.user_id, list(self.history), self.target, self.ts]
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.to_json())
+
+    @classmethod
+    def from_json(cls, data: list[Any] | str | bytes) -> Sample:
+        sid, user, history, target, ts = orjson.loads(data) if isinstance(data, (str, bytes)) else data
+        return cls(int(sid), user, tuple(history), target, float(ts))
 
 
 def sample_id_for(user_id: str, event_id: str) -> int:
@@ -262,3 +278,31 @@ class StreamState:
         for part in self.partitions.values():
             part.dirty = set()
             part.evicted = set()
+
+    def state_dict(self) -> State:
+        """Every owned partition's histories (in LRU order), clock, counts and open windows' samples.
+        (A window's processing-time arrival stamp is not state: it only bounds how long a sample waits.)
+        The checkpoint saves histories incrementally instead (:class:`~recsift.stream.checkpoint.StreamStateStore`);
+        this is the whole state, for comparisons and moves."""
+        parts = {}
+        for p, part in sorted(self.partitions.items()):
+            parts[str(p)] = {
+                "max_ts": part.max_ts, "next_close": part.next_close,
+                "counts": {k: getattr(part.counts, k) for k in WindowCounts.__slots__},
+                "histories": [[u, list(h.items), h.touched_ts, h.seq] for u, h in part.histories.items()],
+                "windows": [[start, [s.to_json() for s in w.samples]] for start, w in sorted(part.windows.items())],
+            }
+        return State(meta={"users": self.users, "seq": self._seq, "partitions": parts})
+
+    def load_state_dict(self, state: State) -> None:
+        now = time.monotonic()
+        self.partitions, self.users, self._seq = {}, 0, 0
+        for p, data in state.meta["partitions"].items():
+            part = self.partition(int(p))
+            for user_id, items, touched_ts, seq in data["histories"]:
+                self.restore_user(int(p), user_id, items, touched_ts, seq)
+            part.max_ts, part.next_close = float(data["max_ts"]), float(data["next_close"])
+            part.counts = WindowCounts(**data["counts"])
+            part.windows = {float(start): OpenWindow([Sample.from_json(s) for s in samples], now)
+                            for start, samples in data["windows"]}
+        self.users, self._seq = state.meta["users"], state.meta["seq"]

@@ -81,18 +81,19 @@ def test_the_coreset_stays_full_on_a_drifting_stream_with_new_versions() -> None
 
 
 def test_spares_are_checkpointed_and_restored(tmp_path: Path) -> None:
+    from recsift.selection.stage import SelectionStage
     from recsift.selection.store import CoresetStore
     from recsift.stream.checkpoint import Checkpoint
 
     stream = synthetic_offers(3000, seed=0)
     a = StratifiedReservoir(64, 8, seed=1, sketch_size=512, rebucket_every=300)
-    ckpt = Checkpoint(tmp_path / "c.sqlite", [CoresetStore(a)])
+    ckpt = Checkpoint(tmp_path / "c.sqlite", [CoresetStore(SelectionStage(a))])
     for b in stream[:15]:
         a.offer(b)
     ckpt.commit({})
     ckpt.close()
     b = StratifiedReservoir(64, 8, seed=1, sketch_size=512, rebucket_every=300)
-    ckpt = Checkpoint(tmp_path / "c.sqlite", [CoresetStore(b)])
+    ckpt = Checkpoint(tmp_path / "c.sqlite", [CoresetStore(SelectionStage(b))])
     ckpt.load(set())
     ckpt.close()
     assert a.spare and sorted(b.spare) == sorted(a.spare) and b.quotas == a.quotas

@@ -12,6 +12,7 @@ from recsift.selection.checks import check_selector, synthetic_offers
 from recsift.selection.registry import make_selector
 from recsift.selection.reservoir import StratifiedReservoir
 from recsift.selection.selector import Offer
+from recsift.selection.stage import SelectionStage
 from recsift.selection.store import (
     CoresetStore,
     export_snapshot,
@@ -143,7 +144,7 @@ def test_budget_at_least_the_stream_keeps_everything_not_pruned() -> None:
 def test_store_rolls_back_with_the_checkpoint_and_snapshots(tmp_path: Path) -> None:
     db = tmp_path / "c.sqlite"
     selector = StratifiedReservoir(budget=40, strata=4)
-    ckpt = Checkpoint(db, [CoresetStore(selector)])
+    ckpt = Checkpoint(db, [CoresetStore(SelectionStage(selector))])
     batches = synthetic_offers(2000, seed=0)
     for b in batches[:10]:
         selector.offer(b)
@@ -155,7 +156,7 @@ def test_store_rolls_back_with_the_checkpoint_and_snapshots(tmp_path: Path) -> N
     ckpt.close()
     assert [r[0] for r in live_members(db)] == committed
     restored = StratifiedReservoir(budget=40, strata=4)
-    ckpt = Checkpoint(db, [CoresetStore(restored)])
+    ckpt = Checkpoint(db, [CoresetStore(SelectionStage(restored))])
     ckpt.load({0})
     assert ckpt.offsets("t") == {0: 1000}  # members roll back together with the offsets
     ckpt.close()

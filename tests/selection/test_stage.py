@@ -9,7 +9,8 @@ from recsift.scoring.stream import ScoringStage, StreamScorer
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
 from recsift.selection.reservoir import StratifiedReservoir
-from recsift.selection.stage import SelectionStage, ValidationReservoir, is_validation
+from recsift.selection.stage import SelectionStage
+from recsift.selection.validation import ValidationReservoir, is_validation
 from tests.scoring.test_stream_scorer import sample_batches
 
 
@@ -18,8 +19,9 @@ def test_scored_samples_flow_into_the_coreset_and_the_validation_reservoir() -> 
                           reestimate_every=3, reference_size=200)
     metrics = Metrics()
     selector = StratifiedReservoir(budget=60, strata=6, sketch_size=256, rebucket_every=200)
-    selection = SelectionStage(selector, ValidationReservoir(100), RecentWindow(500), Coverage(4, 256, 1000),
-                               scorer.rescore, metrics, validation_fraction=0.1, drift_every=2)
+    selection = SelectionStage(selector, validation=ValidationReservoir(100), recent=RecentWindow(500),
+                               coverage=Coverage(4, 256, 1000), rescore=scorer.rescore, metrics=metrics,
+                               validation_fraction=0.1, drift_every=2)
     stage = ScoringStage(scorer, 200, [selection], metrics)
     for batch in sample_batches(6000):
         stage(batch)
@@ -43,8 +45,9 @@ def test_goracs_runs_periodically_over_the_coreset_pool() -> None:
     scorer = StreamScorer(SASRecSurrogate(80, hidden=16, max_len=20, seed=0), make_scorer("loss"), reference_size=200)
     metrics = Metrics()
     selector = StratifiedReservoir(budget=80, strata=4)
-    selection = SelectionStage(selector, ValidationReservoir(200), RecentWindow(500), None, scorer.rescore, metrics,
-                               validation_fraction=0.2, goracs=GoracsSettings(size=20, every=3, max_exchanges=5))
+    selection = SelectionStage(selector, validation=ValidationReservoir(200), recent=RecentWindow(500),
+                               rescore=scorer.rescore, metrics=metrics, validation_fraction=0.2,
+                               goracs=GoracsSettings(size=20, every=3, max_exchanges=5))
     stage = ScoringStage(scorer, 200, [selection], metrics)
     for batch in sample_batches(4000):
         stage(batch)

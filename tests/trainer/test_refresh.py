@@ -10,8 +10,9 @@ import torch
 from recsift.config import Settings, load_config
 from recsift.selection.checks import synthetic_offers
 from recsift.selection.reservoir import StratifiedReservoir
-from recsift.selection.stage import ValidationReservoir
+from recsift.selection.stage import SelectionStage
 from recsift.selection.store import CoresetStore
+from recsift.selection.validation import ValidationReservoir
 from recsift.stream.catalog import Catalog, Item
 from recsift.stream.checkpoint import Checkpoint
 from recsift.trainer.evaluate import CANDIDATE_METRICS
@@ -25,7 +26,7 @@ def state_with_coreset(tmp: Path, members: int = 24, validation: int = 16) -> Pa
     """A checkpoint holding a small coreset and a validation reservoir from the synthetic offers."""
     selector = StratifiedReservoir(budget=members, strata=2)
     held_out = ValidationReservoir(16)
-    ckpt = Checkpoint(tmp / "state" / "recsift.sqlite", [CoresetStore(selector, held_out)])
+    ckpt = Checkpoint(tmp / "state" / "recsift.sqlite", [CoresetStore(SelectionStage(selector, validation=held_out))])
     batches = synthetic_offers(400, seed=0)
     for b in batches[:3]:
         selector.offer(b)
@@ -141,7 +142,7 @@ def test_nan_fails_and_saves_nothing(tmp_path: Path) -> None:
 
 def test_empty_coreset_is_skipped(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    Checkpoint(state / "recsift.sqlite", [CoresetStore(StratifiedReservoir(4, 2))]).close()
+    Checkpoint(state / "recsift.sqlite", [CoresetStore(SelectionStage(StratifiedReservoir(4, 2)))]).close()
     assert refresh(settings(state), "interval", llm=tiny()).outcome == "skipped"
 
 
