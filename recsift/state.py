@@ -84,7 +84,7 @@ def _meta_differences(x: Any, y: Any, atol: float, where: str) -> list[str]:
             else:
                 out += _meta_differences(x[k], y[k], atol, f"{where}.{k}")
         return out
-    if isinstance(x, list) and isinstance(y, list):
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):  # JSON has no tuples
         if len(x) != len(y):
             return [f"{where}: length {len(x)} vs {len(y)}"]
         return [d for i, (p, q) in enumerate(zip(x, y, strict=True)) for d in _meta_differences(p, q, atol, f"{where}[{i}]")]

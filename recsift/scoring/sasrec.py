@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from recsift.scoring.sampling import TensorReservoir
 from recsift.scoring.surrogate import (
     PAD,
     Encoded,
@@ -130,9 +131,7 @@ class SASRecSurrogate:
             self.model = SASRec(self.vocab.rows, hidden, layers, heads, max_len, dropout)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, betas=(0.9, 0.98))
         self.generator = torch.Generator().manual_seed(seed)
-        self.replay_capacity = replay
-        self.replay = torch.zeros((0, max_len + 1), dtype=torch.int64)
-        self.replay_seen = 0
+        self.replay = TensorReservoir(replay, {"seqs": torch.zeros((0, max_len + 1), dtype=torch.int64)})
         self.steps = 0
         self.version = 0  # bumped by every update: influence estimates record which one they used
 
@@ -216,24 +215,10 @@ class SASRecSurrogate:
             seqs = seqs[torch.randperm(len(seqs), generator=self.generator)[:max_rows]]
         n_replay = min(len(self.replay), round(replay_ratio * len(seqs)))
         if n_replay:
-            pick = torch.randint(0, len(self.replay), (n_replay,), generator=self.generator)
-            seqs = torch.cat([seqs, self.replay[pick]])
+            seqs = torch.cat([seqs, self.replay.sample(n_replay, self.generator)["seqs"]])
         loss = self._train_step(trim_padding(seqs))
-        self._remember(full)
+        self.replay.add({"seqs": full}, self.generator)
         return loss
-
-    def _remember(self, seqs: Tensor) -> None:
-        """Reservoir sampling (Algorithm R, vectorised) into a buffer of at most ``replay_capacity`` rows."""
-        free = max(0, self.replay_capacity - len(self.replay))
-        if free:
-            self.replay = torch.cat([self.replay, seqs[:free]])
-        rest = seqs[free:]
-        if len(rest):
-            seen = self.replay_seen + min(free, len(seqs)) + torch.arange(1, len(rest) + 1)
-            slots = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64) * seen).long()
-            keep = slots < self.replay_capacity
-            self.replay[slots[keep]] = rest[keep]  # later rows win a shared slot, as if applied in order
-        self.replay_seen += len(seqs)
 
     def fit(self, batch: SeqBatch, epochs: int, batch_size: int = 128,
             progress: Callable[[int, float, float], None] | None = None) -> list[float]:
@@ -275,10 +260,10 @@ class SASRecSurrogate:
         for pid, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{pid}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
-        tensors["replay"] = self.replay
+        tensors["replay"] = self.replay.columns["seqs"]
         tensors["rng"] = self.generator.get_state()
         return State(tensors, {"vocab": self.vocab.to_dict(), "steps": self.steps, "version": self.version,
-                               "seed": self.seed, "replay_seen": self.replay_seen,
+                               "seed": self.seed, "replay_seen": self.replay.seen,
                                "param_groups": opt["param_groups"]})
 
     def load_state_dict(self, state: State) -> None:
@@ -291,7 +276,7 @@ class SASRecSurrogate:
                 _, pid, name = k.split(".", 2)
                 opt.setdefault(int(pid), {})[name] = v
         self.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
-        self.replay = t["replay"]
+        self.replay.columns["seqs"] = t["replay"]
         self.generator.set_state(t["rng"])
         self.steps, self.version, self.seed = meta["steps"], meta["version"], meta["seed"]
-        self.replay_seen = meta["replay_seen"]
+        self.replay.seen = meta["replay_seen"]

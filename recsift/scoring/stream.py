@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from recsift.monitoring.metrics import Metrics
+from recsift.scoring.sampling import TensorReservoir
 from recsift.scoring.scorer import Bounds, Scorer
 from recsift.scoring.surrogate import (
     SeqBatch,
@@ -72,9 +73,9 @@ class StreamScorer:
         self.reference_size = reference_size
         self.generator = torch.Generator().manual_seed(seed)
         width = surrogate.max_len + 1
-        self.reference = SeqBatch(torch.zeros((0, width), dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-        self.reference_effort = torch.zeros(0, dtype=torch.float64)
-        self.reference_seen = 0
+        self.references = TensorReservoir(reference_size, {"seqs": torch.zeros((0, width), dtype=torch.int64),
+                                                           "ids": torch.zeros(0, dtype=torch.int64),
+                                                           "effort": torch.zeros(0, dtype=torch.float64)})
         self.batches = 0
         self.batches_since_estimate = 0
         self.excluded = 0
@@ -138,34 +139,26 @@ class StreamScorer:
         return out
 
     def _remember(self, batch: SeqBatch, effort: Tensor | None) -> None:
-        """Reservoir (Algorithm R) of recent rows: the reference set for v and the Hessian mini-batches."""
+        """A uniform reservoir of recent rows: the reference set for v, the Hessian batches and the bounds."""
         seqs = left_pad(batch.seqs, self.surrogate.max_len + 1)
         values = effort if effort is not None else torch.zeros(len(seqs), dtype=torch.float64)
-        ref_seqs, ref_ids, ref_effort = self.reference.seqs, self.reference.sample_ids, self.reference_effort
-        free = max(0, self.reference_size - len(ref_seqs))
-        if free:
-            ref_seqs = torch.cat([ref_seqs, seqs[:free]])
-            ref_ids = torch.cat([ref_ids, batch.sample_ids[:free]])
-            ref_effort = torch.cat([ref_effort, values[:free]])
-        rest = slice(free, len(seqs))
-        if len(seqs[rest]):
-            seen = self.reference_seen + min(free, len(seqs)) + torch.arange(1, len(seqs[rest]) + 1)
-            slots = (torch.rand(len(seen), generator=self.generator, dtype=torch.float64) * seen).long()
-            keep = slots < self.reference_size
-            ref_seqs[slots[keep]] = seqs[rest][keep]
-            ref_ids[slots[keep]] = batch.sample_ids[rest][keep]
-            ref_effort[slots[keep]] = values[rest][keep]
-        self.reference = SeqBatch(ref_seqs, ref_ids)
-        self.reference_effort = ref_effort
-        self.reference_seen += len(seqs)
+        self.references.add({"seqs": seqs, "ids": batch.sample_ids, "effort": values.double()}, self.generator)
+
+    @property
+    def reference(self) -> SeqBatch:
+        return SeqBatch(self.references.columns["seqs"], self.references.columns["ids"])
+
+    @property
+    def reference_effort(self) -> Tensor:
+        return self.references.columns["effort"]
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> State:
         """Its surrogate's and scorer's state, the reference reservoir, the bounds, RNG and counters."""
-        tensors = {"reference.seqs": self.reference.seqs, "reference.ids": self.reference.sample_ids,
-                   "reference.effort": self.reference_effort, "rng": self.generator.get_state()}
-        meta = {"reference_seen": self.reference_seen, "batches": self.batches,
+        tensors = {**{f"reference.{k}": v for k, v in self.references.columns.items()},
+                   "rng": self.generator.get_state()}
+        meta = {"reference_seen": self.references.seen, "batches": self.batches,
                 "batches_since_estimate": self.batches_since_estimate, "excluded": self.excluded,
                 "last_loss": self.last_loss,
                 "bounds": [self.bounds.low, self.bounds.high] if self.bounds is not None else None,
@@ -177,12 +170,11 @@ class StreamScorer:
         t, meta = state.tensors, state.meta
         self.surrogate.load_state_dict(state.part("surrogate"))
         self.scorer.load_state_dict(state.part("scorer"))
-        self.reference = SeqBatch(t["reference.seqs"], t["reference.ids"])
-        self.reference_effort = t["reference.effort"]
+        self.references.columns = {k: t[f"reference.{k}"] for k in self.references.columns}
         self.generator.set_state(t["rng"])
         self.bounds = Bounds(*meta["bounds"]) if meta["bounds"] is not None else None
         self.effort_bounds = Bounds(*meta["effort_bounds"]) if meta["effort_bounds"] is not None else None
-        self.reference_seen, self.batches = meta["reference_seen"], meta["batches"]
+        self.references.seen, self.batches = meta["reference_seen"], meta["batches"]
         self.batches_since_estimate, self.excluded = meta["batches_since_estimate"], meta["excluded"]
         self.last_loss = meta["last_loss"]
 

@@ -265,8 +265,10 @@ class Pipeline:
                 now = time.monotonic()
                 if max_events is not None:
                     records = records[: max(0, max_events - self.summary.consumed)]
-                if records or not source.assignment():
-                    last_record = now  # idle time counts only while partitions are owned (not during a join)
+                if records or not source.assignment() or getattr(source, "paused", False):
+                    # idle time counts only while partitions are owned (not during a join) and read (not
+                    # while paused: under backpressure the records are there, scoring is behind)
+                    last_record = now
                 if records:
                     if first_record is None:
                         first_record = time.monotonic()

@@ -11,6 +11,7 @@ import torch
 
 from recsift.data.datasets import recbole_events
 from recsift.scoring.sasrec import SASRecSurrogate
+from recsift.state import State, differences
 from recsift.scoring.surrogate import OOV, PAD, SeqBatch, Surrogate, hashed_negatives
 
 
@@ -71,15 +72,18 @@ def test_partial_fit_learns_a_repeating_stream_with_a_bounded_replay_buffer() ->
         for start in range(0, len(batch), 40):
             s.partial_fit(batch.select(torch.arange(start, min(start + 40, len(batch)))))
     assert s.loss(batch).item() < before
-    assert len(s.replay) == s.replay_capacity == 64 and s.replay_seen == 30 * len(batch)
+    assert len(s.replay) == s.replay.capacity == 64 and s.replay.seen == 30 * len(batch)
 
 
 def test_state_round_trips_through_safetensors() -> None:
     a, batch = random_surrogate(seed=4)
     a.fit(batch, epochs=1, batch_size=32)
-    blob = a.state_bytes()
+    a.partial_fit(batch)  # something in the replay buffer
+    blob = a.state_dict().to_bytes()
     b, _ = random_surrogate(seed=9)
-    b.load_state_bytes(blob)
+    b.load_state_dict(State.from_bytes(blob))
+    assert differences(a.state_dict(), b.state_dict()) == []
+    assert differences(a.state_dict(), random_surrogate(seed=9)[0].state_dict())  # and it does see a difference
     assert torch.equal(a.losses(batch), b.losses(batch))
     step = batch.select(torch.arange(20))
     assert a.partial_fit(step) == b.partial_fit(step)  # optimiser state and RNG restored: the same future
