@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run lint test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/recsift run --max-events 20000 --set trainer.refresh_every_samples=10000 --set trainer.refresh_samples=64 --set trainer.eval_samples=32
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+# the layers of ../shared/DESIGN.md (import-linter), style and bugs (ruff), types (mypy)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check recsift tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+
+# -rs prints why anything was skipped; under CI=true a skip fails the run (tests/conftest.py)
+test: lint
+	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e ".[bench]"

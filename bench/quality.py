@@ -57,11 +57,11 @@ sys.path.insert(0, str(ROOT))
 from recsift.config import TrainerConfig, load_config  # noqa: E402
 from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset  # noqa: E402
 from recsift.scoring.effort import EffortScorer  # noqa: E402
-from recsift.scoring.registry import make_scorer
+from recsift.scoring.registry import make_scorer  # noqa: E402
 from recsift.scoring.sasrec import SASRecSurrogate  # noqa: E402
 from recsift.scoring.scorer import combine  # noqa: E402
 from recsift.selection.goracs import goracs_select  # noqa: E402
-from recsift.selection.reservoir import StratifiedReservoir
+from recsift.selection.reservoir import StratifiedReservoir  # noqa: E402
 from recsift.selection.selector import Offer  # noqa: E402
 from recsift.selection.stratified import dealrec_select, random_select  # noqa: E402
 from recsift.stream.catalog import Catalog  # noqa: E402
@@ -408,7 +408,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     if not comps:
         return
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(comps) + 1.5))
-    for y, (name, c) in enumerate(comps):
+    for y, (_name, c) in enumerate(comps):
         p = c[PRIMARY]
         ax.errorbar(p["diff"], y, xerr=[[p["diff"] - p["ci95"][0]], [p["ci95"][1] - p["diff"]]], fmt="o", capsize=3)
         ax.scatter(p["per_seed"], [y] * len(p["per_seed"]), s=8, color="grey")
@@ -492,7 +492,7 @@ def run_full(args: argparse.Namespace, path: Path) -> None:
                        bench.t.model_copy(update={"seed": seed}), llm.autocast_dtype, progress=say)
         rec = Recommender(llm, model, data.catalog, bench.make_builder(llm), bench.t.cache_dir / "titles",
                           bench.t.max_new_tokens, bench.t.num_beams)
-        results.setdefault(arm, []).append(evaluate_dealrec(lambda h, k: rec.recommend(h, k), data.train,
+        results.setdefault(arm, []).append(evaluate_dealrec(rec.recommend, data.train,
                                                             data.valid, data.test, users))
         say(f"{arm} seed {seed}: {results[arm][-1]}")
         (RESULTS / f"{name}.json").write_text(json.dumps({

@@ -29,7 +29,7 @@ from recsift.data.datasets import catalog_for, read_dealrec_split  # noqa: E402
 from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
 from recsift.trainer.llm import add_lora, load_llm  # noqa: E402
-from recsift.trainer.prompts import PromptBuilder, domain_named  # noqa: E402
+from recsift.trainer.prompts import builder_for  # noqa: E402
 from recsift.trainer.recommender import Recommender  # noqa: E402
 from recsift.trainer.refresh import train_lora  # noqa: E402
 
@@ -59,8 +59,8 @@ def main() -> None:
     llm = load_llm(t.base_model, t.cache_dir, t.dtype)
     load_s = time.perf_counter() - started
     model = add_lora(llm.model, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, t.seed)
-    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, domain_named("games"), t.max_prompt_tokens,
-                            pad_token_id=llm.pad_token_id)
+    builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id,
+                          t.model_copy(update={"domain": "games"}))
     result = train_lora(model, builder, samples, [], t, llm.autocast_dtype,
                         progress=lambda line: print(line, file=sys.stderr, flush=True))
     per_sample = result.seconds / result.samples

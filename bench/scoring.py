@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from recsift.data.datasets import read_dealrec_split  # noqa: E402
-from recsift.scoring.dealrec import DEALRecScorer
+from recsift.scoring.dealrec import DEALRecScorer  # noqa: E402
 from recsift.scoring.registry import make_scorer  # noqa: E402
 from recsift.scoring.sasrec import SASRecSurrogate  # noqa: E402
 from recsift.scoring.surrogate import SeqBatch  # noqa: E402
@@ -152,18 +152,19 @@ def stream_stage_figures(events: int = 60_000) -> dict[str, float]:
 
 def effort_figures(data: Path, train: dict[str, list[str]], n: int) -> dict[str, float | str]:
     """Effort samples/s on SmolLM2-135M: batched (one backward per 8 samples) vs one sample per pass."""
+    from recsift.config import load_config
     from recsift.data.datasets import catalog_for
     from recsift.scoring.effort import EffortScorer
     from recsift.stream.windows import Sample
     from recsift.trainer.llm import add_lora, load_llm
-    from recsift.trainer.prompts import DOMAINS, PromptBuilder
+    from recsift.trainer.prompts import builder_for
 
     catalog = catalog_for(data)
     assert catalog is not None
     llm = load_llm("smollm2")
     model = add_lora(llm.model, 8, 16, 0.05, ("q_proj", "v_proj"), seed=0)
-    builder = PromptBuilder(llm.encode, catalog.title, llm.eos_token_id, DOMAINS["games"], 256,
-                            pad_token_id=llm.pad_token_id)
+    builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id,
+                          load_config(overrides={"trainer.domain": "games", "trainer.max_prompt_tokens": 256}).trainer)
     users = [u for u in train if len(train[u]) > 1][:n]
     samples = [Sample(i, u, tuple(train[u][:-1]), train[u][-1], 0.0) for i, u in enumerate(users)]
     one = EffortScorer(model, builder.batch, batch_size=1, cache_size=0, autocast_dtype=llm.autocast_dtype)

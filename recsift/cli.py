@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python's event-loop timing notes ("Task ... ran for 0.118s") are nothing a user can act on
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DatasetNotFound, FileNotFoundError, AdapterNotFound, SnapshotNotFound) as exc:

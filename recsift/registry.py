@@ -53,7 +53,7 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._impls)
 
-    def config(self, spec: ComponentConfig | Mapping[str, Any] | str) -> ComponentConfig:
+    def config(self, spec: BaseModel | Mapping[str, Any] | str) -> ComponentConfig:
         """Validate ``spec`` (a config, a mapping with ``type``, or a bare name) into its registered config."""
         if isinstance(spec, str):
             spec = {"type": spec}
@@ -69,7 +69,7 @@ class Registry(Generic[T]):
                                  for e in exc.errors())
             raise ValueError(f"invalid {self.kind} {name!r}: {problems}") from None
 
-    def build(self, spec: ComponentConfig | Mapping[str, Any] | str, **context: Any) -> T:
+    def build(self, spec: BaseModel | Mapping[str, Any] | str, **context: Any) -> T:
         """The implementation ``spec`` names, constructed from its options and ``context``."""
         config = self.config(spec)
         return self._impls[config.type](**config.options(), **context)

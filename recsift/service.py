@@ -244,7 +244,10 @@ class Operations:
         """The scheduler's job: one refresh in its own process, then metrics and turnover bookkeeping."""
         log.info("refresh (%s) starting", trigger)
         if self.pipeline is not None and not self.pipeline.request_checkpoint():
-            log.warning("no checkpoint before the refresh; it trains on the last committed coreset")
+            if self.pipeline.looping:  # a live loop that did not checkpoint in time is worth a warning
+                log.warning("no checkpoint before the refresh; it trains on the last committed coreset")
+            else:  # stopping: the loop's final checkpoint is the last word
+                log.info("the ingest loop has stopped; the refresh trains on its last checkpoint")
         outcome = refresh_in_process(self.cfg, trigger, self.catalog, self.cfg.trainer.refresh_timeout_s)
         m = self.metrics
         m.refresh_runs.labels(trigger, outcome.outcome).inc()
@@ -260,7 +263,9 @@ class Operations:
             _, members = read_snapshot(self.cfg.checkpoint.path, outcome.snapshot_id)
             self.selection.snapshot_taken([mm.sample.sample_id for mm in members])
         self.outcomes.append(outcome)
-        log.info("refresh (%s): %s %s", trigger, outcome.outcome, outcome.error or "")
+        detail = outcome.version if outcome.outcome is Outcome.PROMOTED else outcome.reason
+        log.info("refresh (%s): %s%s%s", trigger, outcome.outcome, f" {detail}" if detail else "",
+                 f" ({outcome.error})" if outcome.error else "")
         return outcome
 
     def on_scored(self, scored: list[ScoredSample]) -> None:
@@ -349,7 +354,8 @@ class ServiceSummary:
 
     def rows(self) -> list[tuple[str, str]]:
         rate = self.scored / self.scoring_busy_s if self.scoring_busy_s else 0.0
-        return self.ingest.rows() + [
+        return [
+            *self.ingest.rows(),
             ("samples scored", f"{self.scored:,} ({rate:,.0f}/s while scoring)"),
             ("samples awaiting scoring", f"{self.awaiting_scoring:,} (kept in the checkpoint)"),
             ("samples unscorable", f"{self.unscorable:,}"),

@@ -27,7 +27,7 @@ def test_errors_name_the_field_and_the_value(monkeypatch: pytest.MonkeyPatch) ->
         load_config(overrides=["stream.partitions=-3"])
     assert "stream.partitions" in str(err.value) and "-3" in str(err.value)
     monkeypatch.setenv("RECSIFT_STREAM__NOT_A_FIELD", "1")
-    with pytest.raises(ConfigError, match="stream.not_a_field"):
+    with pytest.raises(ConfigError, match=r"stream\.not_a_field"):
         load_config()
 
 
@@ -82,9 +82,9 @@ def test_run_applies_the_configured_log_level(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_a_moved_setting_fails_with_an_error_naming_its_new_place() -> None:
-    with pytest.raises(ConfigError, match="lissa_depth moved to scoring.scorer.depth"):
+    with pytest.raises(ConfigError, match=r"lissa_depth moved to scoring\.scorer\.depth"):
         load_config(overrides={"scoring.lissa_depth": 20})
-    with pytest.raises(ConfigError, match="strata moved to selection.selector.strata"):
+    with pytest.raises(ConfigError, match=r"strata moved to selection\.selector\.strata"):
         load_config(overrides={"selection.strata": 20})
 
 
@@ -95,9 +95,9 @@ def test_component_sections_take_a_type_and_its_options_and_the_registry_checks_
     assert (cfg.scoring.scorer.type, cfg.scoring.scorer.options()) == ("dealrec", {"depth": 20})
     assert load_config(overrides={"scoring.scorer": "loss"}).scoring.scorer.type == "loss"
     check_components(cfg)
-    with pytest.raises(ConfigError, match="scoring.scorer: .*depth"):
+    with pytest.raises(ConfigError, match=r"scoring\.scorer: .*depth"):
         check_components(load_config(overrides={"scoring.scorer.depth": -1}))
-    with pytest.raises(ConfigError, match="selection.selector: unknown selector type 'fifo'"):
+    with pytest.raises(ConfigError, match=r"selection\.selector: unknown selector type 'fifo'"):
         check_components(load_config(overrides={"selection.selector": "fifo"}))
     with pytest.raises(ConfigError, match="drift metrics"):
         load_config(overrides={"trainer.drift_thresholds": {"target_jss": 0.3}})

@@ -46,7 +46,7 @@ class SyntheticStream:
         # Popularity rank before and after the shift: two independent permutations.
         self.popularity = [zipf[rng.permutation(n_items)], zipf[rng.permutation(n_items)]]
         release = np.zeros(n_items)
-        n_new = int(round(cfg.new_item_share * n_items))
+        n_new = round(cfg.new_item_share * n_items)
         if n_new:
             new = rng.choice(n_items, n_new, replace=False)
             release[new] = rng.uniform(0.05, 0.95, n_new)

@@ -49,7 +49,7 @@ class Endpoints:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
 
     def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
@@ -62,7 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, code: int, obj: Any) -> None:
         self._send(code, json.dumps(obj, default=str).encode())
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         ep = self.server.endpoints
         if self.path == "/metrics":
             self._send(200, generate_latest(ep.metrics.registry), CONTENT_TYPE_LATEST)
@@ -82,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": "not found"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         ep = self.server.endpoints
         if not self.path.startswith("/admin/"):
             self._json(404, {"error": "not found"})
@@ -97,11 +97,12 @@ class _Handler(BaseHTTPRequestHandler):
             ep.metrics.admin_auth_failures.inc()
             self._json(401, {"error": "unauthorized"})
             return
-        if action not in ep.actions:
-            self._json(404, {"error": f"unknown admin action {action!r}; one of {list(ep.actions)}"})
+        known = {str(a): a for a in ep.actions}
+        if action not in known:
+            self._json(404, {"error": f"unknown admin action {action!r}; one of {sorted(known)}"})
             return
         try:
-            result = ep.actions[action]()
+            result = ep.actions[known[action]]()
         except LookupError as exc:
             self._json(409, {"error": str(exc)})
             return

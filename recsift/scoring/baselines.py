@@ -14,7 +14,7 @@ EL2N or another difficulty score, so it lives with the selectors.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -44,7 +44,7 @@ class GraNdConfig(ComponentConfig):
 
 
 class RandomScorer(Versioned):
-    Config = RandomConfig
+    Config: ClassVar[type[ComponentConfig]] = RandomConfig
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -60,14 +60,14 @@ class RandomScorer(Versioned):
 
 
 class LossScorer(FollowsSurrogate):
-    Config = LossConfig
+    Config: ClassVar[type[ComponentConfig]] = LossConfig
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
         return Scores(by_length(surrogate.losses, batch), self.version)
 
 
 class EL2NScorer(FollowsSurrogate):
-    Config = EL2NConfig
+    Config: ClassVar[type[ComponentConfig]] = EL2NConfig
 
     def score(self, surrogate: Surrogate, batch: SeqBatch) -> Scores:
         def el2n(rows: SeqBatch) -> Tensor:
@@ -81,7 +81,7 @@ class EL2NScorer(FollowsSurrogate):
 
 
 class GraNdScorer(FollowsSurrogate):
-    Config = GraNdConfig
+    Config: ClassVar[type[ComponentConfig]] = GraNdConfig
 
     def __init__(self, seed: int = 0, block: Sequence[str] | None = None) -> None:
         super().__init__(seed)

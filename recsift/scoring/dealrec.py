@@ -5,7 +5,7 @@ v the mean loss gradient of a reference set over the surrogate's influence block
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -34,7 +34,7 @@ class DEALRecConfig(ComponentConfig):
 class DEALRecScorer(Versioned):
     """DEALRec's influence on the surrogate: score_i = ⟨∇loss_i, H⁻¹v⟩ (see ``influence.py``)."""
 
-    Config = DEALRecConfig
+    Config: ClassVar[type[ComponentConfig]] = DEALRecConfig
 
     def __init__(self, seed: int = 0, damping: float = 0.01, scale: float = 25.0, depth: int = 500,
                  batch_size: int = 64, repeats: int = 1, block: Sequence[str] | None = None) -> None:

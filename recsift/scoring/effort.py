@@ -2,7 +2,8 @@
 
 effort_i = ‖∂ loss_i / ∂ B‖₂, where loss_i is the sample's training loss (the mean cross-entropy over the
 tokens its batch labels: prompt + response with ``trainer.train_on_inputs``, as the authors' effort
-loss, else the response alone) and B is one LoRA-B matrix (default: the last layer's ``v_proj`` LoRA-B, as in the authors' code). The
+loss, else the response alone) and B is one LoRA-B matrix (default: the last layer's ``v_proj`` LoRA-B, as in
+the authors' code). The
 authors loop over samples with batch size 1; recsift computes a whole batch's per-sample norms from one
 backward pass: for a linear layer y = a·Bᵀ the per-sample gradient is Σ_t g_tᵀ a_t, so capturing the
 layer's input a and output gradient g per sample (hooks) gives every row's gradient exactly. Only B
@@ -57,7 +58,7 @@ class EffortScorer:
         modules = dict(model.named_modules())
         if self.block_name not in modules or not isinstance(modules[self.block_name], nn.Linear):
             raise ValueError(f"effort block {self.block_name!r} is not a linear module of the model")
-        self.block: nn.Linear = modules[self.block_name]  # type: ignore[assignment]
+        self.block: nn.Linear = modules[self.block_name]
         self.batch_size, self.cache_size, self.autocast_dtype = batch_size, cache_size, autocast_dtype
         self.cache: OrderedDict[int, float] = OrderedDict()
         self.hits = 0

@@ -109,7 +109,7 @@ class InfluenceEstimator:
             h = v.clone()
             for step in range(self.depth):
                 batch = sample(self.generator)
-                hv = jvp(lambda f: g(f, *batch), (theta,), (h,))[1]
+                hv = jvp(lambda f, batch=batch: g(f, *batch), (theta,), (h,))[1]
                 h = v + (1.0 - self.damping) * h - hv / self.scale
                 if progress is not None and step % 50 == 0:
                     progress(r * self.depth + step, self.repeats * self.depth)
@@ -138,7 +138,8 @@ class InfluenceEstimator:
             raise ValueError("empty batch: nothing to score")
         losses, theta = self._losses_fn()
         self.model.eval()
-        value, tangent = jvp(lambda f: losses(f, *inputs), (theta,), (self.ihvp,))
+        out = jvp(lambda f: losses(f, *inputs), (theta,), (self.ihvp,))
+        value, tangent = out[0], out[1]
         if not torch.isfinite(value).all():
             raise InfluenceError("non-finite per-sample loss in the batch; refusing to score it")
         return tangent.detach()

@@ -13,7 +13,8 @@ Departures, and why:
   must be comparable.
 - Positions whose input is padding are not trained or scored (the reference trains the first item from an
   empty context), and attention never looks at padding (the reference lets zero-vector padding keys take
-  softmax weight, so a row's output depends on how much padding its batch gives it). A sequence needs at least two items; shorter ones cannot form an input and are excluded
+  softmax weight, so a row's output depends on how much padding its batch gives it). A sequence needs at least
+  two items; shorter ones cannot form an input and are excluded
   by :func:`encode_sequences`, which reports how many — the reference code silently scores such users 0.
 - Negatives for *scoring* are a deterministic hash of (seed, sample id, position), so a sample's loss, and
   every score derived from it, is the same whatever batch it sits in; training draws fresh random negatives.
@@ -95,7 +96,7 @@ class SASRec(nn.Module):
         # causal, and padding keys hidden (every position still sees itself, so no row is fully masked):
         # without this, how much padding a row carries would change its outputs
         eye = torch.eye(length, dtype=torch.bool)
-        mask = self.causal_mask[:length, :length].unsqueeze(0) | (pad.unsqueeze(1) & ~eye)
+        mask = self.get_buffer("causal_mask")[:length, :length].unsqueeze(0) | (pad.unsqueeze(1) & ~eye)
         mask = mask.repeat_interleave(self.heads, dim=0)
         for norm, attention, fnorm, ffn in zip(self.attention_norms, self.attentions, self.forward_norms,
                                                self.forwards, strict=True):

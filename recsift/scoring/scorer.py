@@ -2,7 +2,8 @@
 
 Implementations: DEALRec's influence (``dealrec.py``) and the coreset baselines (``baselines.py``),
 registered in ``registry.py``. Every scorer is a small class whose constructor arguments are its
-configuration (its ``Config``, a pydantic model with a ``type`` discriminator) plus a ``seed``. ``prepare(surrogate, reference)`` builds what a score depends on (for DEALRec the
+configuration (its ``Config``, a pydantic model with a ``type`` discriminator) plus a ``seed``.
+``prepare(surrogate, reference)`` builds what a score depends on (for DEALRec the
 H⁻¹v estimate) and starts a new *version*; ``score(surrogate, batch)`` returns raw scores carrying that
 version. Higher means more valuable to keep (DEALRec's influence) or harder (GraNd, EL2N, loss): the
 selection stage decides what to do with the order.
@@ -92,22 +93,6 @@ def by_length(fn: Callable[[SeqBatch], Tensor], batch: SeqBatch, bucket: int = B
     return out
 
 
-def minmax(x: Tensor) -> Tensor:
-    span = x.max() - x.min()
-    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
-
-
-def combine(influence: Tensor, effort: Tensor | None, effort_weight: float) -> Tensor:
-    """DEALRec's overall score over the samples of one scorer version: minmax(influence) + λ·minmax(effort)."""
-    if not torch.isfinite(influence).all() or (effort is not None and not torch.isfinite(effort).all()):
-        raise ValueError("scores must be finite to combine")
-    overall = minmax(influence.double())
-    if effort is not None and effort_weight > 0:
-        overall = overall + effort_weight * minmax(effort.double())
-    return overall
-
-
-
 @dataclass(frozen=True)
 class Bounds:
     """The min-max range of one scorer version, taken from a reference set when the version starts."""
@@ -124,4 +109,17 @@ class Bounds:
     def normalise(self, x: Tensor) -> Tensor:
         span = self.high - self.low
         return (x.double() - self.low) / span if span > 0 else torch.zeros_like(x, dtype=torch.float64)
+
+
+def combine(influence: Tensor, effort: Tensor | None, effort_weight: float, bounds: Bounds | None = None,
+            effort_bounds: Bounds | None = None) -> Tensor:
+    """DEALRec's overall score: normalised influence + λ·normalised effort, each by its scorer version's
+    bounds (by default the values' own minimum and maximum: min-max over one batch, as batch DEALRec)."""
+    if not torch.isfinite(influence).all() or (effort is not None and not torch.isfinite(effort).all()):
+        raise ValueError("scores must be finite to combine")
+    overall = (bounds or Bounds.of(influence)).normalise(influence)
+    if effort is not None and effort_weight > 0:
+        overall = overall + effort_weight * (effort_bounds or Bounds.of(effort)).normalise(effort)
+    return overall
+
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from recsift.monitoring.metrics import Metrics
 from recsift.scoring.sampling import TensorReservoir
-from recsift.scoring.scorer import Bounds, Scorer
+from recsift.scoring.scorer import Bounds, Scorer, combine
 from recsift.scoring.surrogate import (
     SeqBatch,
     Surrogate,
@@ -133,10 +133,7 @@ class StreamScorer:
         assert self.bounds is not None
         if not torch.isfinite(raw).all():
             raise FloatingPointError("the scorer produced non-finite scores")
-        out = self.bounds.normalise(raw)
-        if effort is not None and self.effort_bounds is not None:
-            out = out + self.effort_weight * self.effort_bounds.normalise(effort)
-        return out
+        return combine(raw, effort, self.effort_weight, self.bounds, self.effort_bounds)
 
     def _remember(self, batch: SeqBatch, effort: Tensor | None) -> None:
         """A uniform reservoir of recent rows: the reference set for v, the Hessian batches and the bounds."""

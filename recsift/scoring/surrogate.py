@@ -29,6 +29,7 @@ class Surrogate(Protocol):
 
     name: str
     seed: int
+    max_len: int  # history items a row holds (a row is history + target)
     version: int  # bumped by every update
     vocab: ItemVocab
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy.stats import chisquare, ks_2samp
@@ -140,7 +141,7 @@ def fidelity_orders(make: Callable[[int], StratifiedReservoir], scores: np.ndarr
     results = []
     for seed in [-1, *range(shuffles)]:
         order = np.arange(len(scores)) if seed < 0 else np.random.default_rng(seed).permutation(len(scores))
-        results.append(fidelity(lambda: make(max(seed, 0)), scores, order, max(seed, 0)))
+        results.append(fidelity(partial(make, max(seed, 0)), scores, order, max(seed, 0)))
     return results
 
 

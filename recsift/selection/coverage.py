@@ -47,16 +47,17 @@ class Coverage:
             self.recent[self.pos] = row
             self.pos = (self.pos + 1) % self.sample_size
         self.since_refresh += len(embeddings)
-        if self.index is None and len(self.recent) >= self.k * 4 or self.since_refresh >= self.refresh_every:
+        if (self.index is None and len(self.recent) >= self.k * 4) or self.since_refresh >= self.refresh_every:
             self.refit()
 
     def refit(self) -> None:
-        if self.recent is None or len(self.recent) < self.k:
+        recent = self.recent
+        if recent is None or len(recent) < self.k:
             return
-        km = faiss.Kmeans(self.recent.shape[1], self.k, niter=self.niter, seed=self.seed, verbose=False)
-        km.train(self.recent)
-        self.centroids, self.index = km.centroids.copy(), km.index
-        self.mass = np.bincount(self.assign(self.recent), minlength=self.k) / len(self.recent)
+        km = faiss.Kmeans(recent.shape[1], self.k, niter=self.niter, seed=self.seed, verbose=False)
+        km.train(recent)
+        self.centroids, self.index = np.array(km.centroids, copy=True), km.index
+        self.mass = np.bincount(self.assign(recent), minlength=self.k) / len(recent)
         self.since_refresh = 0
 
     def state_dict(self) -> State:

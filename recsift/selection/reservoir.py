@@ -35,7 +35,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class StratifiedConfig(ComponentConfig):
 class StratifiedReservoir:
     """Bounded, coverage-preserving coreset of capacity ``budget`` (see the module docstring)."""
 
-    Config = StratifiedConfig
+    Config: ClassVar[type[ComponentConfig]] = StratifiedConfig
 
     def __init__(self, budget: int = 1024, strata: int = 50, hard_prune: float = 0.1, seed: int = 0,
                  sketch_size: int = 8192, edges: tuple[float, float] | None = None, half_life_s: float | None = None,
@@ -220,6 +220,7 @@ class StratifiedReservoir:
         return (ts - self.t0) * math.log(2) / self.half_life_s + base
 
     def _decay_to(self, ts: float) -> None:
+        assert self.half_life_s is not None
         if self.t_counts is not None and ts > self.t_counts:
             self.counts *= 0.5 ** ((ts - self.t_counts) / self.half_life_s)
         if self.t_counts is None or ts > self.t_counts:
@@ -333,7 +334,7 @@ class StratifiedReservoir:
         tensors = {"sketch": torch.from_numpy(self.sketch.copy()), "counts": torch.from_numpy(self.counts.copy())}
         for name, ms in held.items():
             tensors.update(embeddings_to_tensors([m.embedding for m in ms], f"{name}.embedding"))
-        meta = {name: [m.to_json() for m in ms] for name, ms in held.items()}
+        meta: dict[str, Any] = {name: [m.to_json() for m in ms] for name, ms in held.items()}
         meta.update({"edges": list(self.edges) if self.edges is not None else None, "version": self.version,
                      "t0": self.t0, "t_counts": self.t_counts, "since_edges": self.since_edges,
                      "sketch_pos": self.sketch_pos, "quotas": list(self.quotas), "stats": asdict(self.stats)})

@@ -37,11 +37,12 @@ class GoracsSettings:
 
 class SelectionStage:
     def __init__(self, selector: Selector, *, validation: ValidationReservoir | None = None,
-                 recent: RecentWindow | None = None, coverage: Coverage | None = None, rescore: Rescore | None = None, metrics: Metrics | None = None,
+                 recent: RecentWindow | None = None, coverage: Coverage | None = None,
+                 rescore: Rescore | None = None, metrics: Metrics | None = None,
                  validation_fraction: float = 0.05, seed: int = 0, coverage_constraint: bool = False,
                  category: Callable[[str], str | None] = lambda _: None, drift_every: int = 8,
                  goracs: GoracsSettings | None = None,
-                 on_drift: Callable[[dict[str, float]], None] | None = None) -> None:
+                 on_drift: Callable[[dict[str, float]], object] | None = None) -> None:
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in [0, 1)")
         self.selector, self.coverage = selector, coverage
@@ -102,7 +103,8 @@ class SelectionStage:
         size = min(g.size, len(members))
         grads = np.array([m.effort if np.isfinite(m.effort) else m.score for m in members])
         grads = grads - grads.min()
-        result = goracs_select(np.stack([m.embedding for m in members]), np.stack(self.validation.embeddings), size,
+        embeddings = [m.embedding for m in members if m.embedding is not None]
+        result = goracs_select(np.stack(embeddings), np.stack(self.validation.embeddings), size,
                                grads, g.lam, g.max_exchanges, g.exchange_candidates)
         self.goracs_subset = sorted(members[i].sample.sample_id for i in result.selected)
         self.goracs_objective = result.objective

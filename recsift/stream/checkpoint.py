@@ -116,7 +116,8 @@ class Checkpoint:
             for p in self.participants:
                 p.save(conn)
             conn.executemany(
-                "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                "INSERT INTO offsets VALUES (?, ?, ?)"
+                " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
                 [(topic, part, off) for (topic, part), off in offsets.items()],
             )
         for p in self.participants:
@@ -206,7 +207,8 @@ class StreamStateStore:
             )
         # dedup ids: one compact chunk per (partition, generation) per checkpoint, not a row per event
         dedup = self.dedup
-        conn.executemany("INSERT INTO dedup_chunks VALUES (?, ?, ?)", [(p, g, _dumps(ids)) for (p, g), ids in dedup.added.items()])
+        conn.executemany("INSERT INTO dedup_chunks VALUES (?, ?, ?)",
+                         [(p, g, _dumps(ids)) for (p, g), ids in dedup.added.items()])
         conn.execute(f"DELETE FROM dedup_chunks WHERE generation < ? AND partition IN ({owned})", (dedup.forgotten_below,))
 
     def committed(self) -> None:
@@ -226,7 +228,8 @@ class StreamStateStore:
             part.counts = WindowCounts(**json.loads(counts))
         now = time.monotonic()
         for p, start, text in conn.execute(
-            f"SELECT partition, window_start, sample FROM pending WHERE partition IN ({parts}) ORDER BY partition, window_start, pos"
+            f"SELECT partition, window_start, sample FROM pending WHERE partition IN ({parts})"
+            " ORDER BY partition, window_start, pos"
         ):
             # A window with nothing buffered needs no row: lateness depends on the clock alone.
             windows = state.partition(int(p)).windows

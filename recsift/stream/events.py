@@ -105,7 +105,8 @@ def parse_timestamp(value: Any) -> float:
 
 
 def parse_event(payload: bytes, max_bytes: int) -> Event | Rejection:
-    """Decode and check one raw message. Stateless; see :class:`~recsift.stream.validator.Validator` for the catalog and dedup checks."""
+    """Decode and check one raw message. Stateless; :class:`~recsift.stream.validator.Validator` adds the
+    catalog and dedup checks."""
     if len(payload) > max_bytes:
         return Rejection(RejectReason.OVERSIZE, f"{len(payload)} bytes > limit {max_bytes}", payload)
     try:
@@ -119,7 +120,7 @@ def parse_event(payload: bytes, max_bytes: int) -> Event | Rejection:
     if (
         len(obj) == 4
         and type(ts) in (float, int)
-        and 0 <= ts < MAX_EPOCH_SECONDS
+        and 0 <= ts < MAX_EPOCH_SECONDS  # type: ignore[operator]  # ts is a number here: type() narrows it
         and type(event_id) is str
         and type(user_id) is str
         and type(item_id) is str

@@ -17,6 +17,7 @@ or -1, value length or -1) followed by the key and value bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -165,10 +166,8 @@ def _child_main(conn: Connection, cfg: StreamConfig, embedded: bool) -> None:
     except (EOFError, BrokenPipeError):
         return  # the parent is gone; its checkpoint's offsets are the truth
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             conn.send_bytes(ERROR + traceback.format_exc().encode())
-        except OSError:
-            pass
         raise
 
 
@@ -272,11 +271,13 @@ class ProcessKafkaSource:
     def assignment(self) -> set[int]:
         return set(self._assignment)
 
-    def commit(self, offsets: dict[int, int]) -> bool:
-        """Sent to the child; a failure comes back later and is reported through ``on_commit_failure``."""
-        if not self.closed:
-            self._send(COMMIT, {str(p): o for p, o in offsets.items()})
-        return True
+    def commit(self, offsets: dict[int, int]) -> bool | None:
+        """Sent to the child: None (the outcome comes back later; a failure is reported through
+        ``on_commit_failure``), or False when the fetch process is gone and nothing was sent."""
+        if self.closed:
+            return False
+        self._send(COMMIT, {str(p): o for p, o in offsets.items()})
+        return None
 
     def pause(self) -> None:
         self.paused = True

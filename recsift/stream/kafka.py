@@ -129,12 +129,12 @@ class KafkaSource:
         """kafka-python's ConsumerRecords, handed on as they are: they have SourceRecord's fields
         (partition, offset, key, value), and copying them would cost a measurable share of the ingest rate."""
         batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        return list(chain.from_iterable(batches.values()))  # type: ignore[arg-type]
+        return list(chain.from_iterable(batches.values()))
 
     def assignment(self) -> set[int]:
         return {tp.partition for tp in self.consumer.assignment() if tp.topic == self.topic}
 
-    def commit(self, offsets: dict[int, int]) -> bool:
+    def commit(self, offsets: dict[int, int]) -> bool | None:
         """Commit offsets of owned partitions to Kafka. False when the group is rebalancing (the checkpoint
         already holds them, so nothing is lost: the next owner seeks to the checkpoint's offsets)."""
         from kafka import TopicPartition
@@ -145,9 +145,9 @@ class KafkaSource:
         todo = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items() if p in owned}
         if not todo:
             return True
-        if self._in_callback:
+        if self._in_callback:  # asynchronous: a failure is logged when the broker answers
             self.consumer.commit_async(todo, callback=_log_commit_failure)
-            return True
+            return None
         try:
             self.consumer.commit(todo, timeout_ms=int(self._session_s * 1000))  # bounded: a broker outage must not hang
             return True

@@ -34,7 +34,7 @@ from recsift.stream.events import Event, Rejection
 from recsift.stream.sources import Source, SourceRecord
 from recsift.stream.validator import Validator
 from recsift.stream.windows import Batch, StreamState
-from recsift.vocab import Rebalance, RejectReason, Stage
+from recsift.vocab import Eviction, Rebalance, RejectReason, Stage
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class Pipeline:
         """Consume until stopped (signal, :meth:`stop`, ``max_events``, idle timeout); then checkpoint and close."""
         self.source = source
         cfg = self.cfg.stream
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
@@ -315,7 +315,7 @@ class Pipeline:
         results = [validate(r.value or b"", r.partition) for r in records]
         t1 = time.perf_counter()
         state, offsets, summary = self.state, self.offsets, self.summary
-        late_before = state.counts.late
+        before = state.counts
         rejected = 0
         process = state.process
         for rec, result in zip(records, results, strict=True):
@@ -325,7 +325,8 @@ class Pipeline:
                     self._emit(ready)
             else:
                 assert isinstance(result, Rejection)
-                self.dead_letters.write(result, {"topic": self._topic(), "partition": rec.partition, "offset": rec.offset}, rec.key)
+                where = {"topic": self._topic(), "partition": rec.partition, "offset": rec.offset}
+                self.dead_letters.write(result, where, rec.key)
                 summary.rejected[result.reason.value] += 1
                 self.metrics.events_rejected.labels(result.reason.value).inc()
                 rejected += 1
@@ -339,7 +340,10 @@ class Pipeline:
         m.events_consumed.inc(n)
         m.stage_duration.labels(Stage.VALIDATE).observe(t1 - t0)
         m.stage_duration.labels(Stage.WINDOW).observe(t2 - t1)
-        m.events_late.inc(state.counts.late - late_before)
+        after = state.counts
+        m.events_late.inc(after.late - before.late)
+        m.users_evicted.labels(Eviction.TTL).inc(after.evicted_ttl - before.evicted_ttl)
+        m.users_evicted.labels(Eviction.CAPACITY).inc(after.evicted_capacity - before.evicted_capacity)
 
     def _emit(self, batches: list[Batch]) -> None:
         if not batches:
@@ -417,7 +421,7 @@ class Pipeline:
         m.checkpoint_duration.observe(elapsed)
         m.stage_duration.labels(Stage.CHECKPOINT).observe(elapsed)
         m.last_checkpoint.set_to_current_time()
-        if self.source is not None and not self.source.commit(dict(self.offsets)):
+        if self.source is not None and self.source.commit(dict(self.offsets)) is False:
             m.offset_commit_failures.inc()
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()

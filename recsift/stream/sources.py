@@ -26,7 +26,10 @@ class Source(Protocol):
 
     def assignment(self) -> set[int]: ...
 
-    def commit(self, offsets: dict[int, int]) -> bool: ...
+    def commit(self, offsets: dict[int, int]) -> bool | None:
+        """Commit offsets to the broker. True: committed; False: failed (the pipeline counts it; the
+        checkpoint still holds the offsets); None: handed on, the outcome is reported later (a fetch
+        process reports a failure through its ``on_commit_failure`` callback)."""
 
     def pause(self) -> None: ...
 

@@ -107,7 +107,7 @@ class PromptBuilder:
 
     def response_ids(self, item: str) -> list[int]:
         """The response for ``item``: its title's tokens and end-of-sequence."""
-        return self.encode(self.title(item)) + [self.eos]
+        return [*self.encode(self.title(item)), self.eos]
 
     def example(self, history: Sequence[str], target: str, response_only: bool | None = None) -> Example:
         prompt, used = self.prompt_ids(history)
@@ -144,7 +144,16 @@ def builder_for(encode: Callable[[str], list[int]], title: Callable[[str], str],
 
 
 class PromptSettings(Protocol):
-    domain: str
-    max_prompt_tokens: int
-    prompt_history: int | None
-    train_on_inputs: bool
+    """What :func:`builder_for` reads (``TrainerConfig`` has it; read-only, as the frozen config is)."""
+
+    @property
+    def domain(self) -> str: ...
+
+    @property
+    def max_prompt_tokens(self) -> int: ...
+
+    @property
+    def prompt_history(self) -> int | None: ...
+
+    @property
+    def train_on_inputs(self) -> bool: ...

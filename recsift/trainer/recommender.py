@@ -12,7 +12,8 @@ shared by all candidates and the candidates packed into one unpadded row (the qu
 each refresh's evaluation use it).
 
 Title embeddings depend on the base model only, so they are cached per base model and catalogue
-contents (``.npy`` under the cache directory) and rebuilt when the catalogue changes. Batches are sorted by title length (3.2x faster on
+contents (``.npy`` under the cache directory) and rebuilt when the catalogue changes. Batches are sorted by
+title length (3.2x faster on
 Games than id order). ``use_adapter`` hot-swaps to a newly promoted adapter without a restart (peft
 ``load_adapter`` + ``set_adapter``).
 """

@@ -32,7 +32,7 @@ FAR_FUTURE = timedelta(days=3650)
 
 
 class RefreshScheduler:
-    def __init__(self, run: Callable[[str], Any], interval_s: float | None = None,
+    def __init__(self, run: Callable[[Trigger], Any], interval_s: float | None = None,
                  drift_thresholds: dict[str, float] | None = None, drift_cooldown_s: float = 600.0) -> None:
         self.run_fn, self.interval_s = run, interval_s
         self.thresholds = dict(drift_thresholds or {})

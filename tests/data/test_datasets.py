@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_games_matches_the_published_split(games: Path) -> None:
 def test_games_events_keep_each_users_order_and_split_order(games: Path) -> None:
     events = dealrec_events(games)
     assert len(events) == 299_987 + 22_609 + 19_733
-    assert all(a.ts <= b.ts for a, b in zip(events, events[1:]))
+    assert all(a.ts <= b.ts for a, b in itertools.pairwise(events))
     user = "1"
     mine = [e for e in events if e.user_id == user]
     expected = (read_dealrec_split(games, "train").get(user, []) + read_dealrec_split(games, "valid").get(user, [])
@@ -43,7 +44,7 @@ def test_games_events_keep_each_users_order_and_split_order(games: Path) -> None
 def test_ml100k_is_time_sorted_with_its_catalog(ml100k: Path) -> None:
     events = recbole_events(ml100k)
     assert len(events) == 100_000
-    assert all(a.ts <= b.ts for a, b in zip(events, events[1:]))
+    assert all(a.ts <= b.ts for a, b in itertools.pairwise(events))
     assert len({e.user_id for e in events}) == 943 and events[0].kind == "rating"
     assert catalog_for(ml100k).title("1") == "Toy Story"  # type: ignore[union-attr]
 
@@ -72,7 +73,7 @@ def test_synthetic_stream_is_deterministic_and_sliceable() -> None:
     payloads = list(SyntheticStream(cfg).payloads(0, 5))
     assert [parse_event(p, 1024) for _, p in payloads] == a[:5]  # the fast path encodes the same events
     assert [k for k, _ in payloads] == [e.user_id.encode() for e in a[:5]]
-    assert all(b - a_.ts >= 0 for a_, b in zip(a, [e.ts for e in a[1:]]))
+    assert all(b - a_.ts >= 0 for a_, b in zip(a, [e.ts for e in a[1:]], strict=False))
 
 
 def test_synthetic_stream_has_skew_new_items_a_shift_and_readable_titles() -> None:

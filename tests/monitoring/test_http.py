@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.stream.broker import EmbeddedBroker, free_port
+from recsift.vocab import AdminAction
 from tests.helpers import call, reachable, save_tiny_llm, wait_for
 
 
@@ -23,7 +24,7 @@ def test_endpoints_health_readiness_and_token_checks() -> None:
     beat, lag, up = [time.monotonic()], [{0: 5}], [True]
     done: list[str] = []
     ep = Endpoints(metrics, lambda: beat[0], lambda: lag[0], lambda: up[0], lambda: {"ok": True},
-                   {"pause": lambda: done.append("pause") or {"paused": True}}, SecretStr("s3cret"),
+                   {AdminAction.PAUSE: lambda: done.append("pause") or {"paused": True}}, SecretStr("s3cret"),
                    liveness_s=5, ready_lag=10)
     server = HttpServer(ep, port=0).start()
     try:

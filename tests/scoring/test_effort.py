@@ -80,7 +80,7 @@ def test_effort_leaves_the_model_as_it_found_it(setup: tuple) -> None:
 
 
 def test_bad_input_is_a_clear_error(setup: tuple) -> None:
-    model, tokenizer, _ = setup
+    model, _tokenizer, _ = setup
     with pytest.raises(ValueError, match="not a linear module"):
         EffortScorer(model, lambda rows: {}, block="nope")
     effort = scorer(setup, 2)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
 
-from recsift.scoring.checks import check_scorer
+from recsift.scoring.baselines import LossScorer
+from recsift.scoring.checks import check_scorer, check_versions
 from recsift.scoring.dealrec import DEALRecScorer
 from recsift.scoring.registry import SCORERS, make_scorer
 from recsift.scoring.sasrec import SASRecSurrogate
-from recsift.scoring.scorer import Bounds, combine, minmax
+from recsift.scoring.scorer import Bounds, combine
 from recsift.scoring.surrogate import SeqBatch, Surrogate
 
 
@@ -33,6 +35,21 @@ def test_every_registered_scorer_passes_check_scorer(name: str, trained: tuple[S
     surrogate, batch = trained
     reference, rows = batch.select(torch.arange(0, 64)), batch.select(torch.arange(64, 124))
     check_scorer(lambda seed: make_scorer({"type": name, **CONFIGS[name]}, seed=seed), surrogate, reference, rows)
+
+
+class StaleVersionLoss(LossScorer):
+    """Deliberately wrong: its scores follow the surrogate, but prepare() never starts a new version."""
+
+    def prepare(self, surrogate: Surrogate, reference: SeqBatch) -> None:
+        return None
+
+
+def test_check_versions_fails_a_scorer_whose_scores_change_under_one_version(trained: tuple[Surrogate, SeqBatch]) -> None:
+    surrogate, batch = trained
+    reference, rows = batch.select(torch.arange(0, 64)), batch.select(torch.arange(64, 124))
+    check_versions(lambda seed: LossScorer(seed), copy.deepcopy(surrogate), reference, rows)  # the real one passes
+    with pytest.raises(AssertionError, match="changed under the same version"):
+        check_versions(lambda seed: StaleVersionLoss(seed), copy.deepcopy(surrogate), reference, rows)
 
 
 def test_every_scorer_is_configured_in_this_test() -> None:
@@ -76,7 +93,8 @@ def test_combine_normalises_per_version() -> None:
     influence = torch.tensor([1.0, 3.0, 2.0])
     effort = torch.tensor([10.0, 10.0, 30.0])
     assert combine(influence, effort, 0.5).tolist() == [0.0, 1.0, 1.0]
-    assert combine(influence, None, 0.3).tolist() == minmax(influence.double()).tolist()
+    span = float(influence.max() - influence.min())
+    assert combine(influence, None, 0.3).tolist() == ((influence.double() - influence.min()) / span).tolist()
     with pytest.raises(ValueError, match="finite"):
         combine(torch.tensor([1.0, float("nan")]), None, 0.0)
 

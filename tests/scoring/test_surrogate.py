@@ -11,8 +11,8 @@ import torch
 
 from recsift.data.datasets import recbole_events
 from recsift.scoring.sasrec import SASRecSurrogate
-from recsift.state import State, differences
 from recsift.scoring.surrogate import OOV, PAD, SeqBatch, Surrogate, hashed_negatives
+from recsift.state import State, differences
 
 
 def random_surrogate(seed: int = 0, n: int = 200) -> tuple[Surrogate, SeqBatch]:

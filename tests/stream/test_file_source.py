@@ -81,3 +81,20 @@ def test_csv_and_recbole_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run("--input", str(tmp_path / "nope.jsonl"), "--state-dir", str(tmp_path / "s")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evicted_histories_are_counted_by_reason_in_the_metric(tmp_path: Path) -> None:
+    from recsift import service
+    from recsift.config import load_config
+    from recsift.monitoring.metrics import Metrics
+
+    path = tmp_path / "events.jsonl"
+    write_jsonl(path, n=600)  # 30 users
+    cfg = load_config(overrides={"stream.file_path": str(path), "stream.source": "file", "scoring.enabled": False,
+                                 "checkpoint.state_dir": str(tmp_path / "s"), "monitoring.port": 0,
+                                 "window.max_users": 5, "stream.dead_letter_path": str(tmp_path / "dlq.jsonl")})
+    metrics = Metrics()
+    summary = service.run(cfg, metrics=metrics, progress=False)
+    capacity = metrics.registry.get_sample_value("recsift_users_evicted_total", {"reason": "capacity"})
+    ttl = metrics.registry.get_sample_value("recsift_users_evicted_total", {"reason": "ttl"})
+    assert summary.ingest.users == 5 and capacity is not None and capacity >= 25 and ttl == 0

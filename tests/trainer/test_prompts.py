@@ -39,7 +39,7 @@ def test_prompt_follows_the_alpaca_template_with_domain_words(tokenizer: object)
 def test_loss_covers_only_the_response_and_eos(tokenizer: object) -> None:
     b = builder(tokenizer)
     ex = b.example(["1", "2"], "3")
-    response = tokenizer("game number 3", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    response = [*tokenizer("game number 3", add_special_tokens=False).input_ids, tokenizer.eos_token_id]
     assert ex.input_ids[-len(response):] == response
     assert ex.labels[-len(response):] == response
     assert set(ex.labels[:-len(response)]) == {IGNORE}
