@@ -31,7 +31,7 @@ from recsift.monitoring.metrics import Metrics
 from recsift.scoring.effort import EffortScorer
 from recsift.scoring.registry import SCORERS, make_scorer
 from recsift.scoring.sasrec import SASRecSurrogate
-from recsift.scoring.stream import (
+from recsift.scoring.stage import (
     ScoredSample,
     ScoringStage,
     ScoringStore,
@@ -155,7 +155,8 @@ class Ingest:
         )
         self.checkpoint = Checkpoint(cfg.checkpoint.path)
         sink = ThreadedSink(*handlers) if threaded else DirectSink(*handlers)
-        self.pipeline = Pipeline(cfg, validator, dead_letters, self.checkpoint, sink, metrics, participants)
+        self.pipeline = Pipeline(cfg, validator=validator, dead_letters=dead_letters, checkpoint=self.checkpoint,
+                                 sink=sink, metrics=metrics, participants=participants)
 
     def source(self) -> Source:
         s = self.cfg.stream
@@ -192,9 +193,10 @@ def build_scoring(cfg: Settings, catalog: Catalog, metrics: Metrics | None = Non
     surrogate = SASRecSurrogate(sc.item_capacity, hidden=sc.hidden, layers=sc.layers, heads=sc.heads,
                           max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed)
     effort = build_effort(cfg, catalog) if sc.effort_weight > 0 else None
-    stream_scorer = StreamScorer(surrogate, make_scorer(sc.scorer, seed=sc.seed), sc.reestimate_every, sc.reference_size,
-                                 sc.seed, effort, sc.effort_weight, sc.train_rows)
-    stage = ScoringStage(stream_scorer, sc.batch_size, metrics=metrics)
+    stream_scorer = StreamScorer(surrogate, make_scorer(sc.scorer, seed=sc.seed), reestimate_every=sc.reestimate_every,
+                                 reference_size=sc.reference_size, seed=sc.seed, effort=effort,
+                                 effort_weight=sc.effort_weight, train_rows=sc.train_rows)
+    stage = ScoringStage(stream_scorer, batch_size=sc.batch_size, metrics=metrics)
     return stage, ScoringStore(stream_scorer, stage)
 
 

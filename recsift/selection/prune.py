@@ -24,7 +24,7 @@ from recsift.scoring.dealrec import DEALRecScorer
 from recsift.scoring.registry import make_scorer
 from recsift.scoring.sasrec import SASRecSurrogate
 from recsift.scoring.scorer import combine
-from recsift.scoring.stream import EffortFn
+from recsift.scoring.stage import EffortFn
 from recsift.selection.stratified import dealrec_select, random_select, topk_select
 from recsift.stream.windows import Sample
 

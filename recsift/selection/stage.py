@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsift.monitoring.metrics import Metrics
-from recsift.scoring.stream import ScoredSample
+from recsift.scoring.stage import ScoredSample
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import DriftReport, RecentWindow, drift
 from recsift.selection.goracs import goracs_select

@@ -164,6 +164,7 @@ class Pipeline:
     def __init__(
         self,
         cfg: Settings,
+        *,
         validator: Validator,
         dead_letters: DeadLetterSink,
         checkpoint: Checkpoint,

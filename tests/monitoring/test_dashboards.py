@@ -16,6 +16,7 @@ import pytest
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.stream.broker import free_port
+from recsift.vocab import Drift
 from tests.helpers import PROMETHEUS, prom_query, start_prometheus
 
 MON = Path(__file__).resolve().parents[2] / "recsift" / "monitoring"
@@ -43,7 +44,7 @@ def test_every_queried_metric_exists_and_drift_panels_show_thresholds() -> None:
     drift = [p for p in dash["panels"] if "drift" in json.dumps(p.get("targets", []))
              and p["title"].startswith(("Target", "Embedding"))]
     assert drift and all(p["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] > 0 for p in drift)
-    for metric in ("target_js", "category_js", "embedding_sw", "score_ks", "turnover", "member_age_s"):
+    for metric in Drift.values():  # every drift measure has a panel
         assert any(f'metric=\\"{metric}\\"' in json.dumps(e) for e in exprs), metric
 
 

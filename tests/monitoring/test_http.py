@@ -72,7 +72,7 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
     produce_events(kafka_settings(broker, topic).stream, True, payloads[:3000], topic)
     port = free_port()
     cfg = kafka_settings(broker, topic, tmp_path, **{
-        "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 25.0,
+        "monitoring.port": port, "admin.token": "s3cret", "stream.stop_when_idle_s": 60.0,  # a slow refresh must not outlast it
         "scoring.batch_size": 500, "scoring.scorer.depth": 20, "selection.budget": 64,
         "trainer.base_model": str(tmp_path / "tiny"), "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 600,
         "trainer.refresh_samples": 16, "trainer.eval_samples": 8, "trainer.min_eval_samples": 8,

@@ -11,7 +11,7 @@ from recsift.config import SyntheticConfig, WindowConfig
 from recsift.data.synthetic import SyntheticStream
 from recsift.scoring.registry import make_scorer
 from recsift.scoring.sasrec import SASRecSurrogate
-from recsift.scoring.stream import ScoringStore, StreamScorer
+from recsift.scoring.stage import ScoringStore, StreamScorer
 from recsift.stream.checkpoint import Checkpoint
 from recsift.stream.windows import Sample, StreamState
 
@@ -112,12 +112,12 @@ def test_lambda_zero_never_computes_effort() -> None:
 
 def test_the_stage_scores_fixed_size_batches_and_a_restart_forms_the_same_ones(tmp_path: Path) -> None:
     from recsift.monitoring.metrics import Metrics
-    from recsift.scoring.stream import ScoredSample, ScoringStage
+    from recsift.scoring.stage import ScoredSample, ScoringStage
 
     windows = sample_batches(3000)
     received: list[list[ScoredSample]] = []
     metrics = Metrics()
-    straight = ScoringStage(make(), 150, [received.append], metrics)
+    straight = ScoringStage(make(), batch_size=150, downstream=[received.append], metrics=metrics)
     for w in windows[:9]:
         straight(w)
     n = sum(len(w) for w in windows[:9])
@@ -125,13 +125,13 @@ def test_the_stage_scores_fixed_size_batches_and_a_restart_forms_the_same_ones(t
     assert metrics.registry.get_sample_value("recsift_samples_scored_total") == 150 * (n // 150)
     assert metrics.registry.get_sample_value("recsift_influence_estimate_version") == straight.scorer.scorer.version > 1
 
-    first = ScoringStage(make(), 150)
+    first = ScoringStage(make(), batch_size=150)
     ckpt = Checkpoint(tmp_path / "c.sqlite", [ScoringStore(first.scorer, first)])
     for w in windows[:5]:
         first(w)
     ckpt.commit({})
     ckpt.close()
-    resumed = ScoringStage(make(), 150, [])
+    resumed = ScoringStage(make(), batch_size=150)
     again: list[list[ScoredSample]] = []
     resumed.downstream.append(again.append)
     ckpt = Checkpoint(tmp_path / "c.sqlite", [ScoringStore(resumed.scorer, resumed)])

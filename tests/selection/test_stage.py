@@ -5,7 +5,7 @@ from __future__ import annotations
 from recsift.monitoring.metrics import Metrics
 from recsift.scoring.registry import make_scorer
 from recsift.scoring.sasrec import SASRecSurrogate
-from recsift.scoring.stream import ScoringStage, StreamScorer
+from recsift.scoring.stage import ScoringStage, StreamScorer
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
 from recsift.selection.reservoir import StratifiedReservoir
@@ -22,7 +22,7 @@ def test_scored_samples_flow_into_the_coreset_and_the_validation_reservoir() -> 
     selection = SelectionStage(selector, validation=ValidationReservoir(100), recent=RecentWindow(500),
                                coverage=Coverage(4, 256, 1000), rescore=scorer.rescore, metrics=metrics,
                                validation_fraction=0.1, drift_every=2)
-    stage = ScoringStage(scorer, 200, [selection], metrics)
+    stage = ScoringStage(scorer, batch_size=200, downstream=[selection], metrics=metrics)
     for batch in sample_batches(6000):
         stage(batch)
     assert scorer.scorer.version >= 3 and selector.stats.rescored > 0  # members re-scored on each new version
@@ -48,7 +48,7 @@ def test_goracs_runs_periodically_over_the_coreset_pool() -> None:
     selection = SelectionStage(selector, validation=ValidationReservoir(200), recent=RecentWindow(500),
                                rescore=scorer.rescore, metrics=metrics, validation_fraction=0.2,
                                goracs=GoracsSettings(size=20, every=3, max_exchanges=5))
-    stage = ScoringStage(scorer, 200, [selection], metrics)
+    stage = ScoringStage(scorer, batch_size=200, downstream=[selection], metrics=metrics)
     for batch in sample_batches(4000):
         stage(batch)
     assert len(selection.goracs_subset) == 20  # ran on schedule (members have moved on since)

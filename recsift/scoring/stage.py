@@ -55,7 +55,7 @@ EffortFn = Callable[[Sequence[Sample]], Tensor]
 class StreamScorer:
     """Learns from and scores sample batches; bounded memory (replay buffer and reference reservoir)."""
 
-    def __init__(self, surrogate: Surrogate, scorer: Scorer, reestimate_every: int = 50, reference_size: int = 1024,
+    def __init__(self, surrogate: Surrogate, scorer: Scorer, *, reestimate_every: int = 50, reference_size: int = 1024,
                  seed: int = 0, effort: EffortFn | None = None, effort_weight: float = 0.0,
                  train_rows: int | None = None) -> None:
         if reestimate_every < 1 or reference_size < 1:
@@ -188,7 +188,7 @@ class ScoringStage:
     the checkpoint, so a restart forms the same batches.
     """
 
-    def __init__(self, scorer: StreamScorer, batch_size: int, downstream: Sequence[ScoredHandler] = (),
+    def __init__(self, scorer: StreamScorer, *, batch_size: int, downstream: Sequence[ScoredHandler] = (),
                  metrics: Metrics | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
