@@ -11,7 +11,7 @@ registry list. A leaf: this module imports nothing of recsift.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, ClassVar, Generic, Protocol, TypeVar, Union
+from typing import Annotated, Any, Generic, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -26,10 +26,6 @@ class ComponentConfig(BaseModel):
     def options(self) -> dict[str, Any]:
         """The constructor's keyword arguments."""
         return {k: v for k, v in self.model_dump().items() if k != "type"}
-
-
-class Component(Protocol):
-    Config: ClassVar[type[ComponentConfig]]
 
 
 T = TypeVar("T")

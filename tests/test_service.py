@@ -239,7 +239,7 @@ def test_sigkill_of_the_whole_service_loses_and_duplicates_nothing(
     assert [h["to"] for h in history] == promoted
 
 
-def component_states(state: Path, overrides: dict[str, object]) -> dict[str, State]:
+def component_states(state: Path, overrides: dict[str, object], restore_scorer: bool = True) -> dict[str, State]:
     """Every component's state as restored from a state directory: the stream state and dedup index of
     partition 0, the stream scorer (surrogate, scorer, reference reservoir, bounds), the scoring stage's
     pending batch, the selection stage (selector, validation reservoir, recent window, coverage,
@@ -257,7 +257,8 @@ def component_states(state: Path, overrides: dict[str, object]) -> dict[str, Sta
         stream, dedup = StreamState(cfg.window), DedupIndex(cfg.stream.dedup_capacity)
         StreamStateStore(stream, dedup).load(conn, {0})
         scoring, scoring_store = build_scoring(cfg, Catalog())
-        scoring_store.load(conn, {0})
+        if restore_scorer:  # False: a deliberately broken restart, the negative control
+            scoring_store.load(conn, {0})
         selection, coreset_store = build_selection(cfg, Catalog(), scoring)
         coreset_store.load(conn, {0})
         offsets = conn.execute("SELECT topic, partition, next_offset FROM offsets ORDER BY 1, 2").fetchall()
@@ -337,6 +338,9 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     # exact: the same floating-point operations in the same order, on restored bit-exact tensors
     diffs = {name: differences(crashed[name], uninterrupted[name]) for name in uninterrupted}
     assert not any(diffs.values()), {k: v[:5] for k, v in diffs.items() if v}
+    # negative control: a restart that forgets the scorer's state (surrogate, estimate, reference set) is caught
+    forgetful = component_states(state, overrides, restore_scorer=False)
+    assert differences(forgetful["scorer"], uninterrupted["scorer"])
 
 
 def test_a_30s_broker_outage_is_reported_and_survived(tmp_path: Path) -> None:
