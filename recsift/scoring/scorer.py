@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from recsift.batching import length_buckets
 from recsift.registry import ComponentConfig
 from recsift.scoring.surrogate import PAD, SeqBatch, Surrogate
 from recsift.state import State
@@ -85,10 +86,8 @@ def by_length(fn: Callable[[SeqBatch], Tensor], batch: SeqBatch, bucket: int = B
     longest row, and return the scores in the input order. Stream histories are mostly short, so this
     avoids computing on padding (several times faster on Games)."""
     check_batch(batch)
-    lengths = (batch.seqs != PAD).sum(1)
-    order = torch.argsort(lengths, stable=True)
     out = torch.empty(len(batch), dtype=torch.float64)
-    for chunk in torch.split(order, bucket):
+    for chunk in length_buckets((batch.seqs != PAD).sum(1), bucket):
         out[chunk] = fn(batch.select(chunk)).double()
     return out
 

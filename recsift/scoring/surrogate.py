@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from recsift.hashing import GOLDEN, MIX1, as_int64, shift_right, splitmix64
 from recsift.state import State
 
 PAD, OOV = 0, 1
@@ -161,12 +162,9 @@ def left_pad(seqs: Tensor, width: int) -> Tensor:
 
 def hashed_negatives(sample_ids: Tensor, positions: int, n_rows: int, seed: int) -> Tensor:
     """Deterministic negatives ``[B, positions]`` in ``[2, n_rows)`` from (seed, sample id, position counted from
-    the end of the row, so that trimming padding never changes them): splitmix64."""
+    the end of the row, so that trimming padding never changes them)."""
     from_end = torch.arange(positions - 1, -1, -1).view(1, -1)
-    x = sample_ids.view(-1, 1) * 0x9E3779B97F4A7C15 + from_end * 0xBF58476D1CE4E5B9 + seed
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9  # int64 arithmetic wraps, which is what the mix wants
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB
-    x = x ^ (x >> 31)
-    return 2 + torch.remainder(x, n_rows - 2)
+    x = splitmix64(sample_ids.view(-1, 1) * as_int64(GOLDEN) + from_end * as_int64(MIX1) + seed)
+    return 2 + torch.remainder(shift_right(x, 1), n_rows - 2)
 
 

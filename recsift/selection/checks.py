@@ -121,7 +121,7 @@ class KeepFirst(StratifiedReservoir):
 
     arrivals = 0
 
-    def _key(self, sample_id: int, ts: float) -> float:
+    def _key(self, gumbel: float, ts: float) -> float:
         self.arrivals += 1
         return -float(self.arrivals)
 
@@ -131,7 +131,7 @@ class KeepLast(StratifiedReservoir):
 
     arrivals = 0
 
-    def _key(self, sample_id: int, ts: float) -> float:
+    def _key(self, gumbel: float, ts: float) -> float:
         self.arrivals += 1
         return float(self.arrivals)
 

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import torch
 
+from recsift.selection.ring import ArrayRing
 from recsift.selection.selector import Member
 from recsift.state import State
 
@@ -24,8 +25,7 @@ class Coverage:
         if clusters < 2 or sample_size < clusters:
             raise ValueError("need at least 2 clusters and a sample at least as large")
         self.k, self.sample_size, self.refresh_every, self.seed, self.niter = clusters, sample_size, refresh_every, seed, niter
-        self.recent: np.ndarray | None = None  # ring of recent embeddings [≤ sample_size, d]
-        self.pos = 0
+        self.recent = ArrayRing(sample_size, np.float32)  # recent embeddings [≤ sample_size, d]
         self.since_refresh = 0
         self.centroids: np.ndarray | None = None
         self.mass = np.zeros(clusters)
@@ -36,23 +36,14 @@ class Coverage:
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         if not len(x):
             return
-        if self.recent is None:
-            self.recent = np.zeros((0, x.shape[1]), dtype=np.float32)
-        x = x[-self.sample_size:]
-        room = self.sample_size - len(self.recent)
-        if room > 0:
-            self.recent = np.concatenate([self.recent, x[:room]])
-            x = x[room:]
-        for row in x:
-            self.recent[self.pos] = row
-            self.pos = (self.pos + 1) % self.sample_size
+        self.recent.extend(x)
         self.since_refresh += len(embeddings)
         if (self.index is None and len(self.recent) >= self.k * 4) or self.since_refresh >= self.refresh_every:
             self.refit()
 
     def refit(self) -> None:
-        recent = self.recent
-        if recent is None or len(recent) < self.k:
+        recent = self.recent.values
+        if len(recent) < self.k:
             return
         km = faiss.Kmeans(recent.shape[1], self.k, niter=self.niter, seed=self.seed, verbose=False)
         km.train(recent)
@@ -63,18 +54,19 @@ class Coverage:
     def state_dict(self) -> State:
         """The recent ring, the clusters and their mass (the faiss index is rebuilt from the centroids)."""
         tensors = {"mass": torch.from_numpy(np.asarray(self.mass, dtype=np.float64))}
-        if self.recent is not None:
-            tensors["recent"] = torch.from_numpy(self.recent.copy())
         if self.centroids is not None:
             tensors["centroids"] = torch.from_numpy(self.centroids.copy())
-        return State(tensors, {"pos": self.pos, "since_refresh": self.since_refresh})
+        return State(tensors, {"since_refresh": self.since_refresh}).put("recent", self.recent.state_dict())
 
     def load_state_dict(self, state: State) -> None:
         t = state.tensors
-        self.recent = t["recent"].numpy().copy() if "recent" in t else None
+        if "recent" in state.meta:
+            self.recent.load_state_dict(state.part("recent"))
+        else:  # written before the sample was an ArrayRing (2026-11-24): a bare tensor and its position
+            self.recent.load_state_dict(State({"values": t["recent"]} if "recent" in t else {}, {"pos": state.meta["pos"]}))
         self.centroids = t["centroids"].numpy().copy() if "centroids" in t else None
         self.mass = t["mass"].numpy().copy()
-        self.pos, self.since_refresh = state.meta["pos"], state.meta["since_refresh"]
+        self.since_refresh = state.meta["since_refresh"]
         self.index = None
         if self.centroids is not None:
             self.index = faiss.IndexFlatL2(self.centroids.shape[1])

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -43,38 +43,32 @@ def sliced_wasserstein(x: np.ndarray, y: np.ndarray, projections: int = 64, seed
 
 @dataclass
 class RecentWindow:
-    """A bounded ring of the recent stream's targets, categories, scores and embeddings."""
+    """The recent stream's last ``size`` targets, scores and embeddings."""
 
     size: int = 4096
 
     def __post_init__(self) -> None:
-        self.targets: list[str] = []
-        self.scores: list[float] = []
-        self.embeddings: list[np.ndarray] = []
-        self.pos = 0
+        self.targets: deque[str] = deque(maxlen=self.size)
+        self.scores: deque[float] = deque(maxlen=self.size)
+        self.embeddings: deque[np.ndarray] = deque(maxlen=self.size)
 
     def add(self, target: str, score: float, embedding: np.ndarray | None) -> None:
-        row = (target, score, embedding if embedding is not None else np.zeros(0, np.float32))
-        if len(self.targets) < self.size:
-            self.targets.append(row[0])
-            self.scores.append(row[1])
-            self.embeddings.append(row[2])
-        else:
-            self.targets[self.pos], self.scores[self.pos], self.embeddings[self.pos] = row
-            self.pos = (self.pos + 1) % self.size
+        self.targets.append(target)
+        self.scores.append(score)
+        self.embeddings.append(embedding if embedding is not None else np.zeros(0, np.float32))
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def state_dict(self) -> State:
-        return State(embeddings_to_tensors(self.embeddings, "embeddings"),
-                     {"targets": self.targets, "scores": self.scores, "pos": self.pos})
+        return State(embeddings_to_tensors(list(self.embeddings), "embeddings"),
+                     {"targets": list(self.targets), "scores": list(self.scores)})
 
     def load_state_dict(self, state: State) -> None:
-        self.targets, self.scores = list(state.meta["targets"]), list(state.meta["scores"])
-        self.embeddings = [e if e is not None else np.zeros(0, np.float32)
-                           for e in embeddings_from_tensors(state.tensors, "embeddings")]
-        self.pos = state.meta["pos"]
+        self.targets = deque(state.meta["targets"], maxlen=self.size)
+        self.scores = deque(state.meta["scores"], maxlen=self.size)
+        self.embeddings = deque((e if e is not None else np.zeros(0, np.float32)
+                                 for e in embeddings_from_tensors(state.tensors, "embeddings")), maxlen=self.size)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from recsift.hashing import uniform
 from recsift.registry import ComponentConfig
+from recsift.selection.ring import ArrayRing
 from recsift.selection.selector import (
     Member,
     Offer,
@@ -52,17 +54,6 @@ from recsift.selection.selector import (
 )
 from recsift.selection.stratified import allocate, stratum_of
 from recsift.state import State
-
-_MASK = (1 << 64) - 1
-
-
-def uniform_key(sample_id: int, seed: int) -> float:
-    """A uniform number in (0, 1) from (seed, sample id): splitmix64."""
-    z = (sample_id * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    z ^= z >> 31
-    return ((z >> 11) + 0.5) / float(1 << 53)
 
 
 class StratifiedConfig(ComponentConfig):
@@ -106,8 +97,7 @@ class StratifiedReservoir:
         self.sketch_size, self.fixed_edges, self.half_life_s = sketch_size, edges, half_life_s
         self.user_cap, self.edge_tolerance, self.rebucket_every = user_cap, edge_tolerance, rebucket_every
         self.spares = -(-budget // strata) if spares is None else spares
-        self.sketch = np.zeros(0, dtype=np.float64)
-        self.sketch_pos = 0
+        self.sketch = ArrayRing(sketch_size)
         self.edges: tuple[float, float] | None = edges
         self.counts = np.zeros(strata, dtype=np.float64)
         self.quotas = [0] * strata
@@ -144,7 +134,7 @@ class StratifiedReservoir:
             self.version = offers[0].version
             self._rescore(rescore, scores)  # the sketch restarts from the new version's scores, this batch's included
         else:
-            self._sketch_add(scores)
+            self.sketch.extend(scores)
         if self.edges is None:
             self._maybe_move_edges(force=True)
         assert self.edges is not None
@@ -162,21 +152,22 @@ class StratifiedReservoir:
         self._allocate(np.bincount(strata[kept], minlength=self.strata))
         self._shrink_to_quotas()
         self._refill()
-        for o, k, ok in zip(offers, strata.tolist(), kept.tolist(), strict=True):
+        gumbel = -np.log(-np.log(uniform(torch.tensor([o.sample.sample_id for o in offers]), self.seed).numpy()))
+        for o, k, ok, g in zip(offers, strata.tolist(), kept.tolist(), gumbel.tolist(), strict=True):
             if ok:
-                self._offer_one(o, k)
+                self._offer_one(o, k, g)
         self.since_edges += len(offers)
         if self.fixed_edges is None and self.since_edges >= self.rebucket_every:
             self._maybe_move_edges()
 
-    def _offer_one(self, o: Offer, k: int) -> None:
+    def _offer_one(self, o: Offer, k: int, gumbel: float) -> None:
         sid = o.sample.sample_id
         if sid in self.members or sid in self.spare:
             return  # a replay of a sample already kept
         if self.user_cap is not None and self.users[o.sample.user_id] >= self.user_cap:
             self.stats.capped += 1
             return
-        key = self._key(sid, o.sample.ts)
+        key = self._key(gumbel, o.sample.ts)
         m = Member(o.sample, o.score, o.version, key, k, o.embedding, inserted_ts=o.sample.ts, effort=o.effort)
         heap = self.heaps[k]
         if len(heap) < self.quotas[k] or (heap and key > heap[0][0] and self._evict_lowest(k)):
@@ -211,13 +202,13 @@ class StratifiedReservoir:
                 self._insert(m)
                 self.stats.refilled += 1
 
-    def _key(self, sample_id: int, ts: float) -> float:
-        base = -math.log(-math.log(uniform_key(sample_id, self.seed)))
+    def _key(self, gumbel: float, ts: float) -> float:
+        """The sample's key from its Gumbel draw −ln(−ln u) (u hashed from the seed and its id)."""
         if self.half_life_s is None:
-            return base
+            return gumbel
         if self.t0 is None:
             self.t0 = ts
-        return (ts - self.t0) * math.log(2) / self.half_life_s + base
+        return (ts - self.t0) * math.log(2) / self.half_life_s + gumbel
 
     def _decay_to(self, ts: float) -> None:
         assert self.half_life_s is not None
@@ -263,22 +254,9 @@ class StratifiedReservoir:
 
     # ------------------------------------------------------------------ edges, versions
 
-    def _sketch_add(self, scores: np.ndarray) -> None:
-        if not len(scores):
-            return
-        scores = scores[-self.sketch_size:]
-        if len(self.sketch) < self.sketch_size:
-            room = self.sketch_size - len(self.sketch)
-            self.sketch = np.concatenate([self.sketch, scores[:room]])
-            scores = scores[room:]
-            self.sketch_pos = len(self.sketch) % self.sketch_size
-        for s in scores:  # ring overwrite of the oldest
-            self.sketch[self.sketch_pos] = s
-            self.sketch_pos = (self.sketch_pos + 1) % self.sketch_size
-
     def sketch_edges(self) -> tuple[float, float]:
         """(low, high): the sketch's minimum and its hard-prune cut."""
-        s = self.sketch
+        s = self.sketch.values
         n_drop = int(len(s) * self.hard_prune)
         ordered = np.sort(s)
         high = float(ordered[len(s) - n_drop - 1])
@@ -307,7 +285,7 @@ class StratifiedReservoir:
         assert self.edges is not None
         low, high = self.edges
         total = float(self.counts.sum())
-        sk = self.sketch[self.sketch <= high]
+        sk = self.sketch.values[self.sketch.values <= high]
         props = np.bincount(stratum_of(sk, low, high, self.strata), minlength=self.strata) / max(len(sk), 1)
         self.counts = props * total
         for m in list(self.members.values()):
@@ -331,14 +309,14 @@ class StratifiedReservoir:
     def state_dict(self) -> State:
         """Members and spares (with their embeddings), the sketch, counts, quotas, edges, clocks, stats."""
         held = {"members": list(self.members.values()), "spares": list(self.spare.values())}
-        tensors = {"sketch": torch.from_numpy(self.sketch.copy()), "counts": torch.from_numpy(self.counts.copy())}
+        tensors = {"counts": torch.from_numpy(self.counts.copy())}
         for name, ms in held.items():
             tensors.update(embeddings_to_tensors([m.embedding for m in ms], f"{name}.embedding"))
         meta: dict[str, Any] = {name: [m.to_json() for m in ms] for name, ms in held.items()}
         meta.update({"edges": list(self.edges) if self.edges is not None else None, "version": self.version,
                      "t0": self.t0, "t_counts": self.t_counts, "since_edges": self.since_edges,
-                     "sketch_pos": self.sketch_pos, "quotas": list(self.quotas), "stats": asdict(self.stats)})
-        return State(tensors, meta)
+                     "quotas": list(self.quotas), "stats": asdict(self.stats)})
+        return State(tensors, meta).put("sketch", self.sketch.state_dict())
 
     def load_state_dict(self, state: State) -> None:
         t, meta = state.tensors, state.meta
@@ -352,10 +330,14 @@ class StratifiedReservoir:
                 held[m.sample.sample_id] = m
         for m in self.members.values():
             self.users[m.sample.user_id] += 1
-        self.sketch, self.counts = t["sketch"].numpy().copy(), t["counts"].numpy().copy()
+        if "sketch" in t:  # written before the sketch was an ArrayRing (2026-11-24): a bare tensor and its position
+            self.sketch.load_state_dict(State({"values": t["sketch"]}, {"pos": meta["sketch_pos"]}))
+        else:
+            self.sketch.load_state_dict(state.part("sketch"))
+        self.counts = t["counts"].numpy().copy()
         self.edges = (float(meta["edges"][0]), float(meta["edges"][1])) if meta["edges"] is not None else None
         self.version, self.t0, self.t_counts = meta["version"], meta["t0"], meta["t_counts"]
-        self.since_edges, self.sketch_pos = meta["since_edges"], meta["sketch_pos"]
+        self.since_edges = meta["since_edges"]
         self.quotas = [int(q) for q in meta["quotas"]]
         self.stats = SelectorStats(**meta["stats"])
         self._rebuild_heaps()
@@ -409,9 +391,8 @@ class StratifiedReservoir:
                 where = self.members if m.sample.sample_id in self.members else self.spare
                 where[m.sample.sample_id] = replace(m, score=float(score), version=version)
             self.stats.rescored += len(held)
-            self.sketch = np.array(scores, dtype=np.float64)[-self.sketch_size:]
-            self.sketch_pos = len(self.sketch) % self.sketch_size
-        self._sketch_add(incoming)
+            self.sketch.reset(np.asarray(scores))
+        self.sketch.extend(incoming)
         if self.fixed_edges is None:
             if len(self.sketch):
                 self.edges = self.sketch_edges()

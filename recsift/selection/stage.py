@@ -21,7 +21,7 @@ from recsift.selection.coverage import Coverage
 from recsift.selection.drift import DriftReport, RecentWindow, drift
 from recsift.selection.goracs import goracs_select
 from recsift.selection.selector import Offer, Rescore, Selector
-from recsift.selection.validation import ValidationReservoir, is_validation
+from recsift.selection.validation import ValidationReservoir, validation_mask
 from recsift.state import State
 from recsift.vocab import Stage
 
@@ -63,9 +63,10 @@ class SelectionStage:
     def __call__(self, scored: Sequence[ScoredSample]) -> None:
         started = time.perf_counter()
         offers = []
-        for s in scored:
+        held_out = validation_mask([s.sample.sample_id for s in scored], self.fraction, self.seed)
+        for s, validation in zip(scored, held_out.tolist(), strict=True):
             self.recent.add(s.sample.target, s.score, s.embedding)
-            if is_validation(s.sample.sample_id, self.fraction, self.seed):
+            if validation:
                 self.validation.add(s.sample, s.embedding)
             else:
                 offers.append(Offer(s.sample, s.score, s.version, s.embedding, s.effort))

@@ -5,49 +5,56 @@ Refresh evaluation, GORACS's target distribution and drift compare against its m
 
 from __future__ import annotations
 
-import numpy as np
+from collections import deque
+from collections.abc import Sequence
 
-from recsift.selection.reservoir import uniform_key
+import numpy as np
+import torch
+
+from recsift.hashing import uniform
 from recsift.selection.selector import embeddings_from_tensors, embeddings_to_tensors
 from recsift.state import State
 from recsift.stream.windows import Sample
 
 
 class ValidationReservoir:
-    """The most recent ``size`` validation samples (a ring), with their scores and embeddings."""
+    """The most recent ``size`` validation samples, with their embeddings."""
 
     def __init__(self, size: int = 2048) -> None:
         if size < 1:
             raise ValueError("validation size must be positive")
         self.size = size
-        self.samples: list[Sample] = []
-        self.embeddings: list[np.ndarray] = []
-        self.pos = 0
+        self.samples: deque[Sample] = deque(maxlen=size)
+        self.embeddings: deque[np.ndarray] = deque(maxlen=size)
         self.seen = 0
 
     def add(self, sample: Sample, embedding: np.ndarray) -> None:
         self.seen += 1
-        if len(self.samples) < self.size:
-            self.samples.append(sample)
-            self.embeddings.append(embedding)
-        else:
-            self.samples[self.pos], self.embeddings[self.pos] = sample, embedding
-            self.pos = (self.pos + 1) % self.size
+        self.samples.append(sample)
+        self.embeddings.append(embedding)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def state_dict(self) -> State:
-        return State(embeddings_to_tensors(self.embeddings, "embeddings"),
-                     {"samples": [s.to_json() for s in self.samples], "pos": self.pos, "seen": self.seen})
+        return State(embeddings_to_tensors(list(self.embeddings), "embeddings"),
+                     {"samples": [s.to_json() for s in self.samples], "seen": self.seen})
 
     def load_state_dict(self, state: State) -> None:
-        self.samples = [Sample.from_json(s) for s in state.meta["samples"]]
-        self.embeddings = [e if e is not None else np.zeros(0, np.float32)
-                           for e in embeddings_from_tensors(state.tensors, "embeddings")]
-        self.pos, self.seen = state.meta["pos"], state.meta["seen"]
+        self.samples = deque((Sample.from_json(s) for s in state.meta["samples"]), maxlen=self.size)
+        self.embeddings = deque((e if e is not None else np.zeros(0, np.float32)
+                                 for e in embeddings_from_tensors(state.tensors, "embeddings")), maxlen=self.size)
+        self.seen = state.meta["seen"]
+
+
+def validation_mask(sample_ids: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """Which samples are validation samples: hash-chosen, so the same sample is always on the same side,
+    across restarts and replicas."""
+    if fraction <= 0 or not sample_ids:
+        return np.zeros(len(sample_ids), dtype=bool)
+    return uniform(torch.tensor(list(sample_ids)), seed ^ 0x5EED).numpy() < fraction
 
 
 def is_validation(sample_id: int, fraction: float, seed: int) -> bool:
-    """Hash-chosen: the same sample is always on the same side, across restarts and replicas."""
-    return fraction > 0 and uniform_key(sample_id, seed ^ 0x5EED) < fraction
+    """``validation_mask`` of one sample."""
+    return bool(validation_mask([sample_id], fraction, seed)[0])

@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 import torch
 
+from recsift.batching import length_buckets
 from recsift.scoring.effort import causal_lm
 from recsift.stream.catalog import Catalog
 from recsift.trainer.llm import LLM
@@ -43,13 +44,12 @@ def last_token_states(llm: LLM, model: Any, texts: Sequence[str], batch_size: in
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Last-layer hidden state of each text's last token, float32 [n, hidden]; batches sorted by length."""
     encoded = [llm.encode(t) or [llm.eos_token_id] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model.eval()
     with torch.no_grad(), llm.autocast():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+        for chunk in length_buckets(torch.tensor([len(e) for e in encoded]), batch_size):
+            rows = chunk.tolist()
             width = max(len(encoded[i]) for i in rows)
             ids = torch.full((len(rows), width), llm.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)

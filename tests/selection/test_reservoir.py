@@ -95,7 +95,7 @@ def test_a_new_version_rescores_members() -> None:
     assert calls == [held] and selector.version == 2 and selector.stats.rescored == held  # spares too
     # the sketch (and so the edges) restarts from the new version's scores: the held samples' and the batch's
     batch, rescored = {o.score for o in synthetic_offers(200, seed=5, version=2)[0]}, {float(k) for k in range(7)}
-    values = set(selector.sketch.tolist())
+    values = set(selector.sketch.values.tolist())
     assert values <= rescored | batch and values & rescored and values & batch
     assert all(m.version == 2 for m in [*selector.members.values(), *selector.spare.values()]
                if m.sample.sample_id < 1000)
@@ -171,3 +171,19 @@ def test_store_rolls_back_with_the_checkpoint_and_snapshots(tmp_path: Path) -> N
     assert out.snapshot_id == 2 and len((tmp_path / "snap.jsonl").read_text().splitlines()) == len(committed)
     with pytest.raises(LookupError):
         read_snapshot(db, 99)
+
+
+def test_a_checkpoint_from_before_the_sketch_ring_loads_into_the_same_state() -> None:
+    """State written before 2026-11-24 kept the sketch as a bare tensor plus ``sketch_pos``; it still loads."""
+    from recsift.state import State, differences
+
+    selector = StratifiedReservoir(200, 5, sketch_size=300, seed=3)
+    for batch in synthetic_offers(1000, seed=2):
+        selector.offer(batch)
+    new = selector.state_dict()
+    ring = new.part("sketch")
+    old = State({k: v for k, v in new.tensors.items() if not k.startswith("sketch.")} | {"sketch": ring.tensors["values"]},
+                {k: v for k, v in new.meta.items() if k != "sketch"} | {"sketch_pos": ring.meta["pos"]})
+    restored = StratifiedReservoir(200, 5, sketch_size=300, seed=3)
+    restored.load_state_dict(State.from_bytes(old.to_bytes()))
+    assert differences(restored.state_dict(), new) == []

@@ -1,0 +1,18 @@
+"""Length bucketing: batches of rows of similar length, so each batch is trimmed to its longest row.
+
+Stream histories and titles are mostly short; padding every row to the longest of the whole set would
+spend most of the compute on padding. The scorers and the title embeddings batch through ``length_buckets``
+(the surrogate's training does not: see ``SASRecSurrogate.fit``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def length_buckets(lengths: Tensor, size: int) -> list[Tensor]:
+    """Row indices in chunks of at most ``size`` rows, in ascending length (ties in input order)."""
+    if size < 1:
+        raise ValueError(f"bucket size must be positive, got {size}")
+    return list(torch.split(torch.argsort(lengths, stable=True), size))
