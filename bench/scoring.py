@@ -129,7 +129,7 @@ def stream_stage_figures(events: int = 60_000) -> dict[str, float]:
     """Steady-state rate of the stream scoring stage on the synthetic stream (re-estimates excluded)."""
     from recsift.config import load_config
     from recsift.data.synthetic import SyntheticStream
-    from recsift.service import build_scoring
+    from recsift.service import build_scoring, build_stream_scorer
     from recsift.stream.catalog import Catalog
     from recsift.stream.windows import StreamState
 
@@ -137,7 +137,7 @@ def stream_stage_figures(events: int = 60_000) -> dict[str, float]:
     state = StreamState(cfg.window)
     samples = [s for e in SyntheticStream(cfg.stream.synthetic.model_copy(update={"events": events})).events()
                for b in state.process(e, 0, now=0.0) for s in b]
-    stage, _ = build_scoring(cfg, Catalog())
+    stage, _ = build_scoring(cfg, build_stream_scorer(cfg, Catalog()))
     size = cfg.scoring.batch_size
     stage(samples[:size])  # first batch: includes the first LiSSA estimate
     started = time.perf_counter()

@@ -13,12 +13,19 @@ import logging
 import signal
 import sys
 import threading
+import time
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsift.config import ConfigError, Settings, load_config, parse_override
 from recsift.vocab import AdminAction, Outcome, Trigger
+
+if TYPE_CHECKING:  # the command imports what it runs lazily, so `recsift --help` stays fast
+    from recsift.service import ServiceSummary
+    from recsift.stream.pipeline import Pipeline, RunSummary
+
+log = logging.getLogger("recsift")
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
@@ -143,13 +150,101 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+# ---------------------------------------------------------------------- progress: one style
+# A tqdm bar (on stderr) for long work with a count; logging for everything else.
+
+
+class CountBar:
+    """A tqdm bar fed cumulative counts (what the library's ``progress`` callbacks report)."""
+
+    def __init__(self, total: int | None, unit: str, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        self.done = 0
+
+    def __call__(self, done: int) -> None:
+        if done != self.done:
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class IngestBar(CountBar):
+    """``recsift run``'s bar: events consumed, with samples, rejects and users, driven by the pipeline loop."""
+
+    def __init__(self, total: int | None) -> None:
+        super().__init__(total, "ev", "ingest")
+        self.last_postfix = 0.0
+
+    def tick(self, pipeline: Pipeline) -> None:
+        self(pipeline.summary.consumed)
+        now = time.monotonic()
+        if now - self.last_postfix >= 0.5:
+            self.last_postfix = now
+            self.bar.set_postfix(samples=pipeline.state.counts.samples, rejected=sum(pipeline.summary.rejected.values()),
+                                 users=pipeline.state.users)
+
+
+# ---------------------------------------------------------------------- summaries
+
+
+def ingest_rows(s: RunSummary) -> list[tuple[str, str]]:
+    return [
+        ("events consumed", f"{s.consumed:,}"),
+        ("events accepted", f"{s.accepted:,}"),
+        *((f"  rejected: {k}", f"{v:,}") for k, v in s.rejected.items()),
+        ("late events", f"{s.late:,}"),
+        ("samples emitted", f"{s.samples:,}"),
+        ("users tracked", f"{s.users:,}"),
+        ("checkpoints", f"{s.checkpoints:,}"),
+        ("elapsed", f"{s.elapsed_s:.1f} s ({s.rate:,.0f} events/s)"),
+        ("stopped by", s.stopped_by),
+    ]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run_rows(s: ServiceSummary) -> list[tuple[str, str]]:
+    """The ``recsift run`` summary table: ingest, then scoring, selection and refreshes (when on)."""
+    if not s.budget:
+        return ingest_rows(s.ingest)
+    rate = s.scored / s.scoring_busy_s if s.scoring_busy_s else 0.0
+    return [
+        *ingest_rows(s.ingest),
+        ("samples scored", f"{s.scored:,} ({rate:,.0f}/s while scoring)"),
+        ("samples awaiting scoring", f"{s.awaiting_scoring:,} (kept in the checkpoint)"),
+        ("samples unscorable", f"{s.unscorable:,}"),
+        ("scorer version", str(s.scorer_version)),
+        ("surrogate loss", f"{s.surrogate_loss:.4f}"),
+        ("coreset", f"{s.coreset:,} / {s.budget:,}"),
+        ("validation samples", f"{s.validation:,}"),
+        ("coverage", f"{s.coverage:.3f}"),
+        *((f"  drift: {k}", f"{v:.4f}") for k, v in (s.drift or {}).items()),
+        ("refreshes", str(len(s.refreshes or []))),
+        *((f"  {r.trigger}: {r.outcome}", f"{r.version or '-'}, validation loss {_num(r.serving_loss)} → "
+           f"{_num(r.new_loss)}" + "".join(f", {k} {v:.4f}" for k, v in r.metrics.items()) + f", {r.seconds:.0f} s"
+           + (f" ({r.error})" if r.error else "")) for r in s.refreshes or []),
+        ("serving adapter", s.adapter or "base model"),
+    ]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from recsift import service
 
     cfg = settings_from(args)
     logging.getLogger().setLevel(cfg.monitoring.log_level)
-    summary = service.run(cfg, max_events=args.max_events)
-    print_table("recsift run summary", summary.rows())
+    bar = IngestBar(args.max_events) if cfg.monitoring.progress else None
+    try:
+        summary = service.run(cfg, max_events=args.max_events, progress=bar.tick if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    print_table("recsift run summary", run_rows(summary))
     return 0
 
 
@@ -175,9 +270,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.limit is not None:
             payloads = islice(payloads, args.limit)
     ensure_topic(cfg.stream, False, cfg.stream.topic, cfg.stream.partitions)
-    n = produce_events(cfg.stream, False, payloads, cfg.stream.topic, rate=args.rate,
-                       progress=lambda k: print(f"\rproduced {k:,}", end="", file=sys.stderr, flush=True))
-    print(f"\nproduced {n:,} events to {cfg.stream.topic!r} on {cfg.stream.bootstrap_servers}")
+    bar = CountBar(args.limit, "ev", "replay")
+    try:
+        n = produce_events(cfg.stream, False, payloads, cfg.stream.topic, rate=args.rate, progress=bar)
+    finally:
+        bar.close()
+    print(f"produced {n:,} events to {cfg.stream.topic!r} on {cfg.stream.bootstrap_servers}")
     return 0
 
 
@@ -200,7 +298,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune(path, args.method, args.budget, out, epochs=args.epochs, seed=cfg.scoring.seed,
                    scorer_options=scorer_options(cfg, METHODS[args.method].scorer), hidden=cfg.scoring.hidden,
                    strata=strata.strata, hard_prune=strata.hard_prune, effort_weight=effort_weight, effort=effort,
-                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+                   progress=log.info)
     print_table(f"recsift prune: {args.method} on {path.name}", [
         ("users", f"{report.users:,}"),
         ("samples scored", f"{report.scored:,}"),
@@ -287,7 +385,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     cfg = settings_from(args)
     if not cfg.checkpoint.path.is_file():
         raise FileNotFoundError(f"no checkpoint at {cfg.checkpoint.path}: run `recsift run` first")
-    outcome = refresh(cfg, Trigger.MANUAL, load_catalog(cfg), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    outcome = refresh(cfg, Trigger.MANUAL, load_catalog(cfg), progress=log.info)
     print_table("recsift refresh", [("outcome", outcome.outcome), ("snapshot", str(outcome.snapshot_id)),
                                     ("version", str(outcome.version)), ("serving before", str(outcome.serving_before)),
                                     ("validation loss before / after", f"{outcome.serving_loss} / {outcome.new_loss}"),
@@ -315,13 +413,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         model = PeftModel.from_pretrained(model, str(args.adapter))
     builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
-    print(f"embedding {len(catalog):,} titles (cached under {t.cache_dir}) ...", file=sys.stderr, flush=True)
+    log.info("embedding %s titles (cached under %s)", f"{len(catalog):,}", t.cache_dir)
     rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens, t.num_beams)
     train, valid, test = (read_dealrec_split(path, s) for s in ("train", "valid", "test"))
     users = sample_test_users(test, args.users or None, t.seed)
-    metrics = evaluate_dealrec(lambda h, k: rec.recommend(h, k, generate=not args.no_generate), train, valid, test,
-                               users, progress=lambda i: print(f"\r{i}/{len(users)} users", end="", file=sys.stderr))
-    print(file=sys.stderr)
+    bar = CountBar(len(users), "user", "evaluate")
+    try:
+        metrics = evaluate_dealrec(lambda h, k: rec.recommend(h, k, generate=not args.no_generate), train, valid,
+                                   test, users, progress=bar)
+    finally:
+        bar.close()
     print_table(f"recsift evaluate on {path.name} ({len(users)} users)", [(k, f"{v:.4f}") for k, v in metrics.items()])
     return 0
 
@@ -345,7 +446,6 @@ def _http(url: str, method: str = "GET", token: str | None = None) -> tuple[int,
 
 def cmd_admin(args: argparse.Namespace) -> int:
     import os
-    import time as _time
     import urllib.error
 
     base = args.url.rstrip("/")
@@ -363,15 +463,15 @@ def cmd_admin(args: argparse.Namespace) -> int:
             before = _http(base + "/status")[1].get("last_refresh") if args.action == "refresh" and args.wait else None
             code, body = _http(f"{base}/admin/{args.action}", "POST", token)
             if code == 200 and args.action == "refresh" and args.wait:
-                end = _time.monotonic() + args.timeout
-                while _time.monotonic() < end:
+                end = time.monotonic() + args.timeout
+                while time.monotonic() < end:
                     status = _http(base + "/status")[1]
                     last = status.get("last_refresh")
                     if last and last != before and not status.get("refresh_running"):
                         body = {"refresh": last, "adapter": status.get("adapter")}
                         code = 200 if last.get("outcome") in (Outcome.PROMOTED, Outcome.SKIPPED) else 1
                         break
-                    _time.sleep(1.0)
+                    time.sleep(1.0)
                 else:
                     print("recsift admin: timed out waiting for the refresh", file=sys.stderr)
                     return 1
@@ -407,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     # kafka-python's event-loop timing notes ("Task ... ran for 0.118s") are nothing a user can act on
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a second otherwise
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DatasetNotFound, FileNotFoundError, AdapterNotFound, SnapshotNotFound) as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
@@ -32,7 +32,7 @@ from recsift.scoring.effort import EffortScorer
 from recsift.scoring.registry import SCORERS, make_scorer
 from recsift.scoring.sasrec import SASRecSurrogate
 from recsift.scoring.stage import (
-    ScoredSample,
+    ScoredHandler,
     ScoringStage,
     ScoringStore,
     StreamScorer,
@@ -41,6 +41,7 @@ from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
 from recsift.selection.registry import SELECTORS, make_selector
 from recsift.selection.reservoir import StratifiedConfig
+from recsift.selection.selector import Rescore
 from recsift.selection.stage import GoracsSettings, SelectionStage
 from recsift.selection.store import CoresetStore, read_snapshot
 from recsift.selection.validation import ValidationReservoir
@@ -59,7 +60,7 @@ from recsift.stream.windows import Batch
 from recsift.trainer.llm import add_lora, load_llm
 from recsift.trainer.prompts import builder_for
 from recsift.trainer.refresh import RefreshOutcome, refresh_in_process, registry_for
-from recsift.trainer.scheduler import RefreshScheduler
+from recsift.trainer.scheduler import RefreshScheduler, RefreshSignals
 from recsift.vocab import AdminAction, LossMetric, Outcome, Trigger
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Ingest:
         participants: list[Participant] | None = None,
         handlers: list[Callable[[Batch], None]] | None = None,
         threaded: bool = False,
+        ticks: Sequence[Callable[[Pipeline], object]] = (),
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -156,7 +158,7 @@ class Ingest:
         self.checkpoint = Checkpoint(cfg.checkpoint.path)
         sink = ThreadedSink(*handlers) if threaded else DirectSink(*handlers)
         self.pipeline = Pipeline(cfg, validator=validator, dead_letters=dead_letters, checkpoint=self.checkpoint,
-                                 sink=sink, metrics=metrics, participants=participants)
+                                 sink=sink, metrics=metrics, participants=participants, ticks=ticks)
 
     def source(self) -> Source:
         s = self.cfg.stream
@@ -187,21 +189,27 @@ def build_effort(cfg: Settings, catalog: Catalog) -> EffortScorer:
     return EffortScorer(model, builder.batch, batch_size=t.effort_batch_size, autocast_dtype=llm.autocast_dtype)
 
 
-def build_scoring(cfg: Settings, catalog: Catalog, metrics: Metrics | None = None) -> tuple[ScoringStage, ScoringStore]:
-    """Surrogate, scorer (and effort when λ > 0), the batching stage and its checkpoint participant."""
+def build_stream_scorer(cfg: Settings, catalog: Catalog) -> StreamScorer:
+    """Surrogate and scorer (and the LLM effort scorer when λ > 0)."""
     sc = cfg.scoring
     surrogate = SASRecSurrogate(sc.item_capacity, hidden=sc.hidden, layers=sc.layers, heads=sc.heads,
-                          max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed)
+                                max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed)
     effort = build_effort(cfg, catalog) if sc.effort_weight > 0 else None
-    stream_scorer = StreamScorer(surrogate, make_scorer(sc.scorer, seed=sc.seed), reestimate_every=sc.reestimate_every,
-                                 reference_size=sc.reference_size, seed=sc.seed, effort=effort,
-                                 effort_weight=sc.effort_weight, train_rows=sc.train_rows)
-    stage = ScoringStage(stream_scorer, batch_size=sc.batch_size, metrics=metrics)
-    return stage, ScoringStore(stream_scorer, stage)
+    return StreamScorer(surrogate, make_scorer(sc.scorer, seed=sc.seed), reestimate_every=sc.reestimate_every,
+                        reference_size=sc.reference_size, seed=sc.seed, effort=effort,
+                        effort_weight=sc.effort_weight, train_rows=sc.train_rows)
 
 
-def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
-                    metrics: Metrics | None = None) -> tuple[SelectionStage, CoresetStore]:
+def build_scoring(cfg: Settings, scorer: StreamScorer, *, downstream: Sequence[ScoredHandler] = (),
+                  metrics: Metrics | None = None) -> tuple[ScoringStage, ScoringStore]:
+    """The batching stage around ``scorer``, handing scored batches to ``downstream``, and its checkpoint
+    participant."""
+    stage = ScoringStage(scorer, batch_size=cfg.scoring.batch_size, downstream=downstream, metrics=metrics)
+    return stage, ScoringStore(scorer, stage)
+
+
+def build_selection(cfg: Settings, catalog: Catalog, *, rescore: Rescore | None = None, metrics: Metrics | None = None,
+                    on_drift: Callable[[dict[str, float]], object] | None = None) -> tuple[SelectionStage, CoresetStore]:
     """Streaming selector, validation reservoir, coverage and drift, and their checkpoint participant."""
     sel = cfg.selection
     selector = make_selector(sel.selector, budget=sel.budget, seed=sel.seed)
@@ -214,10 +222,10 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
     goracs = GoracsSettings(sel.goracs_size, sel.goracs_every, sel.goracs_lambda, sel.goracs_max_exchanges,
                             sel.goracs_exchange_candidates) if sel.goracs_size else None
     selection = SelectionStage(selector, validation=validation, recent=RecentWindow(sel.recent_window),
-                               coverage=Coverage(sel.coverage_clusters, seed=sel.seed),
-                               rescore=stage.scorer.rescore if stage is not None else None, metrics=metrics,
-                               validation_fraction=sel.validation_fraction, seed=sel.seed,
-                               coverage_constraint=sel.coverage_constraint, category=category, goracs=goracs)
+                               coverage=Coverage(sel.coverage_clusters, seed=sel.seed), rescore=rescore,
+                               metrics=metrics, validation_fraction=sel.validation_fraction, seed=sel.seed,
+                               coverage_constraint=sel.coverage_constraint, category=category, goracs=goracs,
+                               on_drift=on_drift)
     if metrics is not None:
         metrics.init_strata(selector.strata, sel.budget)
     return selection, CoresetStore(selection)
@@ -226,16 +234,17 @@ def build_selection(cfg: Settings, catalog: Catalog, stage: ScoringStage | None,
 class Operations:
     """Refresh scheduling, the HTTP surface and admin actions around a running pipeline."""
 
-    def __init__(self, cfg: Settings, metrics: Metrics, catalog: Catalog, selection: SelectionStage | None) -> None:
+    def __init__(self, cfg: Settings, metrics: Metrics, catalog: Catalog, *, pipeline: Pipeline,
+                 selection: SelectionStage | None = None, signals: RefreshSignals | None = None) -> None:
         t = cfg.trainer
-        self.cfg, self.metrics, self.catalog, self.selection = cfg, metrics, catalog, selection
+        self.cfg, self.metrics, self.catalog = cfg, metrics, catalog
+        self.pipeline, self.selection = pipeline, selection
         self.registry = registry_for(cfg)
         if leftovers := self.registry.discard_partial():
             log.warning("removed partial adapter writes from an interrupted refresh: %s", ", ".join(leftovers))
-        self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds, t.drift_cooldown_s)
-        self.pipeline: Pipeline | None = None
+        self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds, t.drift_cooldown_s,
+                                          signals=signals, every_samples=t.refresh_every_samples)
         self.outcomes: list[RefreshOutcome] = []
-        self._since_refresh = 0
         self._serving_gauge()
 
     def _serving_gauge(self) -> None:
@@ -245,7 +254,7 @@ class Operations:
     def refresh_job(self, trigger: Trigger) -> RefreshOutcome:
         """The scheduler's job: one refresh in its own process, then metrics and turnover bookkeeping."""
         log.info("refresh (%s) starting", trigger)
-        if self.pipeline is not None and not self.pipeline.request_checkpoint():
+        if not self.pipeline.request_checkpoint():
             if self.pipeline.looping:  # a live loop that did not checkpoint in time is worth a warning
                 log.warning("no checkpoint before the refresh; it trains on the last committed coreset")
             else:  # stopping: the loop's final checkpoint is the last word
@@ -270,23 +279,16 @@ class Operations:
                  f" ({outcome.error})" if outcome.error else "")
         return outcome
 
-    def on_scored(self, scored: list[ScoredSample]) -> None:
-        every = self.cfg.trainer.refresh_every_samples
-        self._since_refresh += len(scored)
-        if every is not None and self._since_refresh >= every:
-            self._since_refresh = 0
-            self.scheduler.trigger(Trigger.INTERVAL)
-
     def status(self) -> dict[str, object]:
         p, sel = self.pipeline, self.selection
         current = self.registry.current()
         last = self.outcomes[-1] if self.outcomes else None
         return {
-            "offsets": _copy(p.offsets) if p else {},
-            "lag": _copy(p.lag) if p else {},
-            "source_connected": bool(p and p.connected),
-            "paused": bool(p and p.held.is_set() and getattr(p.source, "paused", False)),
-            "events_consumed": p.summary.consumed if p else 0,
+            "offsets": _copy(p.offsets),
+            "lag": _copy(p.lag),
+            "source_connected": p.connected,
+            "paused": p.held.is_set() and getattr(p.source, "paused", False),
+            "events_consumed": p.summary.consumed,
             "coreset": {"size": len(sel.selector), "budget": sel.selector.budget,
                         "strata": sel.selector.strata_sizes(), "scorer_version": sel.selector.version,
                         "validation": len(sel.validation), "coverage": sel.last_coverage,
@@ -304,13 +306,11 @@ class Operations:
             return {"queued": started, "coalesced": not started, "runs_so_far": len(self.outcomes)}
 
         def pause() -> dict[str, object]:
-            assert self.pipeline is not None
             self.pipeline.hold(True)
             self.metrics.paused.set(1)
             return {"paused": True}
 
         def resume() -> dict[str, object]:
-            assert self.pipeline is not None
             self.pipeline.hold(False)
             self.metrics.paused.set(0)
             return {"paused": False}
@@ -336,7 +336,7 @@ def _copy(d: dict[int, int]) -> dict[int, int]:
 
 @dataclass
 class ServiceSummary:
-    """What ``recsift run`` prints at the end: the ingest summary plus the later stages."""
+    """What ``recsift run`` returns (the CLI prints it): the ingest summary plus the later stages."""
 
     ingest: RunSummary
     scored: int = 0
@@ -354,37 +354,13 @@ class ServiceSummary:
     adapter: str | None = None
     http_url: str | None = None
 
-    def rows(self) -> list[tuple[str, str]]:
-        rate = self.scored / self.scoring_busy_s if self.scoring_busy_s else 0.0
-        return [
-            *self.ingest.rows(),
-            ("samples scored", f"{self.scored:,} ({rate:,.0f}/s while scoring)"),
-            ("samples awaiting scoring", f"{self.awaiting_scoring:,} (kept in the checkpoint)"),
-            ("samples unscorable", f"{self.unscorable:,}"),
-            ("scorer version", str(self.scorer_version)),
-            ("surrogate loss", f"{self.surrogate_loss:.4f}"),
-            ("coreset", f"{self.coreset:,} / {self.budget:,}"),
-            ("validation samples", f"{self.validation:,}"),
-            ("coverage", f"{self.coverage:.3f}"),
-            *((f"  drift: {k}", f"{v:.4f}") for k, v in (self.drift or {}).items()),
-            ("refreshes", str(len(self.refreshes or []))),
-            *((f"  {r.trigger}: {r.outcome}", f"{r.version or '-'}, validation loss {_num(r.serving_loss)} → "
-               f"{_num(r.new_loss)}" + "".join(f", {k} {v:.4f}" for k, v in r.metrics.items()) + f", {r.seconds:.0f} s"
-               + (f" ({r.error})" if r.error else "")) for r in self.refreshes or []),
-            ("serving adapter", self.adapter or "base model"),
-        ]
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
 
 def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = None,
-        progress: bool | None = None) -> ServiceSummary:
-    """``recsift run``: consume until stopped, checkpointing as it goes; returns the run summary."""
+        progress: Callable[[Pipeline], object] | None = None) -> ServiceSummary:
+    """``recsift run``: consume until stopped, checkpointing as it goes; returns the run summary.
+    ``progress`` is called with the pipeline once per loop (the CLI's progress bar)."""
     check_components(cfg)
     metrics = metrics or Metrics()
-    progress = cfg.monitoring.progress if progress is None else progress
     with ExitStack() as stack:
         catalog = load_catalog(cfg)
         if cfg.stream.source == "embedded":
@@ -399,21 +375,29 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             threading.Thread(
                 target=produce_events, args=(cfg.stream, True, feed.payloads, cfg.stream.topic), daemon=True, name="feed"
             ).start()
-        stage, store = build_scoring(cfg, catalog, metrics) if cfg.scoring.enabled else (None, None)
+        # built in one direction, each part with its downstreams: selection → scoring → ingest → operations
+        # (the stages report to the refresh scheduler through RefreshSignals, not by holding it)
+        signals = RefreshSignals()
+        stage = selection = None
         participants: list[Participant] = []
-        selection = None
-        if stage is not None and store is not None:
-            selection, coreset_store = build_selection(cfg, catalog, stage, metrics)
-            stage.downstream.append(selection)
+        if cfg.scoring.enabled:
+            scorer = build_stream_scorer(cfg, catalog)
+            selection, coreset_store = build_selection(cfg, catalog, rescore=scorer.rescore, metrics=metrics,
+                                                       on_drift=signals.drift)
+            stage, store = build_scoring(cfg, scorer, downstream=[selection, signals.scored], metrics=metrics)
             participants = [store, coreset_store]
-        ops = Operations(cfg, metrics, catalog, selection)
-        if stage is not None and selection is not None:
-            stage.downstream.append(ops.on_scored)
-            selection.on_drift = ops.scheduler.check_drift
+        ticks: list[Callable[[Pipeline], object]] = []
+        if cfg.stream.catalog_topic and cfg.stream.source != "file":
+            reader = CatalogTopicReader(cfg.stream, cfg.stream.source == "embedded", catalog)
+            stack.callback(reader.close)
+            log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
+            ticks.append(lambda _: reader.poll())
+        if progress is not None:
+            ticks.append(progress)
         ingest = Ingest(cfg, metrics, catalog, participants=participants, handlers=[stage] if stage else [],
-                        threaded=stage is not None)
+                        threaded=stage is not None, ticks=ticks)
         stack.callback(ingest.close)
-        ops.pipeline = ingest.pipeline
+        ops = Operations(cfg, metrics, catalog, pipeline=ingest.pipeline, selection=selection, signals=signals)
         http = None
         if cfg.monitoring.port:
             pipeline = ingest.pipeline
@@ -429,13 +413,6 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         if stage is not None:
             ops.scheduler.start()
             stack.callback(ops.scheduler.shutdown)  # waits for a running refresh
-        if cfg.stream.catalog_topic and cfg.stream.source != "file":
-            reader = CatalogTopicReader(cfg.stream, ingest.embedded, catalog)
-            stack.callback(reader.close)
-            log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
-            ingest.pipeline.ticks.append(reader.poll)
-        if progress:
-            ingest.pipeline.ticks.append(_progress_ticker(ingest.pipeline, max_events, stack))
         summary = ingest.pipeline.run(ingest.source(), max_events=max_events)
         url = http.url if http else None
         if stage is None or selection is None:
@@ -448,29 +425,3 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
                               scorer.last_loss, stage.busy_s, len(selection.selector), cfg.selection.budget,
                               len(selection.validation), selection.last_coverage, report.as_dict(), ops.outcomes,
                               current.name if current else None, url)
-
-
-def _progress_ticker(pipeline: Pipeline, total: int | None, stack: ExitStack) -> Callable[[], None]:
-    """A tqdm progress bar with live counts, driven by the pipeline's loop."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="ev", desc="ingest", dynamic_ncols=True, mininterval=0.5)
-    stack.callback(bar.close)
-    last = [0, time.monotonic()]
-
-    def tick() -> None:
-        s = pipeline.summary
-        if s.consumed != last[0]:
-            bar.update(s.consumed - last[0])
-            last[0] = s.consumed
-        now = time.monotonic()
-        if now - last[1] >= 0.5:
-            last[1] = now
-            bar.set_postfix(
-                samples=pipeline.state.counts.samples,
-                rejected=sum(s.rejected.values()),
-                users=pipeline.state.users,
-                refresh=False,
-            )
-
-    return tick

@@ -245,7 +245,7 @@ def component_states(state: Path, overrides: dict[str, object], restore_scorer: 
     pending batch, the selection stage (selector, validation reservoir, recent window, coverage,
     counters), and the checkpointed offsets. Built by the service's own builders, loaded by its stores."""
     from recsift.config import load_config
-    from recsift.service import build_scoring, build_selection
+    from recsift.service import build_scoring, build_selection, build_stream_scorer
     from recsift.stream.catalog import Catalog
     from recsift.stream.checkpoint import StreamStateStore
     from recsift.stream.dedup import DedupIndex
@@ -256,10 +256,11 @@ def component_states(state: Path, overrides: dict[str, object], restore_scorer: 
     try:
         stream, dedup = StreamState(cfg.window), DedupIndex(cfg.stream.dedup_capacity)
         StreamStateStore(stream, dedup).load(conn, {0})
-        scoring, scoring_store = build_scoring(cfg, Catalog())
+        scorer = build_stream_scorer(cfg, Catalog())
+        selection, coreset_store = build_selection(cfg, Catalog(), rescore=scorer.rescore)
+        scoring, scoring_store = build_scoring(cfg, scorer, downstream=[selection])
         if restore_scorer:  # False: a deliberately broken restart, the negative control
             scoring_store.load(conn, {0})
-        selection, coreset_store = build_selection(cfg, Catalog(), scoring)
         coreset_store.load(conn, {0})
         offsets = conn.execute("SELECT topic, partition, next_offset FROM offsets ORDER BY 1, 2").fetchall()
     finally:

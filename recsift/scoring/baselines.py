@@ -13,6 +13,7 @@ EL2N or another difficulty score, so it lives with the selectors.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -100,7 +101,9 @@ class GraNdScorer(FollowsSurrogate):
 
         def norms(rows: SeqBatch) -> Tensor:
             inputs = surrogate.loss_inputs(rows)
-            grads = vmap(grad(one), in_dims=(None, *([0] * len(inputs))))(block, *inputs)
+            with warnings.catch_warnings():  # vmap over CPU attention falls back to a loop and says so: not actionable
+                warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+                grads = vmap(grad(one), in_dims=(None, *([0] * len(inputs))))(block, *inputs)
             return torch.stack([g.reshape(len(rows), -1).double().pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
 
         return Scores(by_length(norms, batch, 512), self.version)

@@ -92,6 +92,8 @@ def _child_main(conn: Connection, cfg: StreamConfig, embedded: bool) -> None:
 
     die_with_parent()
     logging.basicConfig(level=logging.WARNING)
+    # kafka-python's event-loop timing notes ("Task ... ran for 0.438s") are nothing a user can act on
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
     def send_json(kind: bytes, obj: Any) -> None:
         conn.send_bytes(kind + json.dumps(obj).encode())

@@ -143,20 +143,6 @@ class RunSummary:
     def rate(self) -> float:
         return self.consumed / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
-    def rows(self) -> list[tuple[str, str]]:
-        rows = [
-            ("events consumed", f"{self.consumed:,}"),
-            ("events accepted", f"{self.accepted:,}"),
-            *((f"  rejected: {k}", f"{v:,}") for k, v in self.rejected.items()),
-            ("late events", f"{self.late:,}"),
-            ("samples emitted", f"{self.samples:,}"),
-            ("users tracked", f"{self.users:,}"),
-            ("checkpoints", f"{self.checkpoints:,}"),
-            ("elapsed", f"{self.elapsed_s:.1f} s ({self.rate:,.0f} events/s)"),
-            ("stopped by", self.stopped_by),
-        ]
-        return rows
-
 
 class Pipeline:
     """Consumes one source into histories and windows, hands sample batches on, checkpoints."""
@@ -171,6 +157,7 @@ class Pipeline:
         sink: SampleSink,
         metrics: Metrics,
         participants: Iterable[Participant] = (),
+        ticks: Iterable[Callable[[Pipeline], object]] = (),
     ) -> None:
         self.cfg = cfg
         self.validator = validator
@@ -199,7 +186,7 @@ class Pipeline:
         self._last_checkpoint = time.monotonic()
         self._lag_labels: set[str] = set()
         self._closing = False
-        self.ticks: list[Callable[[], object]] = []  # called once per loop: catalog topic, progress, ...
+        self.ticks = list(ticks)  # called with the pipeline once per loop: catalog topic, progress, ...
 
     # ------------------------------------------------------------------ rebalance callbacks
 
@@ -277,7 +264,7 @@ class Pipeline:
                 self._emit(self.state.flush_idle(now))
                 self._backpressure(source)
                 for tick in self.ticks:
-                    tick()
+                    tick(self)
                 if now - last_lag >= 1.0:
                     self._update_gauges(source)
                     last_lag = now

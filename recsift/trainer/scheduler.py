@@ -1,10 +1,16 @@
-"""The refresh scheduler: one APScheduler 3.x job, three triggers.
+"""The refresh scheduler: one APScheduler 3.x job, four triggers.
 
 - interval: the job's own ``IntervalTrigger`` (``trainer.refresh_interval_s``);
-- drift: :meth:`RefreshScheduler.check_drift` (called by the service after each drift measurement)
-  moves the job to now when a drift metric is above its threshold and the cooldown has passed;
+- samples: every ``trainer.refresh_every_samples`` scored samples (reported as ``interval``);
+- drift: :meth:`RefreshScheduler.check_drift` moves the job to now when a drift metric is above its
+  threshold and the cooldown has passed;
 - manual: :meth:`RefreshScheduler.trigger` — ``modify_job(next_run_time=now)``, reached through the admin
   endpoint; never a second scheduler.
+
+The data path does not hold the scheduler: the scoring and selection stages report scored samples and
+drift measurements into :class:`RefreshSignals`, which the scheduler drains every ``poll_s``. So the
+service builds its parts in one direction (selection → scoring → ingest → operations), each with its
+downstreams in its constructor, with no cycle to close after construction.
 
 ``max_instances=1`` and ``coalesce=True``: at most one refresh runs at a time, and a trigger that
 arrives while one is running or already due coalesces into it (nothing more runs). The run function
@@ -16,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -28,13 +34,44 @@ from recsift.vocab import Trigger
 log = logging.getLogger(__name__)
 
 JOB_ID = "refresh"
+SIGNALS_JOB_ID = "signals"
+
+
+class RefreshSignals:
+    """Scored-sample counts and drift reports from the data path, drained by the scheduler (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scored = 0
+        self._drift: dict[str, float] | None = None
+
+    def scored(self, samples: Sized) -> None:
+        """A scoring-stage downstream: count the batch."""
+        with self._lock:
+            self._scored += len(samples)
+
+    def drift(self, report: dict[str, float]) -> None:
+        """A selection-stage drift listener: keep the latest report."""
+        with self._lock:
+            self._drift = dict(report)
+
+    def take(self) -> tuple[int, dict[str, float] | None]:
+        """Samples scored and the latest drift report since the last call."""
+        with self._lock:
+            taken = self._scored, self._drift
+            self._scored, self._drift = 0, None
+        return taken
 FAR_FUTURE = timedelta(days=3650)
 
 
 class RefreshScheduler:
     def __init__(self, run: Callable[[Trigger], Any], interval_s: float | None = None,
-                 drift_thresholds: dict[str, float] | None = None, drift_cooldown_s: float = 600.0) -> None:
+                 drift_thresholds: dict[str, float] | None = None, drift_cooldown_s: float = 600.0, *,
+                 signals: RefreshSignals | None = None, every_samples: int | None = None,
+                 poll_s: float = 0.5) -> None:
         self.run_fn, self.interval_s = run, interval_s
+        self.signals, self.every_samples, self.poll_s = signals, every_samples, poll_s
+        self._since_refresh = 0
         self.thresholds = dict(drift_thresholds or {})
         self.cooldown_s = drift_cooldown_s
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
@@ -49,7 +86,21 @@ class RefreshScheduler:
             IntervalTrigger(seconds=FAR_FUTURE.total_seconds())
         self.scheduler.add_job(self._job, trigger, id=JOB_ID, max_instances=1, coalesce=True,
                                misfire_grace_time=None)
+        if self.signals is not None:
+            self.scheduler.add_job(self.poll, IntervalTrigger(seconds=self.poll_s), id=SIGNALS_JOB_ID,
+                                   max_instances=1, coalesce=True)
         self.scheduler.start()
+
+    def poll(self) -> None:
+        """Act on what the data path reported: a refresh every ``every_samples`` samples, drift checks."""
+        assert self.signals is not None
+        scored, drift = self.signals.take()
+        self._since_refresh += scored
+        if self.every_samples is not None and self._since_refresh >= self.every_samples:
+            self._since_refresh = 0
+            self.trigger(Trigger.INTERVAL)
+        if drift is not None:
+            self.check_drift(drift)
 
     def shutdown(self, wait: bool = True) -> None:
         if self.scheduler.running:

@@ -80,7 +80,7 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
     })
     url = f"http://127.0.0.1:{port}"
     result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(summary=service.run(cfg, progress=False)))
+    thread = threading.Thread(target=lambda: result.update(summary=service.run(cfg)))
     thread.start()
     try:
         wait_for(lambda: reachable(url + "/healthz"))

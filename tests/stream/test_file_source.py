@@ -94,7 +94,7 @@ def test_evicted_histories_are_counted_by_reason_in_the_metric(tmp_path: Path) -
                                  "checkpoint.state_dir": str(tmp_path / "s"), "monitoring.port": 0,
                                  "window.max_users": 5, "stream.dead_letter_path": str(tmp_path / "dlq.jsonl")})
     metrics = Metrics()
-    summary = service.run(cfg, metrics=metrics, progress=False)
+    summary = service.run(cfg, metrics=metrics)
     capacity = metrics.registry.get_sample_value("recsift_users_evicted_total", {"reason": "capacity"})
     ttl = metrics.registry.get_sample_value("recsift_users_evicted_total", {"reason": "ttl"})
     assert summary.ingest.users == 5 and capacity is not None and capacity >= 25 and ttl == 0

@@ -244,6 +244,6 @@ def test_catalog_topic_feeds_unknown_item_checks(broker: EmbeddedBroker, make_to
     cfg = kafka_settings(broker, topic, tmp_path, **{
         "stream.catalog_topic": catalog_topic, "stream.unknown_items": "reject", "stream.stop_when_idle_s": 2.0,
     })
-    summary = service.run(cfg, progress=False).ingest
+    summary = service.run(cfg).ingest
     assert summary.accepted == 5 and summary.rejected["unknown_item"] == 3  # i5, i6, i7 are not in the catalog
     assert summary.samples == 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from recsift.trainer.scheduler import RefreshScheduler
+from recsift.trainer.scheduler import RefreshScheduler, RefreshSignals
 
 
 def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -58,5 +58,28 @@ def test_interval_and_drift_triggers() -> None:
         assert sched.check_drift({"target_js": 0.5}) == "target_js"
         assert sched.check_drift({"target_js": 0.9}) is None  # cooldown
         wait_for(lambda: any(t == "drift" for t, _ in sched.runs))
+    finally:
+        sched.shutdown()
+
+
+def test_signals_from_the_data_path_trigger_sample_count_and_drift_refreshes() -> None:
+    """The stages report into RefreshSignals; the scheduler acts on them without the stages holding it."""
+    signals = RefreshSignals()
+    sched = RefreshScheduler(lambda trigger: trigger, drift_thresholds={"target_js": 0.2}, drift_cooldown_s=60,
+                             signals=signals, every_samples=100, poll_s=0.05)
+    sched.start()
+    try:
+        signals.scored([0] * 60)
+        signals.drift({"target_js": 0.1})  # below the threshold
+        time.sleep(0.5)
+        assert sched.runs == []  # 60 < 100 samples, no drift
+        signals.scored([0] * 50)  # 110 in all: one refresh
+        wait_for(lambda: len(sched.runs) == 1)
+        assert sched.runs[0][0] == "interval"
+        signals.drift({"target_js": 0.1})
+        signals.drift({"target_js": 0.5})  # above it
+        wait_for(lambda: len(sched.runs) == 2)
+        assert sched.runs[1][0] == "drift"
+        assert signals.take() == (0, None)  # drained
     finally:
         sched.shutdown()
