@@ -21,7 +21,10 @@ better LLM recommender than a random sample of the same size?
     Random beats the base model and popularity, and the positive control beats Random; when a gate fails
     the table says "not measurable at this scale" instead of ranking methods.
   - Every (arm, seed) result is written to ``bench/results/quality-<dataset>-cpu/`` as it finishes, so an
-    interrupted run resumes where it stopped; the summary is rewritten after every arm.
+    interrupted run resumes where it stopped; the summary is rewritten after every arm. To stop cleanly
+    between arms (the machine is needed for something else), create ``STOP`` in that directory: the run
+    ends after the arm in progress, and the next run resumes. Per-arm times are only honest for arms that
+    ran alone on the machine.
 
 ``--full`` (meant for a GPU; ``trainer.device`` auto picks CUDA): budget 1,024, 3 seeds, every test user,
 BIGRec generation (4 beams, 128 new tokens) + base-model grounding, Recall/NDCG@10/20 over the full
@@ -440,12 +443,17 @@ def run_cpu(args: argparse.Namespace, path: Path) -> None:
     for seed in range(args.seeds):  # seed by seed, so the gates and a first comparison come early
         plan += [(a, seed) for a in arms if a in TRAINED_ARMS and (a not in SINGLE_SEED or seed == 0)]
     records: dict[str, dict[int, dict[str, Any]]] = {}
+    stop = bench.out / "STOP"
     for arm, seed in plan:
+        if stop.exists() and not (bench.out / f"{arm}-s{seed}.json").exists():
+            stop.unlink()
+            say(f"{stop} found: stopping before {arm} seed {seed}; run the same command again to resume")
+            break
         if arm in TRAINED_ARMS and not bench.scores:
             bench.score_pool()
         records.setdefault(arm, {})[seed] = bench.run_arm(arm, seed)
         write_summary(records, protocol, bench, name, started, data)
-    say(f"done: {RESULTS / name}.json")
+    say(f"summary: {RESULTS / name}.json")
 
 
 def write_summary(records: dict[str, dict[int, dict[str, Any]]], protocol: Protocol, bench: CpuBench, name: str,
