@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -87,7 +89,7 @@ PRIMARY = "rank_percentile"
 EFFORT_WEIGHT, STRATA, HARD_PRUNE = 0.3, 50, 0.1
 TRAINED_ARMS = ("random", "dealrec", "streaming", "goracs", "random4x")
 ALL_ARMS = ("popularity", "base", *TRAINED_ARMS)
-SINGLE_SEED = ("goracs", "random4x")  # the control needs to be detected once; 3 seeds would add ~50 min
+SINGLE_SEED = ("goracs", "random4x")  # the control has only to be detected; each seed trains on 4x the samples
 LOWER_IS_BETTER = ("target_nll",)
 
 
@@ -166,6 +168,20 @@ class Data:
         self.candidates = [self.candidates[i] for i in keep]
 
 
+def write_scores(path: Path, scores: dict[str, np.ndarray], timings: dict[str, float]) -> None:
+    """The pool's scores as safetensors: influence and effort in float64 (selection ranks them), embeddings in
+    float32 (what the surrogate produces); the scoring times in the metadata."""
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32 if v.ndim == 2 else np.float64))
+               for k, v in scores.items()}
+    save_file(tensors, str(path), metadata={"timings": json.dumps(timings)})
+
+
+def read_scores(path: Path) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    with safe_open(str(path), framework="pt") as f:
+        return ({k: f.get_tensor(k).numpy() for k in f.keys()},  # noqa: SIM118 (safe_open is not a dict)
+                json.loads((f.metadata() or {})["timings"]))
+
+
 class CpuBench:
     def __init__(self, data: Data, protocol: Protocol, out: Path) -> None:
         self.data, self.p, self.out = data, protocol, out
@@ -191,11 +207,10 @@ class CpuBench:
     def score_pool(self) -> None:
         """Surrogate, influence, effort and embeddings over the pool; cached by the protocol's digest."""
         d, p = self.data, self.p
-        path = self.out / f"scores-{digest(p.data_digest, p.pool, p.surrogate_epochs, p.prompt_history, p.base_model)}.json"
+        key = digest(p.data_digest, p.pool, p.surrogate_epochs, p.prompt_history, p.base_model)
+        path = self.out / f"scores-{key}.safetensors"
         if path.is_file():
-            cached = json.loads(path.read_text())
-            self.scores = {k: np.asarray(v) for k, v in cached["scores"].items()}
-            self.timings = cached["timings"]
+            self.scores, self.timings = read_scores(path)
             say(f"pool scores from the cache ({path.name})")
             return
         started = time.perf_counter()
@@ -232,8 +247,7 @@ class CpuBench:
             say(f"effort: {done:,}/{len(d.pool):,} ({done / (time.perf_counter() - started):.1f}/s)")
         self.scores["effort"] = torch.cat(values).double().numpy()
         self.timings["effort_s"] = time.perf_counter() - started
-        path.write_text(json.dumps({"timings": self.timings,
-                                    "scores": {k: np.round(v, 8).tolist() for k, v in self.scores.items()}}))
+        write_scores(path, self.scores, self.timings)
 
     @property
     def dealrec_scores(self) -> np.ndarray:

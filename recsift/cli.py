@@ -16,7 +16,7 @@ import threading
 import time
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from recsift.config import ConfigError, Settings, load_config, parse_override
 from recsift.vocab import AdminAction, Outcome, Trigger
@@ -154,6 +154,9 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 # A tqdm bar (on stderr) for long work with a count; logging for everything else.
 
 
+Bar = TypeVar("Bar", bound="CountBar")
+
+
 class CountBar:
     """A tqdm bar fed cumulative counts (what the library's ``progress`` callbacks report)."""
 
@@ -168,7 +171,10 @@ class CountBar:
             self.bar.update(done - self.done)
             self.done = done
 
-    def close(self) -> None:
+    def __enter__(self: Bar) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.bar.close()
 
 
@@ -211,7 +217,7 @@ def _num(value: float | None) -> str:
 
 def run_rows(s: ServiceSummary) -> list[tuple[str, str]]:
     """The ``recsift run`` summary table: ingest, then scoring, selection and refreshes (when on)."""
-    if not s.budget:
+    if not s.budget:  # scoring (and so selection) was off
         return ingest_rows(s.ingest)
     rate = s.scored / s.scoring_busy_s if s.scoring_busy_s else 0.0
     return [
@@ -238,12 +244,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = settings_from(args)
     logging.getLogger().setLevel(cfg.monitoring.log_level)
-    bar = IngestBar(args.max_events) if cfg.monitoring.progress else None
-    try:
-        summary = service.run(cfg, max_events=args.max_events, progress=bar.tick if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    if cfg.monitoring.progress:
+        with IngestBar(args.max_events) as bar:
+            summary = service.run(cfg, max_events=args.max_events, progress=bar.tick)
+    else:
+        summary = service.run(cfg, max_events=args.max_events)
     print_table("recsift run summary", run_rows(summary))
     return 0
 
@@ -270,11 +275,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.limit is not None:
             payloads = islice(payloads, args.limit)
     ensure_topic(cfg.stream, False, cfg.stream.topic, cfg.stream.partitions)
-    bar = CountBar(args.limit, "ev", "replay")
-    try:
+    with CountBar(args.limit, "ev", "replay") as bar:
         n = produce_events(cfg.stream, False, payloads, cfg.stream.topic, rate=args.rate, progress=bar)
-    finally:
-        bar.close()
     print(f"produced {n:,} events to {cfg.stream.topic!r} on {cfg.stream.bootstrap_servers}")
     return 0
 
@@ -417,12 +419,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens, t.num_beams)
     train, valid, test = (read_dealrec_split(path, s) for s in ("train", "valid", "test"))
     users = sample_test_users(test, args.users or None, t.seed)
-    bar = CountBar(len(users), "user", "evaluate")
-    try:
+    with CountBar(len(users), "user", "evaluate") as bar:
         metrics = evaluate_dealrec(lambda h, k: rec.recommend(h, k, generate=not args.no_generate), train, valid,
                                    test, users, progress=bar)
-    finally:
-        bar.close()
     print_table(f"recsift evaluate on {path.name} ({len(users)} users)", [(k, f"{v:.4f}") for k, v in metrics.items()])
     return 0
 

@@ -87,3 +87,18 @@ def test_coverage_counts_the_mass_of_clusters_with_members() -> None:
     assert protect(members[0])  # the only member of a heavy cluster
     protect_many = cov.guard(lambda: members, budget=100)
     assert not protect_many(members[0])
+
+
+def test_a_coverage_checkpoint_from_before_the_array_ring_loads_into_the_same_state() -> None:
+    """State written before 2026-11-24 kept the recent sample as a bare tensor plus ``pos``; it still loads."""
+    from recsift.state import State, differences
+
+    coverage = Coverage(4, sample_size=300, refresh_every=10_000, seed=1)
+    coverage.add(np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32))
+    new = coverage.state_dict()
+    ring = new.part("recent")
+    old = State({k: v for k, v in new.tensors.items() if not k.startswith("recent.")} | {"recent": ring.tensors["values"]},
+                {"since_refresh": new.meta["since_refresh"], "pos": ring.meta["pos"]})
+    restored = Coverage(4, sample_size=300, refresh_every=10_000, seed=1)
+    restored.load_state_dict(State.from_bytes(old.to_bytes()))
+    assert differences(restored.state_dict(), new) == []
