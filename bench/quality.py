@@ -13,9 +13,13 @@ better LLM recommender than a random sample of the same size?
     budget) × 1 (it has only to be detected); ``base`` (no training) and ``popularity`` (no model).
   - Evaluation: 1,000 seeded test users (history = train + valid items, target = the first test item);
     candidates = the target + 19 negatives (10 by train+valid popularity, 9 uniform), never an item of the
-    user's history or test items, fixed per user and shared by every arm. A candidate's score is the
-    teacher-forced log-likelihood of its title + EOS given the prompt (prompt encoded once, its KV cache
-    shared). Metrics per user: rank percentile (primary), HR@1/5, NDCG@5/10, target NLL.
+    user's history or test items, fixed per user and shared by every arm. Each candidate's teacher-forced
+    log-likelihood of its title + EOS given the prompt (prompt encoded once, its KV cache shared) and its
+    title's prior (the same given the prompt with an empty history) are kept in the arm's record; the
+    score is their difference (PMI, protocol version 2). Version 1 scored by the log-likelihood alone,
+    which ranked titles mostly by length (``length_confound`` in the summary; the v1 seed-0 results are
+    in ``bench/results/quality-games-cpu-v1*``). Metrics per user: rank percentile (primary), HR@1/5,
+    NDCG@5/10, target NLL; the summary also reports every metric under both rules.
   - Statistics: a hierarchical bootstrap (seeds, then users) of per-user differences against Random on the
     same seed, and of streaming − batch DEALRec, with 95% intervals and each seed's difference. Gates:
     Random beats the base model and popularity, and the positive control beats Random; when a gate fails
@@ -73,21 +77,23 @@ from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
 from recsift.trainer.evaluate import (  # noqa: E402
     CANDIDATE_METRICS,
+    CANDIDATE_SCORES,
     NegativeSampler,
     candidate_metrics,
+    candidate_scores,
     evaluate_dealrec,
     sample_test_users,
 )
 from recsift.trainer.llm import LLM, add_lora, load_llm  # noqa: E402
 from recsift.trainer.prompts import PromptBuilder, builder_for  # noqa: E402
-from recsift.trainer.recommender import Recommender, candidate_logliks  # noqa: E402
+from recsift.trainer.recommender import Recommender, candidate_logliks, title_priors  # noqa: E402
 from recsift.trainer.refresh import train_lora  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PRIMARY = "rank_percentile"
 # DEALRec's Games settings (the authors' scripts): λ = 0.3 effort weight, K = 50 strata, 10% hard prune
 EFFORT_WEIGHT, STRATA, HARD_PRUNE = 0.3, 50, 0.1
-TRAINED_ARMS = ("random", "dealrec", "streaming", "goracs", "random4x")
+TRAINED_ARMS = ("random", "random4x", "dealrec", "streaming", "goracs")  # the order they run in
 ALL_ARMS = ("popularity", "base", *TRAINED_ARMS)
 SINGLE_SEED = ("goracs", "random4x")  # the control has only to be detected; each seed trains on 4x the samples
 LOWER_IS_BETTER = ("target_nll",)
@@ -131,7 +137,8 @@ class Protocol:
     candidates: int = 20
     surrogate_epochs: int = 10
     base_model: str = "smollm2"
-    version: int = 1
+    score: str = "pmi"  # the candidate score rule (recsift.trainer.evaluate.candidate_scores)
+    version: int = 2  # 2: records keep every candidate's log-likelihood and title prior; PMI is primary
 
     def key(self) -> str:
         return digest(asdict(self))
@@ -278,18 +285,32 @@ class CpuBench:
                                  grad_norms=self.scores["effort"], lam=0.1).selected.tolist()
         raise ValueError(f"unknown arm {arm!r}")
 
-    def evaluate(self, model: Any, label: str) -> dict[str, list[float]]:
+    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+        """Every candidate's log-likelihood and title prior (kept, so any rule can be recomputed), and the
+        per-user metrics under the protocol's rule."""
         d = self.data
-        scores = np.zeros((len(d.users), self.p.candidates))
+        logliks = np.zeros((len(d.users), self.p.candidates))
         nll = np.zeros(len(d.users))
         started = time.perf_counter()
         for i, (history, cands) in enumerate(zip(d.histories, d.candidates, strict=True)):
-            logliks, lengths = candidate_logliks(self.llm, model, self.builder, history, cands)
-            scores[i], nll[i] = logliks, -logliks[0] / lengths[0]
+            values, lengths = candidate_logliks(self.llm, model, self.builder, history, cands)
+            logliks[i], nll[i] = values, -values[0] / lengths[0]
             if (i + 1) % 100 == 0:
                 say(f"{label}: evaluated {i + 1:,}/{len(d.users):,} users "
                     f"({(i + 1) / (time.perf_counter() - started):.2f}/s)")
-        return {m: np.round(v, 6).tolist() for m, v in candidate_metrics(scores, nll).items()}
+        distinct = list(dict.fromkeys(c for cands in d.candidates for c in cands))
+        say(f"{label}: title priors of {len(distinct):,} distinct candidates")
+        prior = title_priors(self.llm, model, self.builder, distinct)
+        priors = np.array([[prior[c] for c in cands] for cands in d.candidates])
+        return {"logliks": np.round(logliks, 4).tolist(), "priors": np.round(priors, 4).tolist(),
+                "target_nll": np.round(nll, 6).tolist(), **self.metrics(logliks, priors, nll)}
+
+    def metrics(self, logliks: np.ndarray, priors: np.ndarray, nll: np.ndarray) -> dict[str, Any]:
+        """Per-user metrics under the protocol's rule, and the mean of each metric under every rule."""
+        by_rule = {rule: candidate_metrics(candidate_scores(logliks, priors, rule), nll) for rule in CANDIDATE_SCORES}
+        return {"per_user": {m: np.round(v, 6).tolist() for m, v in by_rule[self.p.score].items()},
+                "mean_by_rule": {rule: {m: float(np.mean(v)) for m, v in values.items()}
+                                 for rule, values in by_rule.items()}}
 
     def popularity(self) -> dict[str, list[float]]:
         d = self.data
@@ -302,13 +323,13 @@ class CpuBench:
             cached = json.loads(path.read_text())
             if cached.get("protocol") == self.p.key():
                 say(f"{arm} seed {seed}: from {path.name}")
-                return cached  # type: ignore[no-any-return]
+                return cached
         started = time.perf_counter()
         record: dict[str, Any] = {"arm": arm, "seed": seed, "protocol": self.p.key()}
         if arm == "popularity":
             record["per_user"] = self.popularity()
         elif arm == "base":
-            record["per_user"] = self.evaluate(self.llm.model, "base")
+            record.update(self.evaluate(self.llm.model, "base"))
             record["eval_s"] = time.perf_counter() - started
         else:
             chosen = self.select(arm, seed)
@@ -324,7 +345,7 @@ class CpuBench:
                            "train_loss": result.train_losses})
             self.llm = llm
             evaluated = time.perf_counter()
-            record["per_user"] = self.evaluate(model, f"{arm} seed {seed}")
+            record.update(self.evaluate(model, f"{arm} seed {seed}"))
             record["eval_s"] = time.perf_counter() - evaluated
         record["seconds"] = time.perf_counter() - started
         record["mean"] = {m: float(np.mean(v)) for m, v in record["per_user"].items()}
@@ -368,6 +389,9 @@ def compare(records: dict[str, dict[int, dict[str, Any]]], a: str, b: str) -> di
 def summarise(records: dict[str, dict[int, dict[str, Any]]], meta: dict[str, Any]) -> dict[str, Any]:
     arms = {arm: {"seeds": sorted(runs), "per_seed": {str(s): r["mean"] for s, r in sorted(runs.items())},
                   "mean": {m: float(np.mean([r["mean"][m] for r in runs.values()])) for m in CANDIDATE_METRICS},
+                  "mean_by_rule": {rule: {m: float(np.mean([r["mean_by_rule"][rule][m] for r in runs.values()]))
+                                          for m in CANDIDATE_METRICS} for rule in CANDIDATE_SCORES}
+                  if all("mean_by_rule" in r for r in runs.values()) else None,
                   "train_s": [r.get("train_s") for r in runs.values()], "eval_s": [r.get("eval_s") for r in runs.values()]}
             for arm, runs in records.items()}
     comparisons = {f"{a} - random": compare(records, a, "random") for a in records if a != "random" and "random" in records}
@@ -393,7 +417,8 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{summary['date']}, commit {summary['commit']}, {summary['cores']} cores, {summary['base_model']}; "
              f"pool {summary['pool']:,}, budget {summary['budget']}, {summary['epochs']} epochs, "
              f"{summary['users']:,} test users × {summary['candidates']} candidates. Primary metric: {PRIMARY} "
-             "(share of the 19 negatives the target outranks; 0.5 = chance).", ""]
+             "(share of the 19 negatives the target outranks; 0.5 = chance), candidates scored by "
+             f"{summary['protocol']['score']}.", ""]
     if not gates["complete"]:
         lines += ["**Incomplete run**: arms still missing; gates not evaluated.", ""]
     elif not gates["measurable"]:
@@ -403,6 +428,18 @@ def markdown(summary: dict[str, Any]) -> str:
     for arm, row in summary["arms"].items():
         lines.append(f"| {arm} | {len(row['seeds'])} | " + " | ".join(f"{row['mean'][m]:.4f}" for m in CANDIDATE_METRICS)
                      + " |")
+    scored = [arm for arm, row in summary["arms"].items() if row.get("mean_by_rule")]
+    if scored:
+        lines += ["", f"{PRIMARY} under each candidate score rule (mean over seeds; the primary rule is "
+                  f"{summary['protocol']['score']}):", "", "| arm | " + " | ".join(CANDIDATE_SCORES) + " |",
+                  "| --- | " + " | ".join("---" for _ in CANDIDATE_SCORES) + " |"]
+        lines += [f"| {arm} | " + " | ".join(f"{summary['arms'][arm]['mean_by_rule'][rule][PRIMARY]:.4f}"
+                                            for rule in CANDIDATE_SCORES) + " |" for arm in scored]
+    if "length_confound" in summary:
+        lc = summary["length_confound"]
+        lines += ["", f"Title length: targets {lc['target_tokens']:.1f} tokens, popularity-drawn negatives "
+                  f"{lc['popular_negative_tokens']:.1f}, uniform negatives {lc['uniform_negative_tokens']:.1f}; "
+                  f"\"the shorter title wins\" scores {lc['shorter_title_wins_rank_percentile']:.4f}."]
     lines += ["", f"Differences in {PRIMARY} (hierarchical bootstrap over seeds and users, 95% interval; "
               "per-seed differences listed):", "", "| comparison | difference | 95% interval | per seed | significant |",
               "| --- | --- | --- | --- | --- |"]
@@ -454,8 +491,8 @@ def run_cpu(args: argparse.Namespace, path: Path) -> None:
     if unknown:
         raise SystemExit(f"unknown arms {sorted(unknown)}; known: {', '.join(ALL_ARMS)}")
     plan = [(a, 0) for a in arms if a in ("popularity", "base")]  # need no pool scores: they run first
-    for seed in range(args.seeds):  # seed by seed, so the gates and a first comparison come early
-        plan += [(a, seed) for a in arms if a in TRAINED_ARMS and (a not in SINGLE_SEED or seed == 0)]
+    for seed in range(args.seeds):  # seed by seed in TRAINED_ARMS order, so the gates come early
+        plan += [(a, seed) for a in TRAINED_ARMS if a in arms and (a not in SINGLE_SEED or seed == 0)]
     records: dict[str, dict[int, dict[str, Any]]] = {}
     stop = bench.out / "STOP"
     for arm, seed in plan:
@@ -470,6 +507,27 @@ def run_cpu(args: argparse.Namespace, path: Path) -> None:
     say(f"summary: {RESULTS / name}.json")
 
 
+def length_confound(data: Data, builder: PromptBuilder,
+                    records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """How much of each rule's ranking is title length: the candidates' token counts, the rank percentile of
+    "the shorter title wins", and its per-user correlation with each evaluated arm's rank percentile."""
+    lengths = np.array([[len(builder.response_ids(c)) for c in cands] for cands in data.candidates], dtype=np.float64)
+    shorter = candidate_metrics(-lengths)["rank_percentile"]
+    popular = 1 + lengths.shape[1] // 2  # NegativeSampler: target, then the popularity-drawn negatives
+    out: dict[str, Any] = {"target_tokens": float(lengths[:, 0].mean()),
+                           "popular_negative_tokens": float(lengths[:, 1:popular].mean()),
+                           "uniform_negative_tokens": float(lengths[:, popular:].mean()),
+                           "shorter_title_wins_rank_percentile": float(shorter.mean()), "correlation": {}}
+    for arm, runs in records.items():
+        for seed, r in sorted(runs.items()):
+            if "logliks" in r:
+                for rule in CANDIDATE_SCORES:
+                    ranks = candidate_metrics(candidate_scores(np.array(r["logliks"]), np.array(r["priors"]),
+                                                               rule))["rank_percentile"]
+                    out["correlation"][f"{arm}-s{seed} {rule}"] = float(np.corrcoef(ranks, shorter)[0, 1])
+    return out
+
+
 def write_summary(records: dict[str, dict[int, dict[str, Any]]], protocol: Protocol, bench: CpuBench, name: str,
                   started: float, data: Data) -> None:
     arm_seconds = sum(r.get("seconds", 0.0) for runs in records.values() for r in runs.values())
@@ -482,6 +540,7 @@ def write_summary(records: dict[str, dict[int, dict[str, Any]]], protocol: Proto
             "this_invocation_s": time.perf_counter() - started,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]])}
     summary = summarise(records, meta)
+    summary["length_confound"] = length_confound(data, bench.builder, records)
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(summary))
     chart(summary, RESULTS / f"{name}.png")

@@ -105,6 +105,10 @@ class PromptBuilder:
             ids, keep = longer, keep + 1
         return ids, keep
 
+    def prior_prompt_ids(self) -> list[int]:
+        """The prompt with an empty history: the context of a title's prior likelihood (the PMI rule)."""
+        return self.encode(self.prompt_text([]))
+
     def response_ids(self, item: str) -> list[int]:
         """The response for ``item``: its title's tokens and end-of-sequence."""
         return [*self.encode(self.title(item)), self.eos]

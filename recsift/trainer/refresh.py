@@ -40,10 +40,10 @@ from recsift.selection.store import read_snapshot, read_validation, take_snapsho
 from recsift.stream.catalog import Catalog, Item
 from recsift.stream.checkpoint import connect
 from recsift.stream.windows import Sample
-from recsift.trainer.evaluate import NegativeSampler, candidate_metrics
+from recsift.trainer.evaluate import NegativeSampler, candidate_metrics, candidate_scores
 from recsift.trainer.llm import LLM, add_lora, autocast, load_llm
 from recsift.trainer.prompts import PromptBuilder, builder_for
-from recsift.trainer.recommender import candidate_logliks
+from recsift.trainer.recommender import candidate_logliks, title_priors
 from recsift.trainer.registry import AdapterRegistry
 from recsift.vocab import LossMetric, Outcome, RefreshReason, Trigger
 
@@ -257,7 +257,7 @@ def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = Non
         if not math.isfinite(outcome.new_loss):
             raise FloatingPointError(f"validation loss is {outcome.new_loss}")
         outcome.metrics = validation_metrics(llm, model, builder, validation, [m.sample for m in members], catalog,
-                                             t.eval_candidates, t.seed)
+                                             t.eval_candidates, t.seed, t.candidate_score)
         progress("validation " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
         better = outcome.new_loss <= outcome.serving_loss * (1 + t.promote_tolerance)
         meta = {"snapshot_id": snap.snapshot_id, "scorer_version": snap.scorer_version, "trigger": trigger,
@@ -287,10 +287,12 @@ def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = Non
 
 
 def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation: Sequence[Sample],
-                       train: Sequence[Sample], catalog: Catalog, candidates: int, seed: int) -> dict[str, float]:
+                       train: Sequence[Sample], catalog: Catalog, candidates: int, seed: int,
+                       rule: str) -> dict[str, float]:
     """Candidate metrics of ``model`` on the validation samples: each target among ``candidates`` − 1
     seeded negatives (half drawn by popularity in the training and validation samples, half uniform over
-    the catalogue, or over the items seen when there is no catalogue), ranked by likelihood."""
+    the catalogue, or over the items seen when there is no catalogue), ranked by ``rule``
+    (``evaluate.candidate_scores``)."""
     popularity: Counter[str] = Counter()
     for s in (*train, *validation):
         popularity.update(s.history)
@@ -298,12 +300,16 @@ def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation:
     items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
     sampler = NegativeSampler(items, dict(popularity), seed)
     size = min(candidates, len(items))
-    scores, nll = np.zeros((len(validation), size)), np.zeros(len(validation))
-    for row, s in enumerate(validation):
-        cands = sampler.candidates(str(s.sample_id), set(s.history), s.target, size)
-        logliks, lengths = candidate_logliks(llm, model, builder, s.history, cands)
-        scores[row], nll[row] = logliks, -logliks[0] / lengths[0]
-    per_user = candidate_metrics(scores, nll)
+    logliks, nll = np.zeros((len(validation), size)), np.zeros(len(validation))
+    cands = [sampler.candidates(str(s.sample_id), set(s.history), s.target, size) for s in validation]
+    for row, (s, items) in enumerate(zip(validation, cands, strict=True)):
+        values, lengths = candidate_logliks(llm, model, builder, s.history, items)
+        logliks[row], nll[row] = values, -values[0] / lengths[0]
+    priors = None
+    if rule == "pmi":
+        prior = title_priors(llm, model, builder, [i for items in cands for i in items])
+        priors = np.array([[prior[i] for i in items] for items in cands])
+    per_user = candidate_metrics(candidate_scores(logliks, priors, rule), nll)
     return {name: float(values.mean()) for name, values in per_user.items()}
 
 

@@ -91,6 +91,23 @@ def test_candidate_logliks_equal_a_full_forward_per_candidate(tmp_path: Path) ->
         assert n == len(response) and value == np.float64(value) and abs(value - expected) < 1e-4
 
 
+def test_title_priors_equal_a_full_forward_after_the_empty_history_prompt(tmp_path: Path) -> None:
+    from recsift.trainer.recommender import title_priors
+
+    rec = make(tmp_path)
+    items = ["3", "6", "3", "4", "7", "0"]  # a repeat: priors are per distinct item
+    got = title_priors(rec.llm, rec.model, rec.builder, items, pack=4)  # two packs
+    assert list(got) == ["3", "6", "4", "7", "0"]
+    prompt = rec.builder.prior_prompt_ids()
+    assert prompt == rec.llm.encode(rec.builder.prompt_text([]))
+    for item, value in got.items():
+        response = rec.builder.response_ids(item)
+        with torch.no_grad():
+            logp = rec.model(input_ids=torch.tensor([prompt + response])).logits[0].log_softmax(-1)
+        expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(response))
+        assert abs(value - expected) < 1e-4
+
+
 def test_generated_text_is_embedded_by_the_base_model(tmp_path: Path) -> None:
     rec = make(tmp_path)
     with torch.no_grad():  # make the adapter matter, so base and adapted embeddings differ

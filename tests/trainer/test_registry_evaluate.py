@@ -112,6 +112,24 @@ def test_candidate_metrics_by_hand_and_at_chance() -> None:
         candidate_metrics(np.zeros((3, 1)))
 
 
+def test_candidate_score_rules() -> None:
+    import numpy as np
+
+    from recsift.trainer.evaluate import candidate_metrics, candidate_scores
+
+    # the target has the longest title: the summed log-likelihood ranks it last, although the history makes
+    # it more likely than its prior by more than any negative's gain (what PMI measures)
+    logliks = np.array([[-30.0, -10.0, -12.0, -11.0]])
+    priors = np.array([[-40.0, -11.0, -12.5, -11.0]])
+    assert candidate_metrics(candidate_scores(logliks, priors, "loglik"))["rank_percentile"].tolist() == [0.0]
+    assert candidate_metrics(candidate_scores(logliks, priors, "pmi"))["rank_percentile"].tolist() == [1.0]
+    assert candidate_scores(logliks, None, "loglik").tolist() == logliks.tolist()
+    with pytest.raises(ValueError, match="prior"):
+        candidate_scores(logliks, None, "pmi")
+    with pytest.raises(ValueError, match="unknown"):
+        candidate_scores(logliks, priors, "mean")
+
+
 def test_negative_sampler_is_seeded_exclusive_and_half_popular() -> None:
     from recsift.trainer.evaluate import NegativeSampler
 
