@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,11 +60,12 @@ def worker_bare(bootstrap: str, topic: str, events: int) -> dict[str, float]:
     return {"events": n, "seconds": elapsed, "rate": n / elapsed}
 
 
-def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int, fetch_process: bool) -> dict[str, float]:
+def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int, fetch_process: bool) -> dict[str, Any]:
     from recsift.config import load_config
     from recsift.monitoring.metrics import Metrics
     from recsift.service import Ingest
     from recsift.stream.catalog import Catalog
+    from recsift.stream.pipeline import Pipeline
 
     state = tempfile.mkdtemp(prefix="recsift-bench-")
     cfg = load_config(overrides={
@@ -72,18 +74,17 @@ def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int, fetch_
         "stream.session_timeout_ms": 2000, "stream.heartbeat_interval_ms": 500,
         "checkpoint.state_dir": state, "monitoring.progress": False, "stream.fetch_process": fetch_process,
     })
-    ingest = Ingest(cfg, Metrics(), Catalog())
     marks = sorted({rss_at, *(events * k // 10 for k in range(1, 10))})
     trajectory: list[tuple[int, int]] = []
 
-    def sample_rss() -> None:
-        consumed = ingest.pipeline.summary.consumed
+    def sample_rss(pipeline: Pipeline) -> None:
+        consumed = pipeline.summary.consumed
         if marks and consumed >= marks[0]:
             trajectory.append((consumed, _rss()))
             while marks and consumed >= marks[0]:
                 marks.pop(0)
 
-    ingest.pipeline.ticks.append(sample_rss)
+    ingest = Ingest(cfg, Metrics(), Catalog(), ticks=[sample_rss])
     summary = ingest.pipeline.run(ingest.source(), max_events=events)
     trajectory.append((summary.consumed, _rss()))
     ingest.close()
@@ -95,7 +96,7 @@ def worker_pipeline(bootstrap: str, topic: str, events: int, rss_at: int, fetch_
     }
 
 
-def run_worker(kind: str, crc: str, bootstrap: str, topic: str, events: int, rss_at: int) -> dict[str, float]:
+def run_worker(kind: str, crc: str, bootstrap: str, topic: str, events: int, rss_at: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", kind, "--crc", crc, "--bootstrap", bootstrap, "--topic", topic,
            "--events", str(events), "--rss-at", str(rss_at)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}{os.pathsep}{ROOT}"}  # bench/sitecustomize.py
@@ -146,7 +147,7 @@ def main() -> None:
         produce_events(cfg.stream, True, stream.payloads(), args.topic)
         print(f"produced {args.events:,} events in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         kinds = ("bare", "pipeline", "pipeline-inline")
-        runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {k: [] for k in kinds} for m in modes}
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {k: [] for k in kinds} for m in modes}
         for rep in range(args.reps):  # interleaved, so drifts in machine load hit every side alike
             for mode in modes:
                 for kind in kinds:

@@ -111,7 +111,7 @@ def growth_worker(events: int) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    summary = service.run(cfg, max_events=events, metrics=metrics, progress=False)
+    summary = service.run(cfg, max_events=events, metrics=metrics)
     done.set()
     sampler.join(5)
     segments, previous = [], {"events": 0.0, "seconds": 0.0}

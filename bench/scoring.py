@@ -60,8 +60,12 @@ def main() -> None:
           f"(one item: no input)", file=sys.stderr)
 
     epoch_times: list[float] = []
-    surrogate.fit(batch, args.epochs, 128, progress=lambda e, loss, s: (epoch_times.append(s), print(
-        f"epoch {e + 1}: loss {loss:.4f}, {s:.1f} s", file=sys.stderr)))
+
+    def epoch_done(e: int, loss: float, s: float) -> None:
+        epoch_times.append(s)
+        print(f"epoch {e + 1}: loss {loss:.4f}, {s:.1f} s", file=sys.stderr)
+
+    surrogate.fit(batch, args.epochs, 128, progress=epoch_done)
 
     g = torch.Generator().manual_seed(0)
     reference = batch.select(torch.randperm(len(batch), generator=g)[:1024])
