@@ -381,13 +381,15 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from recsift.lock import DirectoryLock
     from recsift.service import load_catalog
-    from recsift.trainer.refresh import refresh
+    from recsift.trainer.refresh import refresh, registry_for
 
     cfg = settings_from(args)
     if not cfg.checkpoint.path.is_file():
         raise FileNotFoundError(f"no checkpoint at {cfg.checkpoint.path}: run `recsift run` first")
-    outcome = refresh(cfg, Trigger.MANUAL, load_catalog(cfg), progress=log.info)
+    with DirectoryLock(registry_for(cfg).root, "trainer"):  # a running service refreshes into it too
+        outcome = refresh(cfg, Trigger.MANUAL, load_catalog(cfg), progress=log.info)
     print_table("recsift refresh", [("outcome", outcome.outcome), ("snapshot", str(outcome.snapshot_id)),
                                     ("version", str(outcome.version)), ("serving before", str(outcome.serving_before)),
                                     ("validation loss before / after", f"{outcome.serving_loss} / {outcome.new_loss}"),
@@ -497,6 +499,7 @@ COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "coreset":
 
 def main(argv: list[str] | None = None) -> int:
     from recsift.data.datasets import DatasetNotFound
+    from recsift.lock import AlreadyOwned
     from recsift.selection.store import SnapshotNotFound
     from recsift.stream.broker import BrokerUnavailable
     from recsift.trainer.registry import AdapterNotFound
@@ -509,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a second otherwise
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFound, FileNotFoundError, AdapterNotFound, SnapshotNotFound) as exc:
+    except (ConfigError, DatasetNotFound, FileNotFoundError, AdapterNotFound, SnapshotNotFound, AlreadyOwned) as exc:
         # what a user can fix; anything else is a bug and surfaces with its traceback (exit 1)
         print(f"recsift: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -26,6 +26,7 @@ from recsift.data.datasets import (
     resolve_dataset,
 )
 from recsift.data.synthetic import SyntheticStream
+from recsift.lock import DirectoryLock
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.scoring.effort import EffortScorer
@@ -362,6 +363,10 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
     check_components(cfg)
     metrics = metrics or Metrics()
     with ExitStack() as stack:
+        # one worker per state directory; with scoring on, this process also refreshes: one per registry
+        stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, "worker"))
+        if cfg.scoring.enabled:
+            stack.enter_context(DirectoryLock(registry_for(cfg).root, "trainer"))
         catalog = load_catalog(cfg)
         if cfg.stream.source == "embedded":
             broker = stack.enter_context(EmbeddedBroker())
