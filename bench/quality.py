@@ -12,14 +12,18 @@ better LLM recommender than a random sample of the same size?
     real reservoir with sketch edges) × 3, ``goracs`` × 1, and the positive control ``random4x`` (4× the
     budget) × 1 (it has only to be detected); ``base`` (no training) and ``popularity`` (no model).
   - Evaluation: 1,000 seeded test users (history = train + valid items, target = the first test item);
-    candidates = the target + 19 negatives (10 by train+valid popularity, 9 uniform), never an item of the
-    user's history or test items, fixed per user and shared by every arm. Each candidate's teacher-forced
-    log-likelihood of its title + EOS given the prompt (prompt encoded once, its KV cache shared) and its
-    title's prior (the same given the prompt with an empty history) are kept in the arm's record; the
-    score is their difference (PMI, protocol version 2). Version 1 scored by the log-likelihood alone,
-    which ranked titles mostly by length (``length_confound`` in the summary; the v1 seed-0 results are
-    in ``bench/results/quality-games-cpu-v1*``). Metrics per user: rank percentile (primary), HR@1/5,
-    NDCG@5/10, target NLL; the summary also reports every metric under both rules.
+    candidates = the target + 19 negatives (10 by train+valid popularity, 9 uniform) whose titles are
+    within one token of the target's, never an item of the user's history or test items, fixed per user
+    and shared by every arm. Each candidate's teacher-forced log-likelihood of its title + EOS given the
+    prompt (prompt encoded once, its KV cache shared) and its title's prior (the same given the prompt
+    with an empty history) are kept in the arm's record; the score is their difference (PMI). Metrics per
+    user: rank percentile (primary), HR@1/5, NDCG@5/10, target NLL; the summary reports every metric
+    under both rules and how much of each arm's ranking is title length (``length_confound``).
+    Protocol history: v1 (``bench/results/quality-games-cpu-v1*``) scored by the log-likelihood alone,
+    against unmatched negatives: Games test targets have longer titles than the typical item (18.7 tokens
+    against 13.2 and 14.1), so it ranked by length (per-user correlation 0.78 with "the shorter title
+    wins"). v2 (``-v2*``) scored by PMI, which leaned the other way (-0.31 for the base model). v3
+    matches lengths, so no rule can win or lose by them.
   - Statistics: a hierarchical bootstrap (seeds, then users) of per-user differences against Random on the
     same seed, and of streaming − batch DEALRec, with 95% intervals and each seed's difference. Gates:
     Random beats the base model and popularity, and the positive control beats Random; when a gate fails
@@ -50,7 +54,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +142,8 @@ class Protocol:
     surrogate_epochs: int = 10
     base_model: str = "smollm2"
     score: str = "pmi"  # the candidate score rule (recsift.trainer.evaluate.candidate_scores)
-    version: int = 2  # 2: records keep every candidate's log-likelihood and title prior; PMI is primary
+    match_length: bool = True  # negatives of about the target's title length (±1 token)
+    version: int = 3  # 2: every candidate's log-likelihood and title prior kept, PMI primary; 3: matched lengths
 
     def key(self) -> str:
         return digest(asdict(self))
@@ -164,15 +169,17 @@ class Data:
             for items in split.values():
                 popularity.update(items)
         self.popularity = popularity
-        self.users = sample_test_users(self.test, protocol.users, seed=0)
-        sampler = NegativeSampler([it.item_id for it in self.catalog], dict(popularity), seed=0)
+        users = sample_test_users(self.test, protocol.users, seed=0)
+        self.users = [u for u in users if self.train.get(u) or self.valid.get(u)]
         self.histories = [self.train.get(u, []) + self.valid.get(u, []) for u in self.users]
-        self.candidates = [sampler.candidates(u, set(h) | set(self.test[u]), self.test[u][0], protocol.candidates)
+        self.candidates: list[list[str]] = []
+
+    def draw_candidates(self, size: int, length: Callable[[str], int] | None) -> None:
+        """Each test user's target and ``size`` − 1 negatives (of about the target's title length when
+        ``length`` is given), fixed by seed 0."""
+        sampler = NegativeSampler([it.item_id for it in self.catalog], dict(self.popularity), seed=0, length=length)
+        self.candidates = [sampler.candidates(u, set(h) | set(self.test[u]), self.test[u][0], size)
                            for u, h in zip(self.users, self.histories, strict=True)]
-        keep = [i for i, h in enumerate(self.histories) if h]
-        self.users = [self.users[i] for i in keep]
-        self.histories = [self.histories[i] for i in keep]
-        self.candidates = [self.candidates[i] for i in keep]
 
 
 def write_scores(path: Path, scores: dict[str, np.ndarray], timings: dict[str, float]) -> None:
@@ -200,6 +207,8 @@ class CpuBench:
             "trainer.base_model": protocol.base_model, "trainer.early_stopping_patience": 100}).trainer
         self.llm = self.load()
         self.builder = self.make_builder(self.llm)
+        data.draw_candidates(protocol.candidates,
+                             (lambda item: len(self.builder.response_ids(item))) if protocol.match_length else None)
         self.scores: dict[str, np.ndarray] = {}
         self.timings: dict[str, float] = {}
 

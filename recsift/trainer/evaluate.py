@@ -113,13 +113,36 @@ def candidate_metrics(scores: np.ndarray, target_nll: np.ndarray | None = None) 
 class NegativeSampler:
     """Seeded negatives for candidate evaluation: ``popular`` drawn by popularity, the rest uniform."""
 
-    def __init__(self, items: Sequence[str], popularity: dict[str, float], seed: int = 0) -> None:
+    def __init__(self, items: Sequence[str], popularity: dict[str, float], seed: int = 0,
+                 length: Callable[[str], int] | None = None, tolerance: int = 1) -> None:
+        """``length`` (a title's token count): draw negatives whose length is within ``tolerance`` of the
+        target's (widened until at least 4x the candidates qualify), so no score can win by title length."""
         if len(items) < 2:
             raise ValueError("negative sampling needs a catalogue of at least two items")
         self.items = list(items)
-        self.popular = [i for i in self.items if popularity.get(i, 0) > 0]
-        self.weights = [float(popularity[i]) for i in self.popular]
-        self.seed = seed
+        self.popularity = popularity
+        self.seed, self.length, self.tolerance = seed, length, tolerance
+        self.everything = self.split(self.items)
+        self.by_length: dict[int, list[str]] = {}
+        if length is not None:
+            for item in self.items:
+                self.by_length.setdefault(length(item), []).append(item)
+
+    def pools(self, target: str, size: int) -> tuple[list[str], list[str], list[float]]:
+        """The items negatives are drawn from: all, or those of about the target's length; the popular ones
+        among them and their weights."""
+        if self.length is None:
+            return self.everything
+        wanted, width = self.length(target), self.tolerance
+        while True:
+            items = [i for n in range(wanted - width, wanted + width + 1) for i in self.by_length.get(n, ())]
+            if len(items) >= 4 * size or len(items) == len(self.items):
+                return self.split(items)
+            width += 1
+
+    def split(self, items: list[str]) -> tuple[list[str], list[str], list[float]]:
+        popular = [i for i in items if self.popularity.get(i, 0) > 0]
+        return items, popular, [float(self.popularity[i]) for i in popular]
 
     def candidates(self, key: str, exclude: set[str], target: str, size: int = 20) -> list[str]:
         """``[target, negatives...]``: size // 2 by popularity, the rest uniform, all distinct and
@@ -131,11 +154,12 @@ class NegativeSampler:
         limit = len(self.items) - len(taken & set(self.items))
         if size - 1 > limit:
             raise ValueError(f"only {limit} items can be negatives; {size - 1} were asked for")
-        for pool, weights, wanted in ((self.popular, self.weights, n_pop), (self.items, None, size - 1)):
+        items, popular, weights = self.pools(target, size)
+        for pool, w, wanted in ((popular, weights, n_pop), (items, None, size - 1)):
             tries = 0
             while len(chosen) < wanted and pool and tries < 50 * size:
                 tries += 1
-                item = rng.choices(pool, weights)[0] if weights else pool[rng.randrange(len(pool))]
+                item = rng.choices(pool, w)[0] if w else pool[rng.randrange(len(pool))]
                 if item not in taken:
                     taken.add(item)
                     chosen.append(item)

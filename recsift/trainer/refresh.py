@@ -290,15 +290,16 @@ def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation:
                        train: Sequence[Sample], catalog: Catalog, candidates: int, seed: int,
                        rule: str) -> dict[str, float]:
     """Candidate metrics of ``model`` on the validation samples: each target among ``candidates`` − 1
-    seeded negatives (half drawn by popularity in the training and validation samples, half uniform over
-    the catalogue, or over the items seen when there is no catalogue), ranked by ``rule``
+    seeded negatives of about the target's title length (half drawn by popularity in the training and
+    validation samples, half uniform over the catalogue, or over the items seen when there is no
+    catalogue), ranked by ``rule``
     (``evaluate.candidate_scores``)."""
     popularity: Counter[str] = Counter()
     for s in (*train, *validation):
         popularity.update(s.history)
         popularity[s.target] += 1
     items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
-    sampler = NegativeSampler(items, dict(popularity), seed)
+    sampler = NegativeSampler(items, dict(popularity), seed, length=lambda item: len(builder.response_ids(item)))
     size = min(candidates, len(items))
     logliks, nll = np.zeros((len(validation), size)), np.zeros(len(validation))
     cands = [sampler.candidates(str(s.sample_id), set(s.history), s.target, size) for s in validation]

@@ -143,3 +143,25 @@ def test_negative_sampler_is_seeded_exclusive_and_half_popular() -> None:
     assert set(got[1:8]) <= {f"i{k}" for k in range(10)}  # the popular half comes from the popular items
     with pytest.raises(ValueError):
         NegativeSampler(items[:5], {}).candidates("u", {"i0"}, "i1", 20)
+
+
+def test_length_matched_negatives_leave_nothing_to_win_by_length() -> None:
+    """Targets with longer titles than the catalogue's typical item (as Games test items are): "the
+    shorter title wins" beats chance by far against unmatched negatives (the control) and is at chance
+    against length-matched ones."""
+    import numpy as np
+
+    from recsift.trainer.evaluate import NegativeSampler, candidate_metrics
+
+    rng = np.random.default_rng(0)
+    lengths = {f"i{k}": int(n) for k, n in enumerate(rng.integers(3, 30, 5000))}
+    popularity = {f"i{k}": float(rng.integers(1, 100)) for k in range(0, 5000, 3)}
+    targets = [i for i, n in lengths.items() if n >= 20][:400]  # long-titled targets
+    for matched, (low, high) in ((False, (0.0, 0.3)), (True, (0.45, 0.55))):
+        sampler = NegativeSampler(list(lengths), popularity, seed=1, length=lengths.__getitem__ if matched else None)
+        cands = [sampler.candidates(f"u{k}", set(), t, 20) for k, t in enumerate(targets)]
+        assert all(len(set(c)) == 20 and c[0] == t for c, t in zip(cands, targets, strict=True))
+        shorter_wins = candidate_metrics(-np.array([[lengths[i] for i in c] for c in cands], dtype=float))
+        assert low < shorter_wins["rank_percentile"].mean() < high, matched
+        if matched:
+            assert all(abs(lengths[i] - lengths[c[0]]) <= 1 for c in cands for i in c)
