@@ -247,10 +247,12 @@ class TrainerConfig(_Section):
     min_eval_samples: int = Field(16, gt=0, description="a refresh with fewer validation samples is rejected "
                                   "(no_validation), never promoted")
     eval_candidates: int = Field(20, ge=2, description="candidates per validation sample for the likelihood "
-                                 "metrics: the target and negatives (half by popularity, half uniform)")
+                                 "metrics: the target and negatives within one token of its title length "
+                                 "(half by popularity, half uniform)")
     candidate_score: Literal["pmi", "loglik"] = Field(
         "pmi", description="how candidates are ranked: pmi = log p(title | prompt) − log p(title | prompt "
-        "with no history), which removes the title-length bias of loglik (the summed log-likelihood)")
+        "with no history), what the history adds; loglik = the summed log-likelihood alone (negatives are "
+        "length-matched either way)")
     effort_batch_size: int = Field(8, gt=0)
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(8, gt=0, description="bf16 batch 8 is the measured sweet spot on a 2-core CPU")

@@ -11,11 +11,13 @@ that cannot tell them apart gets no credit). HR@K = [r < K], NDCG@K = 1/log2(r +
 rank percentile = the share of negatives the target beats (ties half): 1 is perfect, 0.5 is chance.
 
 A candidate's score is its title's log-likelihood given the prompt (``loglik``) or that minus the title's
-likelihood given the same prompt with an empty history (``pmi``, the default). The summed log-likelihood
-mostly ranks titles by length: on Games, test targets have longer titles than the sampled negatives
-(18.7 tokens against 13.2 and 14.1), "the shorter title wins" alone scores a rank percentile of 0.36, and
-the base and fine-tuned models' per-user rank percentiles correlate 0.78-0.80 with it
-(``length_confound`` in ``bench/results/quality-games-cpu.json``). PMI asks what the history adds.
+likelihood given the same prompt with an empty history (``pmi``, the default: what the history adds).
+Title length confounds both when the negatives are drawn without regard to it: on Games, test targets
+have longer titles than the sampled negatives (18.7 tokens against 13.2 and 14.1), "the shorter title
+wins" alone scores a rank percentile of 0.36, and per user it correlates +0.78 with the base model's
+``loglik`` ranking and -0.31 with its ``pmi`` ranking (``length_confound`` in
+``bench/results/quality-games-cpu-v2.json``). Given a title length, the sampler draws negatives within
+one token of the target's, which leaves nothing to win by length.
 """
 
 from __future__ import annotations
