@@ -90,7 +90,7 @@ from recsift.trainer.evaluate import (  # noqa: E402
 )
 from recsift.trainer.llm import LLM, add_lora, load_llm  # noqa: E402
 from recsift.trainer.prompts import PromptBuilder, builder_for  # noqa: E402
-from recsift.trainer.recommender import Recommender, candidate_logliks, title_priors  # noqa: E402
+from recsift.trainer.recommender import Recommender, candidate_table  # noqa: E402
 from recsift.trainer.refresh import train_lora  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -298,19 +298,16 @@ class CpuBench:
         """Every candidate's log-likelihood and title prior (kept, so any rule can be recomputed), and the
         per-user metrics under the protocol's rule."""
         d = self.data
-        logliks = np.zeros((len(d.users), self.p.candidates))
-        nll = np.zeros(len(d.users))
         started = time.perf_counter()
-        for i, (history, cands) in enumerate(zip(d.histories, d.candidates, strict=True)):
-            values, lengths = candidate_logliks(self.llm, model, self.builder, history, cands)
-            logliks[i], nll[i] = values, -values[0] / lengths[0]
-            if (i + 1) % 100 == 0:
-                say(f"{label}: evaluated {i + 1:,}/{len(d.users):,} users "
-                    f"({(i + 1) / (time.perf_counter() - started):.2f}/s)")
-        distinct = list(dict.fromkeys(c for cands in d.candidates for c in cands))
-        say(f"{label}: title priors of {len(distinct):,} distinct candidates")
-        prior = title_priors(self.llm, model, self.builder, distinct)
-        priors = np.array([[prior[c] for c in cands] for cands in d.candidates])
+
+        def progress(done: int) -> None:
+            if done % 100 == 0 or done == len(d.users):
+                say(f"{label}: evaluated {done:,}/{len(d.users):,} users ({done / (time.perf_counter() - started):.2f}/s)"
+                    + ("; title priors next" if done == len(d.users) else ""))
+
+        logliks, priors, nll = candidate_table(self.llm, model, self.builder, d.histories, d.candidates,
+                                               progress=progress)
+        assert priors is not None
         return {"logliks": np.round(logliks, 4).tolist(), "priors": np.round(priors, 4).tolist(),
                 "target_nll": np.round(nll, 6).tolist(), **self.metrics(logliks, priors, nll)}
 

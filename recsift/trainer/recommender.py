@@ -161,6 +161,24 @@ def candidate_logliks(llm: LLM, model: Any, builder: PromptBuilder, history: Seq
     return packed_logliks(llm, model, prompt, [builder.response_ids(i) for i in items])
 
 
+def candidate_table(llm: LLM, model: Any, builder: PromptBuilder, histories: Sequence[Sequence[str]],
+                    candidates: Sequence[Sequence[str]], priors: bool = True,
+                    progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """For each user (a history and its candidates, the target first): every candidate's log-likelihood
+    [users, C], its title prior [users, C] (``title_priors``, once per distinct title; None when not asked
+    for) and the target's per-token NLL [users]. ``progress`` gets the users done."""
+    logliks, nll = np.zeros((len(histories), len(candidates[0]))), np.zeros(len(histories))
+    for row, (history, items) in enumerate(zip(histories, candidates, strict=True)):
+        values, lengths = candidate_logliks(llm, model, builder, history, items)
+        logliks[row], nll[row] = values, -values[0] / lengths[0]
+        if progress is not None:
+            progress(row + 1)
+    if not priors:
+        return logliks, None, nll
+    prior = title_priors(llm, model, builder, [i for items in candidates for i in items])
+    return logliks, np.array([[prior[i] for i in items] for items in candidates]), nll
+
+
 def title_priors(llm: LLM, model: Any, builder: PromptBuilder, items: Sequence[str],
                  pack: int = 32) -> dict[str, float]:
     """Σ log p(title + EOS | the prompt with an empty history) per distinct item: the title's prior under

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from recsift.config import Settings, TrainerConfig
@@ -43,7 +42,7 @@ from recsift.stream.windows import Sample
 from recsift.trainer.evaluate import NegativeSampler, candidate_metrics, candidate_scores
 from recsift.trainer.llm import LLM, add_lora, autocast, load_llm
 from recsift.trainer.prompts import PromptBuilder, builder_for
-from recsift.trainer.recommender import candidate_logliks, title_priors
+from recsift.trainer.recommender import candidate_table
 from recsift.trainer.registry import AdapterRegistry
 from recsift.vocab import LossMetric, Outcome, RefreshReason, Trigger
 
@@ -292,8 +291,7 @@ def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation:
     """Candidate metrics of ``model`` on the validation samples: each target among ``candidates`` − 1
     seeded negatives of about the target's title length (half drawn by popularity in the training and
     validation samples, half uniform over the catalogue, or over the items seen when there is no
-    catalogue), ranked by ``rule``
-    (``evaluate.candidate_scores``)."""
+    catalogue), ranked by ``rule`` (``evaluate.candidate_scores``)."""
     popularity: Counter[str] = Counter()
     for s in (*train, *validation):
         popularity.update(s.history)
@@ -301,15 +299,9 @@ def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation:
     items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
     sampler = NegativeSampler(items, dict(popularity), seed, length=lambda item: len(builder.response_ids(item)))
     size = min(candidates, len(items))
-    logliks, nll = np.zeros((len(validation), size)), np.zeros(len(validation))
     cands = [sampler.candidates(str(s.sample_id), set(s.history), s.target, size) for s in validation]
-    for row, (s, items) in enumerate(zip(validation, cands, strict=True)):
-        values, lengths = candidate_logliks(llm, model, builder, s.history, items)
-        logliks[row], nll[row] = values, -values[0] / lengths[0]
-    priors = None
-    if rule == "pmi":
-        prior = title_priors(llm, model, builder, [i for items in cands for i in items])
-        priors = np.array([[prior[i] for i in items] for items in cands])
+    logliks, priors, nll = candidate_table(llm, model, builder, [s.history for s in validation], cands,
+                                           priors=rule == "pmi")
     per_user = candidate_metrics(candidate_scores(logliks, priors, rule), nll)
     return {name: float(values.mean()) for name, values in per_user.items()}
 
