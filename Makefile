@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 # -rs prints why anything was skipped; under CI=true a skip fails the run (tests/conftest.py)
 test: lint
-	$(PY) -m pytest -q -rs -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e ".[bench]"

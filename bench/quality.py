@@ -208,7 +208,7 @@ class CpuBench:
         self.llm = self.load()
         self.builder = self.make_builder(self.llm)
         data.draw_candidates(protocol.candidates,
-                             (lambda item: len(self.builder.response_ids(item))) if protocol.match_length else None)
+                             self.builder.response_length if protocol.match_length else None)
         self.scores: dict[str, np.ndarray] = {}
         self.timings: dict[str, float] = {}
 
@@ -517,7 +517,7 @@ def length_confound(data: Data, builder: PromptBuilder,
                     records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """How much of each rule's ranking is title length: the candidates' token counts, the rank percentile of
     "the shorter title wins", and its per-user correlation with each evaluated arm's rank percentile."""
-    lengths = np.array([[len(builder.response_ids(c)) for c in cands] for cands in data.candidates], dtype=np.float64)
+    lengths = np.array([[builder.response_length(c) for c in cands] for cands in data.candidates], dtype=np.float64)
     shorter = candidate_metrics(-lengths)["rank_percentile"]
     popular = 1 + lengths.shape[1] // 2  # NegativeSampler: target, then the popularity-drawn negatives
     out: dict[str, Any] = {"target_tokens": float(lengths[:, 0].mean()),

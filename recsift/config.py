@@ -105,6 +105,10 @@ class StreamConfig(_Section):
     group_id: str = "recsift"
     dead_letter_topic: str = "interactions.dlq"
     catalog_topic: str | None = None
+    coreset_topic: str | None = Field(
+        None, description="publish the committed coreset and validation reservoir to this compacted topic "
+                          "(recsift.selection.publish); None: not published")
+    worker_id: str | None = Field(None, description="this worker's name in the coreset topic; None: the host name")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int | None = Field(
         None, ge=1000, description="None: 2000 on the embedded broker, 10000 on real Kafka"

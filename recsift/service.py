@@ -9,6 +9,7 @@ stage in a worker thread (backpressure pauses the source when it falls behind).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from recsift.scoring.stage import (
 )
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
+from recsift.selection.publish import CoresetPublisher
 from recsift.selection.registry import SELECTORS, make_selector
 from recsift.selection.reservoir import StratifiedConfig
 from recsift.selection.selector import Rescore
@@ -207,6 +209,25 @@ def build_scoring(cfg: Settings, scorer: StreamScorer, *, downstream: Sequence[S
     participant."""
     stage = ScoringStage(scorer, batch_size=cfg.scoring.batch_size, downstream=downstream, metrics=metrics)
     return stage, ScoringStore(scorer, stage)
+
+
+def build_publisher(cfg: Settings, metrics: Metrics) -> CoresetPublisher:
+    """The coreset topic's publisher (``stream.coreset_topic``), caught up with what the topic holds for
+    this worker, so its first publish sends only what is missing."""
+    topic = cfg.stream.coreset_topic
+    assert topic is not None
+    embedded = cfg.stream.source == "embedded"
+    ensure_topic(cfg.stream, embedded, topic, 1, {"cleanup.policy": "compact"})
+    records = metrics.coreset_topic_records
+
+    def published(upserts: int, tombstones: int) -> None:
+        records.labels("upsert").inc(upserts)
+        records.labels("tombstone").inc(tombstones)
+
+    publisher = CoresetPublisher(cfg.stream, embedded, topic, cfg.stream.worker_id or socket.gethostname(),
+                                 on_publish=published, on_failure=lambda _: metrics.coreset_topic_failures.inc())
+    log.info("coreset topic %r: %d records of worker %r", topic, publisher.catch_up(), publisher.worker)
+    return publisher
 
 
 def build_selection(cfg: Settings, catalog: Catalog, *, rescore: Rescore | None = None, metrics: Metrics | None = None,
@@ -391,6 +412,9 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
                                                        on_drift=signals.drift)
             stage, store = build_scoring(cfg, scorer, downstream=[selection, signals.scored], metrics=metrics)
             participants = [store, coreset_store]
+            if cfg.stream.coreset_topic:
+                coreset_store.publisher = build_publisher(cfg, metrics)
+                stack.callback(coreset_store.publisher.close)
         ticks: list[Callable[[Pipeline], object]] = []
         if cfg.stream.catalog_topic and cfg.stream.source != "file":
             reader = CatalogTopicReader(cfg.stream, cfg.stream.source == "embedded", catalog)

@@ -128,6 +128,15 @@ class Metrics:
         self.validation_size = Gauge(
             "recsift_validation_samples", "Samples in the recent validation reservoir", registry=r
         )
+        self.coreset_topic_records = Counter(
+            "recsift_coreset_topic_records_total", "Records published to the coreset topic, by kind", ["kind"], registry=r
+        )
+        for kind in ("upsert", "tombstone"):
+            self.coreset_topic_records.labels(kind)
+        self.coreset_topic_failures = Counter(
+            "recsift_coreset_topic_publish_failures_total",
+            "Coreset topic publishes that failed (the next checkpoint retries them)", registry=r
+        )
         self.coverage = Gauge(
             "recsift_coverage_ratio", "Share of the recent stream's mass whose cluster has a coreset member", registry=r
         )

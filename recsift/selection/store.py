@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from recsift.selection.publish import CoresetPublisher, coreset_records
 from recsift.selection.selector import Member
 from recsift.selection.stage import SelectionStage
 from recsift.state import State
@@ -50,10 +51,15 @@ class SnapshotNotFound(LookupError):
 
 
 class CoresetStore:
-    """Checkpoint participant for the selection stage (the coreset is not partitioned: one row)."""
+    """Checkpoint participant for the selection stage (the coreset is not partitioned: one row).
 
-    def __init__(self, stage: SelectionStage) -> None:
+    With a ``publisher``, every committed state is also published to the coreset topic (after the
+    transaction commits, before offsets go to Kafka: :mod:`recsift.selection.publish`)."""
+
+    def __init__(self, stage: SelectionStage, publisher: CoresetPublisher | None = None) -> None:
         self.stage = stage
+        self.publisher = publisher
+        self._to_publish: dict[bytes, bytes] | None = None
         self._loaded = False
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
@@ -69,9 +75,21 @@ class CoresetStore:
         conn.execute("DELETE FROM validation_samples")
         conn.executemany("INSERT INTO validation_samples VALUES (?, ?)",
                          enumerate(s.encode() for s in self.stage.validation.samples))
+        if self.publisher is not None:
+            self._to_publish = self.records()
 
     def committed(self) -> None:
-        return None
+        if self.publisher is not None and self._to_publish is not None:
+            self.publisher.publish(self._to_publish)
+            self._to_publish = None
+
+    def records(self) -> dict[bytes, bytes]:
+        """The stage's coreset state as coreset topic records (:func:`coreset_records`)."""
+        assert self.publisher is not None
+        selector = self.stage.selector
+        return coreset_records(self.publisher.worker,
+                               ((m.sample, m.score, m.stratum, m.version) for m in selector.members.values()),
+                               self.stage.validation.numbered(), selector.stats.offered)
 
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
         """Restore once per process (the coreset is not partitioned)."""

@@ -36,6 +36,11 @@ class ValidationReservoir:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def numbered(self) -> list[tuple[Sample, int]]:
+        """(sample, sequence number) oldest first; the number counts the validation samples before it."""
+        first = self.seen - len(self.samples)
+        return [(s, first + i) for i, s in enumerate(self.samples)]
+
     def state_dict(self) -> State:
         return State(embeddings_to_tensors(list(self.embeddings), "embeddings"),
                      {"samples": [s.to_json() for s in self.samples], "seen": self.seen})

@@ -44,8 +44,9 @@ def consumer_timeouts(cfg: StreamConfig, embedded: bool) -> dict[str, int]:
     return {"session_timeout_ms": session, "heartbeat_interval_ms": min(heartbeat, session // 3)}
 
 
-def ensure_topic(cfg: StreamConfig, embedded: bool, topic: str, partitions: int) -> None:
-    """Create ``topic`` with ``partitions`` partitions unless it exists."""
+def ensure_topic(cfg: StreamConfig, embedded: bool, topic: str, partitions: int,
+                 configs: dict[str, str] | None = None) -> None:
+    """Create ``topic`` with ``partitions`` partitions (and topic ``configs``) unless it exists."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -53,7 +54,7 @@ def ensure_topic(cfg: StreamConfig, embedded: bool, topic: str, partitions: int)
     admin = KafkaAdminClient(**kafka_client_config(cfg, embedded), client_id="recsift-admin")
     try:
         if topic not in admin.list_topics():
-            admin.create_topics([NewTopic(topic, partitions, 1)])
+            admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=configs or {})])
     except TopicAlreadyExistsError:
         pass
     finally:

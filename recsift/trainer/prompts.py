@@ -113,6 +113,10 @@ class PromptBuilder:
         """The response for ``item``: its title's tokens and end-of-sequence."""
         return [*self.encode(self.title(item)), self.eos]
 
+    def response_length(self, item: str) -> int:
+        """Tokens in ``item``'s response: what length-matched negatives are matched on."""
+        return len(self.response_ids(item))
+
     def example(self, history: Sequence[str], target: str, response_only: bool | None = None) -> Example:
         prompt, used = self.prompt_ids(history)
         response = self.response_ids(target)

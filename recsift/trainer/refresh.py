@@ -297,7 +297,7 @@ def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation:
         popularity.update(s.history)
         popularity[s.target] += 1
     items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
-    sampler = NegativeSampler(items, dict(popularity), seed, length=lambda item: len(builder.response_ids(item)))
+    sampler = NegativeSampler(items, dict(popularity), seed, length=builder.response_length)
     size = min(candidates, len(items))
     cands = [sampler.candidates(str(s.sample_id), set(s.history), s.target, size) for s in validation]
     logliks, priors, nll = candidate_table(llm, model, builder, [s.history for s in validation], cands,

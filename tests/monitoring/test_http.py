@@ -80,7 +80,9 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
     })
     url = f"http://127.0.0.1:{port}"
     result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(summary=service.run(cfg)))
+    # the pipeline, so the test stops it when done (stop_when_idle_s is only the safety net)
+    thread = threading.Thread(target=lambda: result.update(
+        summary=service.run(cfg, progress=lambda pipeline: result.setdefault("pipeline", pipeline))))
     thread.start()
     try:
         wait_for(lambda: reachable(url + "/healthz"))
@@ -119,7 +121,10 @@ def test_admin_flow_against_a_running_service(broker: EmbeddedBroker, make_topic
         assert 'recsift_admin_requests_total{action="refresh"} 3.0' in metrics_text
         assert "recsift_serving_adapter_version" in metrics_text
     finally:
+        if "pipeline" in result:
+            result["pipeline"].stop("test done")
         thread.join(120)
+    assert not thread.is_alive()
     summary = result["summary"]
     assert summary.ingest.consumed == 4000 and summary.adapter in ("v0001", "v0002")
     assert [r.trigger for r in summary.refreshes] == ["manual", "manual"]  # three admin requests → two runs

@@ -1,0 +1,228 @@
+"""The coreset topic: a worker's committed coreset and validation reservoir as a compacted Kafka topic.
+
+Every record is keyed by what it describes, so the topic compacts to the current state:
+
+- ``m:<sample id>`` a coreset member: ``{"worker", "sample", "score", "stratum", "version"}``;
+- ``v:<sample id>`` a validation sample: ``{"worker", "sample", "seq"}`` (``seq`` orders the reservoir);
+- ``w:<worker id>`` the worker's counters: ``{"worker", "members", "validation", "offered"}``;
+- a key with no value (a tombstone) removes a member or validation sample that left.
+
+Ordering rule (the checkpoint's, extended): the checkpoint transaction commits, *then* the difference
+between the committed state and what the topic holds for this worker is produced and flushed, *then*
+offsets go to Kafka. The difference is computed from state, not from events, so a crash or a broker
+outage between the steps costs nothing: the next publish sends whatever is still missing. On start the
+publisher reads the topic to learn what it holds for this worker (:meth:`CoresetPublisher.catch_up`).
+
+Readers (a trainer on another host) rebuild the state with :class:`CoresetView`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from recsift.config import StreamConfig
+from recsift.stream.kafka import kafka_client_config
+from recsift.stream.windows import Sample
+
+log = logging.getLogger(__name__)
+
+MEMBER, VALIDATION, WORKER = "m", "v", "w"
+
+
+def record_key(kind: str, ident: int | str) -> bytes:
+    return f"{kind}:{ident}".encode()
+
+
+def parse_key(key: bytes) -> tuple[str, str]:
+    """(kind, id) of a record key; ``ValueError`` for a key that is not one of the topic's."""
+    kind, sep, ident = key.decode().partition(":")
+    if not sep or kind not in (MEMBER, VALIDATION, WORKER) or not ident:
+        raise ValueError(f"not a coreset topic key: {key!r}")
+    return kind, ident
+
+
+@dataclass
+class CoresetView:
+    """The current state of a coreset topic, rebuilt from its records (last value per key wins)."""
+
+    members: dict[int, dict[str, Any]] = field(default_factory=dict)
+    validation: dict[int, dict[str, Any]] = field(default_factory=dict)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    invalid: int = 0  # records that are not the topic's (counted, skipped)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> str | None:
+        """Apply one record; returns its kind, or None for a record that is not the topic's."""
+        try:
+            if key is None:
+                raise ValueError("no key")
+            kind, ident = parse_key(key)
+            body = None if value is None else orjson.loads(value)
+            if body is not None and not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            if kind == WORKER:
+                table: dict[Any, dict[str, Any]] = self.workers
+                k: int | str = ident
+            else:
+                table, k = (self.members if kind == MEMBER else self.validation), int(ident)
+                if body is not None:
+                    Sample.from_json(body["sample"])  # a value that does not decode is rejected whole
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            self.invalid += 1
+            log.warning("skipped a record that is not a coreset topic record (%s)", exc)
+            return None
+        if body is None:
+            table.pop(k, None)
+        else:
+            table[k] = body
+        return kind
+
+    def owned_by(self, worker: str) -> dict[bytes, bytes]:
+        """key → encoded value of every live record this worker wrote."""
+        out: dict[bytes, bytes] = {}
+        for kind, table in ((MEMBER, self.members), (VALIDATION, self.validation), (WORKER, self.workers)):
+            for ident, body in table.items():
+                if body.get("worker") == worker:
+                    out[record_key(kind, ident)] = orjson.dumps(body)
+        return out
+
+    def member_samples(self) -> list[tuple[Sample, float, int, int]]:
+        """(sample, score, stratum, scorer version) of every member, by sample id."""
+        return [(Sample.from_json(b["sample"]), float(b["score"]), int(b["stratum"]), int(b["version"]))
+                for _, b in sorted(self.members.items())]
+
+    def validation_samples(self) -> list[Sample]:
+        """The validation samples, oldest first (by the worker's sequence number, then sample id)."""
+        rows = sorted(self.validation.items(), key=lambda kv: (kv[1]["seq"], kv[0]))
+        return [Sample.from_json(b["sample"]) for _, b in rows]
+
+
+def coreset_records(worker: str, members: Iterable[tuple[Sample, float, int, int]],
+                    validation: Iterable[tuple[Sample, int]], offered: int) -> dict[bytes, bytes]:
+    """key → encoded value of a worker's whole coreset state (members as (sample, score, stratum,
+    version); validation samples as (sample, sequence number))."""
+    out: dict[bytes, bytes] = {}
+    n_members = n_validation = 0
+    for sample, score, stratum, version in members:
+        out[record_key(MEMBER, sample.sample_id)] = orjson.dumps(
+            {"worker": worker, "sample": sample.to_json(), "score": float(score), "stratum": int(stratum),
+             "version": int(version)})
+        n_members += 1
+    for sample, seq in validation:
+        out[record_key(VALIDATION, sample.sample_id)] = orjson.dumps(
+            {"worker": worker, "sample": sample.to_json(), "seq": int(seq)})
+        n_validation += 1
+    out[record_key(WORKER, worker)] = orjson.dumps(
+        {"worker": worker, "members": n_members, "validation": n_validation, "offered": int(offered)})
+    return out
+
+
+def changes(published: Mapping[bytes, bytes], current: Mapping[bytes, bytes]) -> list[tuple[bytes, bytes | None]]:
+    """The records that turn ``published`` into ``current``: new or changed values, tombstones for the rest."""
+    upserts = [(k, v) for k, v in current.items() if published.get(k) != v]
+    tombstones: list[tuple[bytes, bytes | None]] = [(k, None) for k in published if k not in current]
+    return upserts + tombstones
+
+
+class CoresetTopicReader:
+    """Reads a coreset topic from the beginning, without a consumer group, into a :class:`CoresetView`."""
+
+    def __init__(self, cfg: StreamConfig, embedded: bool, topic: str, view: CoresetView | None = None) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.view = view if view is not None else CoresetView()
+        self.consumer = KafkaConsumer(**kafka_client_config(cfg, embedded), enable_auto_commit=False, group_id=None)
+        parts = self.consumer.partitions_for_topic(topic) or {0}
+        self.consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        self.consumer.seek_to_beginning()
+
+    def poll(self, timeout_ms: int = 0, on_record: Callable[[str], object] | None = None) -> int:
+        """Apply the records that arrived; returns how many were applied."""
+        n = 0
+        for recs in self.consumer.poll(timeout_ms=timeout_ms).values():
+            for r in recs:
+                kind = self.view.apply(r.key, r.value)
+                if kind is not None:
+                    n += 1
+                    if on_record is not None:
+                        on_record(kind)
+        return n
+
+    def caught_up(self) -> bool:
+        return all((hw := self.consumer.highwater(tp)) is not None and self.consumer.position(tp) >= hw
+                   for tp in self.consumer.assignment())
+
+    def catch_up(self, timeout_s: float = 30.0) -> int:
+        """Read to every partition's end as of now; ``TimeoutError`` when that takes over ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        end = self.consumer.end_offsets(list(self.consumer.assignment()))
+        n = self.poll(200)
+        while any(self.consumer.position(tp) < off for tp, off in end.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the coreset topic was not read to its end within {timeout_s:.0f} s")
+            n += self.poll(200)
+        return n
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class CoresetPublisher:
+    """Keeps a worker's records in the coreset topic equal to its committed coreset state.
+
+    :meth:`publish` sends the difference between ``current`` and what the topic holds for this worker
+    and flushes; a failure (broker away) is counted and logged, and the next publish retries it."""
+
+    def __init__(self, cfg: StreamConfig, embedded: bool, topic: str, worker: str,
+                 on_publish: Callable[[int, int], object] | None = None,
+                 on_failure: Callable[[BaseException], object] | None = None) -> None:
+        from kafka import KafkaProducer
+
+        self.topic, self.worker = topic, worker
+        self.cfg, self.embedded = cfg, embedded
+        self.published: dict[bytes, bytes] = {}
+        self.on_publish, self.on_failure = on_publish, on_failure
+        self.producer = KafkaProducer(**kafka_client_config(cfg, embedded), acks="all", linger_ms=5,
+                                      max_in_flight_requests_per_connection=1,  # a key's records stay in order
+                                      enable_idempotence=False, max_block_ms=10_000)
+
+    def catch_up(self, timeout_s: float = 30.0) -> int:
+        """Learn what the topic holds for this worker (read it to its end); returns the record count."""
+        reader = CoresetTopicReader(self.cfg, self.embedded, self.topic)
+        try:
+            reader.catch_up(timeout_s)
+        finally:
+            reader.close()
+        self.published = reader.view.owned_by(self.worker)
+        return len(self.published)
+
+    def publish(self, current: Mapping[bytes, bytes], timeout_s: float = 30.0) -> bool:
+        """Produce the changes and wait for the broker to acknowledge them; False when it did not."""
+        todo = changes(self.published, current)
+        if not todo:
+            return True
+        try:
+            futures = [(k, v, self.producer.send(self.topic, key=k, value=v)) for k, v in todo]
+            self.producer.flush(timeout=timeout_s)
+            for k, v, fut in futures:
+                fut.get(timeout=timeout_s)  # raises the send's error
+                if v is None:
+                    self.published.pop(k, None)
+                else:
+                    self.published[k] = v
+        except Exception as exc:  # a broker outage must not stop the worker: the next publish retries
+            log.warning("coreset topic %r: publish failed (%s); the next checkpoint retries it", self.topic, exc)
+            if self.on_failure is not None:
+                self.on_failure(exc)
+            return False
+        if self.on_publish is not None:
+            self.on_publish(sum(v is not None for _, v in todo), sum(v is None for _, v in todo))
+        return True
+
+    def close(self) -> None:
+        self.producer.close(timeout=5)
