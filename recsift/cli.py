@@ -24,6 +24,7 @@ from recsift.vocab import AdminAction, Outcome, Trigger
 if TYPE_CHECKING:  # the command imports what it runs lazily, so `recsift --help` stays fast
     from recsift.service import ServiceSummary
     from recsift.stream.pipeline import Pipeline, RunSummary
+    from recsift.trainer.refresh import RefreshOutcome
 
 log = logging.getLogger("recsift")
 
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(refresh)
     refresh.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path)
     refresh.add_argument("--catalog", dest="stream.catalog_path", type=Path, help="item titles for the prompts")
+
+    trainer = sub.add_parser("trainer", help="refresh from the workers' coreset topic (workers run with "
+                             "trainer.in_worker=false)")
+    _common(trainer)
+    _kafka_flags(trainer)
+    trainer.add_argument("--coreset-topic", dest="stream.coreset_topic", help="the workers' coreset topic")
+    trainer.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path,
+                         help="the trainer's own directory: the coreset mirror and the adapter registry")
+    trainer.add_argument("--catalog", dest="stream.catalog_path", type=Path, help="item titles for the prompts")
 
     evaluate = sub.add_parser("evaluate", help="Recall/NDCG@10,20 of an adapter on a DEALRec dataset's test users")
     _common(evaluate)
@@ -232,11 +242,16 @@ def run_rows(s: ServiceSummary) -> list[tuple[str, str]]:
         ("coverage", f"{s.coverage:.3f}"),
         *((f"  drift: {k}", f"{v:.4f}") for k, v in (s.drift or {}).items()),
         ("refreshes", str(len(s.refreshes or []))),
-        *((f"  {r.trigger}: {r.outcome}", f"{r.version or '-'}, validation loss {_num(r.serving_loss)} → "
-           f"{_num(r.new_loss)}" + "".join(f", {k} {v:.4f}" for k, v in r.metrics.items()) + f", {r.seconds:.0f} s"
-           + (f" ({r.error})" if r.error else "")) for r in s.refreshes or []),
+        *refresh_rows(s.refreshes or []),
         ("serving adapter", s.adapter or "base model"),
     ]
+
+
+def refresh_rows(refreshes: list[RefreshOutcome]) -> list[tuple[str, str]]:
+    """One summary row per refresh: trigger, outcome, version, validation loss before → after, metrics."""
+    return [(f"  {r.trigger}: {r.outcome}", f"{r.version or '-'}, validation loss {_num(r.serving_loss)} → "
+             f"{_num(r.new_loss)}" + "".join(f", {k} {v:.4f}" for k, v in r.metrics.items()) + f", {r.seconds:.0f} s"
+             + (f" ({r.error})" if r.error else "")) for r in refreshes]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -250,6 +265,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         summary = service.run(cfg, max_events=args.max_events)
     print_table("recsift run summary", run_rows(summary))
+    return 0
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from recsift import service
+
+    cfg = settings_from(args)
+    logging.getLogger().setLevel(cfg.monitoring.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    summary = service.run_trainer(cfg, stop=stop)
+    print_table("recsift trainer summary", [
+        ("workers", f"{summary.workers:,}"), ("coreset", f"{summary.members:,}"),
+        ("validation samples", f"{summary.validation:,}"), ("refreshes", str(len(summary.refreshes))),
+        *refresh_rows(summary.refreshes), ("serving adapter", summary.adapter or "base model")])
     return 0
 
 
@@ -493,8 +524,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "replay": cmd_replay, "prune": cmd_prune, "coreset": cmd_coreset, "adapters": cmd_adapters,
-            "refresh": cmd_refresh, "evaluate": cmd_evaluate, "admin": cmd_admin, "broker": cmd_broker, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "trainer": cmd_trainer, "replay": cmd_replay, "prune": cmd_prune, "coreset": cmd_coreset,
+            "adapters": cmd_adapters, "refresh": cmd_refresh, "evaluate": cmd_evaluate, "admin": cmd_admin,
+            "broker": cmd_broker, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

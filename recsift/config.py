@@ -264,6 +264,8 @@ class TrainerConfig(_Section):
     eval_samples: int = Field(128, gt=0, description="validation-reservoir samples a refresh is judged on")
     promote_tolerance: float = Field(0.01, ge=0.0, description="promote unless the new validation loss is worse "
                                      "than the serving adapter's by more than this fraction")
+    in_worker: bool = Field(True, description="refresh inside `recsift run` (one process); false: a separate "
+                            "`recsift trainer` reads stream.coreset_topic and refreshes")
     refresh_interval_s: float | None = Field(1800.0, gt=0, description="interval trigger; unset: no interval refreshes")
     drift_thresholds: dict[str, float] = Field(default_factory=lambda: {"target_js": 0.3, "embedding_sw": 0.5},
                                                description="drift trigger: a metric above its threshold")

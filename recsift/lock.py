@@ -28,10 +28,12 @@ class AlreadyOwned(RuntimeError):
 
 
 class DirectoryLock:
-    """An exclusive lock on ``directory`` for ``role`` (``worker``, ``trainer``); a context manager."""
+    """An exclusive lock on ``directory`` for ``role`` (``worker``, ``trainer``); a context manager.
+    ``owner`` names the holder in the refusal message when it is not the role (a trainer holds its state
+    directory's ``worker`` lock, so no worker can share that directory)."""
 
-    def __init__(self, directory: str | Path, role: str) -> None:
-        self.directory, self.role = Path(directory), role
+    def __init__(self, directory: str | Path, role: str, owner: str | None = None) -> None:
+        self.directory, self.role, self.owner = Path(directory), role, owner or role
         self.path = self.directory / f".{role}.lock"
         self._file: IO[str] | None = None
 
@@ -45,13 +47,14 @@ class DirectoryLock:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = _describe(handle.read())
+            text = handle.read()
             handle.close()
-            raise AlreadyOwned(f"{self.directory} is in use by another recsift {self.role} ({holder}); stop it, "
-                               f"or give this one its own directory") from None
+            raise AlreadyOwned(f"{self.directory} is in use by another recsift {_owner(text, self.role)} "
+                               f"({_describe(text)}); stop it, or give this one its own directory") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                 "owner": self.owner}))
         handle.flush()
         self._file = handle
         return self
@@ -72,6 +75,13 @@ class DirectoryLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+def _owner(text: str, role: str) -> str:
+    try:
+        return str(json.loads(text).get("owner", role))
+    except (ValueError, AttributeError):
+        return role
 
 
 def _describe(text: str) -> str:

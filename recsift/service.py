@@ -41,12 +41,12 @@ from recsift.scoring.stage import (
 )
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
-from recsift.selection.publish import CoresetPublisher
+from recsift.selection.publish import CoresetPublisher, CoresetTopicReader
 from recsift.selection.registry import SELECTORS, make_selector
 from recsift.selection.reservoir import StratifiedConfig
 from recsift.selection.selector import Rescore
 from recsift.selection.stage import GoracsSettings, SelectionStage
-from recsift.selection.store import CoresetStore, read_snapshot
+from recsift.selection.store import CoresetStore, read_snapshot, write_coreset
 from recsift.selection.validation import ValidationReservoir
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.catalog import Catalog, CatalogTopicReader
@@ -254,18 +254,23 @@ def build_selection(cfg: Settings, catalog: Catalog, *, rescore: Rescore | None 
 
 
 class Operations:
-    """Refresh scheduling, the HTTP surface and admin actions around a running pipeline."""
+    """Refresh scheduling, the HTTP surface and admin actions: around a running pipeline (``recsift run``;
+    without ``refreshes`` when a separate trainer refreshes), or around a materialised coreset topic
+    (``recsift trainer``, no pipeline)."""
 
-    def __init__(self, cfg: Settings, metrics: Metrics, catalog: Catalog, *, pipeline: Pipeline,
-                 selection: SelectionStage | None = None, signals: RefreshSignals | None = None) -> None:
+    def __init__(self, cfg: Settings, metrics: Metrics, catalog: Catalog, *, pipeline: Pipeline | None = None,
+                 selection: SelectionStage | None = None, signals: RefreshSignals | None = None,
+                 refreshes: bool = True, coreset: Callable[[], dict[str, object]] | None = None) -> None:
         t = cfg.trainer
         self.cfg, self.metrics, self.catalog = cfg, metrics, catalog
-        self.pipeline, self.selection = pipeline, selection
+        self.pipeline, self.selection, self.coreset = pipeline, selection, coreset
         self.registry = registry_for(cfg)
-        if leftovers := self.registry.discard_partial():
-            log.warning("removed partial adapter writes from an interrupted refresh: %s", ", ".join(leftovers))
-        self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds, t.drift_cooldown_s,
-                                          signals=signals, every_samples=t.refresh_every_samples)
+        self.scheduler: RefreshScheduler | None = None
+        if refreshes:
+            if leftovers := self.registry.discard_partial():
+                log.warning("removed partial adapter writes from an interrupted refresh: %s", ", ".join(leftovers))
+            self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds,
+                                              t.drift_cooldown_s, signals=signals, every_samples=t.refresh_every_samples)
         self.outcomes: list[RefreshOutcome] = []
         self._serving_gauge()
 
@@ -276,7 +281,7 @@ class Operations:
     def refresh_job(self, trigger: Trigger) -> RefreshOutcome:
         """The scheduler's job: one refresh in its own process, then metrics and turnover bookkeeping."""
         log.info("refresh (%s) starting", trigger)
-        if not self.pipeline.request_checkpoint():
+        if self.pipeline is not None and not self.pipeline.request_checkpoint():
             if self.pipeline.looping:  # a live loop that did not checkpoint in time is worth a warning
                 log.warning("no checkpoint before the refresh; it trains on the last committed coreset")
             else:  # stopping: the loop's final checkpoint is the last word
@@ -305,17 +310,22 @@ class Operations:
         p, sel = self.pipeline, self.selection
         current = self.registry.current()
         last = self.outcomes[-1] if self.outcomes else None
-        return {
+        stream: dict[str, object] = {
             "offsets": _copy(p.offsets),
             "lag": _copy(p.lag),
             "source_connected": p.connected,
             "paused": p.held.is_set() and getattr(p.source, "paused", False),
             "events_consumed": p.summary.consumed,
-            "coreset": {"size": len(sel.selector), "budget": sel.selector.budget,
-                        "strata": sel.selector.strata_sizes(), "scorer_version": sel.selector.version,
-                        "validation": len(sel.validation), "coverage": sel.last_coverage,
-                        "drift": sel.last_drift.as_dict() if sel.last_drift else None} if sel else None,
-            "refresh_running": self.scheduler.running,
+        } if p is not None else {}
+        coreset = self.coreset() if self.coreset is not None else {
+            "size": len(sel.selector), "budget": sel.selector.budget,
+            "strata": sel.selector.strata_sizes(), "scorer_version": sel.selector.version,
+            "validation": len(sel.validation), "coverage": sel.last_coverage,
+            "drift": sel.last_drift.as_dict() if sel.last_drift else None} if sel else None
+        return {
+            **stream,
+            "coreset": coreset,
+            "refresh_running": self.scheduler is not None and self.scheduler.running,
             "last_refresh": {"trigger": last.trigger, "outcome": last.outcome, "version": last.version,
                              "validation_loss": last.new_loss, "metrics": last.metrics,
                              "reason": last.reason, "error": last.error} if last else None,
@@ -323,27 +333,34 @@ class Operations:
         }
 
     def actions(self) -> dict[AdminAction, Callable[[], dict[str, object]]]:
-        def refresh_now() -> dict[str, object]:
-            started = self.scheduler.trigger(Trigger.MANUAL)
-            return {"queued": started, "coalesced": not started, "runs_so_far": len(self.outcomes)}
+        """The admin actions this process can do: pause/resume with a pipeline, refresh/rollback when it
+        refreshes (the HTTP surface answers the others "disabled")."""
+        actions: dict[AdminAction, Callable[[], dict[str, object]]] = {}
+        scheduler, pipeline = self.scheduler, self.pipeline
+        if scheduler is not None:
+            def refresh_now() -> dict[str, object]:
+                started = scheduler.trigger(Trigger.MANUAL)
+                return {"queued": started, "coalesced": not started, "runs_so_far": len(self.outcomes)}
 
-        def pause() -> dict[str, object]:
-            self.pipeline.hold(True)
-            self.metrics.paused.set(1)
-            return {"paused": True}
+            def rollback() -> dict[str, object]:
+                version = self.registry.rollback()
+                self._serving_gauge()
+                return {"adapter": version.name}
 
-        def resume() -> dict[str, object]:
-            self.pipeline.hold(False)
-            self.metrics.paused.set(0)
-            return {"paused": False}
+            actions.update({AdminAction.REFRESH: refresh_now, AdminAction.ROLLBACK: rollback})
+        if pipeline is not None:
+            def pause() -> dict[str, object]:
+                pipeline.hold(True)
+                self.metrics.paused.set(1)
+                return {"paused": True}
 
-        def rollback() -> dict[str, object]:
-            version = self.registry.rollback()
-            self._serving_gauge()
-            return {"adapter": version.name}
+            def resume() -> dict[str, object]:
+                pipeline.hold(False)
+                self.metrics.paused.set(0)
+                return {"paused": False}
 
-        return {AdminAction.REFRESH: refresh_now, AdminAction.PAUSE: pause, AdminAction.RESUME: resume,
-                AdminAction.ROLLBACK: rollback}
+            actions.update({AdminAction.PAUSE: pause, AdminAction.RESUME: resume})
+        return actions
 
 
 def _copy(d: dict[int, int]) -> dict[int, int]:
@@ -386,7 +403,8 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
     with ExitStack() as stack:
         # one worker per state directory; with scoring on, this process also refreshes: one per registry
         stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, "worker"))
-        if cfg.scoring.enabled:
+        refreshes = cfg.scoring.enabled and cfg.trainer.in_worker
+        if refreshes:
             stack.enter_context(DirectoryLock(registry_for(cfg).root, "trainer"))
         catalog = load_catalog(cfg)
         if cfg.stream.source == "embedded":
@@ -426,7 +444,8 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         ingest = Ingest(cfg, metrics, catalog, participants=participants, handlers=[stage] if stage else [],
                         threaded=stage is not None, ticks=ticks)
         stack.callback(ingest.close)
-        ops = Operations(cfg, metrics, catalog, pipeline=ingest.pipeline, selection=selection, signals=signals)
+        ops = Operations(cfg, metrics, catalog, pipeline=ingest.pipeline, selection=selection, signals=signals,
+                         refreshes=refreshes)
         http = None
         if cfg.monitoring.port:
             pipeline = ingest.pipeline
@@ -439,14 +458,15 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
                                   f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None
             http.start()
             stack.callback(http.close)
-        if stage is not None:
+        if ops.scheduler is not None:
             ops.scheduler.start()
             stack.callback(ops.scheduler.shutdown)  # waits for a running refresh
         summary = ingest.pipeline.run(ingest.source(), max_events=max_events)
         url = http.url if http else None
         if stage is None or selection is None:
             return ServiceSummary(summary, http_url=url)
-        ops.scheduler.shutdown(wait=True)  # a refresh that is running finishes and is reported
+        if ops.scheduler is not None:
+            ops.scheduler.shutdown(wait=True)  # a refresh that is running finishes and is reported
         scorer = stage.scorer
         report = selection.measure()
         current = ops.registry.current()
@@ -454,3 +474,105 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
                               scorer.last_loss, stage.busy_s, len(selection.selector), cfg.selection.budget,
                               len(selection.validation), selection.last_coverage, report.as_dict(), ops.outcomes,
                               current.name if current else None, url)
+
+
+@dataclass
+class TrainerSummary:
+    refreshes: list[RefreshOutcome]
+    members: int
+    validation: int
+    workers: int
+    adapter: str | None
+
+
+class CoresetMirror:
+    """The coreset topic, read as it grows and written into this trainer's state directory (the tables
+    its refreshes snapshot and are judged on); the workers' counters feed the refresh scheduler."""
+
+    def __init__(self, cfg: Settings, metrics: Metrics, signals: RefreshSignals) -> None:
+        topic = cfg.stream.coreset_topic
+        assert topic is not None
+        ensure_topic(cfg.stream, False, topic, 1, {"cleanup.policy": "compact"})
+        self.reader = CoresetTopicReader(cfg.stream, False, topic)
+        self.db, self.metrics, self.signals = cfg.checkpoint.path, metrics, signals
+        self.samples: dict[str, int] = {}  # worker → samples it had reported when last read
+        self.heartbeat = time.monotonic()
+
+    def sync(self, timeout_ms: int = 200) -> int:
+        """Read what arrived; when anything did, rewrite the mirror and pass new samples and drift on."""
+        self.heartbeat = time.monotonic()
+        workers = dict(self.reader.view.workers)
+        n = self.reader.poll(timeout_ms)
+        if not n:
+            return 0
+        view = self.reader.view
+        write_coreset(self.db, view.member_samples(), view.validation_samples())
+        for worker, body in view.workers.items():
+            if body is workers.get(worker):
+                continue
+            seen = int(body.get("samples", 0))
+            self.signals.count(max(0, seen - self.samples.get(worker, seen)))
+            self.samples[worker] = seen
+            if body.get("drift"):
+                self.signals.drift(body["drift"])
+        self.metrics.coreset_size.set(len(view.members))
+        self.metrics.validation_size.set(len(view.validation))
+        return n
+
+    def status(self) -> dict[str, object]:
+        view = self.reader.view
+        return {"size": len(view.members), "validation": len(view.validation), "workers": sorted(view.workers),
+                "invalid_records": view.invalid}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def run_trainer(cfg: Settings, metrics: Metrics | None = None, stop: threading.Event | None = None) -> TrainerSummary:
+    """``recsift trainer``: the one process that refreshes when workers run elsewhere. It materialises
+    the coreset topic into its own state directory, schedules refreshes (interval, samples the workers
+    report, their drift, admin) and promotes adapters into its registry. Runs until ``stop`` is set
+    (SIGTERM/SIGINT in the CLI); a refresh that is running then finishes first. It reads
+    ``stream.bootstrap_servers`` whatever ``stream.source`` says (it consumes no interactions)."""
+    if not cfg.stream.coreset_topic:
+        raise ConfigError("recsift trainer reads the workers' coreset topic: set stream.coreset_topic "
+                          "(the same on the workers, with trainer.in_worker=false there)")
+    metrics = metrics or Metrics()
+    stop = stop or threading.Event()
+    with ExitStack() as stack:
+        # its state directory holds the mirror: no worker may share it; its registry: no other refresher
+        stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, "worker", owner="trainer"))
+        stack.enter_context(DirectoryLock(registry_for(cfg).root, "trainer"))
+        catalog = load_catalog(cfg)
+        catalog_reader = None
+        if cfg.stream.catalog_topic:
+            catalog_reader = CatalogTopicReader(cfg.stream, False, catalog)
+            stack.callback(catalog_reader.close)
+            log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, catalog_reader.catch_up())
+        signals = RefreshSignals()
+        mirror = CoresetMirror(cfg, metrics, signals)
+        stack.callback(mirror.close)
+        log.info("coreset topic %r: %d records", cfg.stream.coreset_topic, mirror.sync(1000))
+        ops = Operations(cfg, metrics, catalog, signals=signals, coreset=mirror.status)
+        assert ops.scheduler is not None
+        if cfg.monitoring.port:
+            endpoints = Endpoints(metrics, lambda: mirror.heartbeat, dict, lambda: True, ops.status, ops.actions(),
+                                  cfg.admin.token)
+            try:
+                http = HttpServer(endpoints, cfg.monitoring.host, cfg.monitoring.port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {cfg.monitoring.host}:{cfg.monitoring.port}: "
+                                  f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None
+            http.start()
+            stack.callback(http.close)
+        ops.scheduler.start()
+        stack.callback(ops.scheduler.shutdown)
+        while not stop.is_set():
+            mirror.sync(500)
+            if catalog_reader is not None:
+                catalog_reader.poll()
+        ops.scheduler.shutdown(wait=True)  # a refresh that is running finishes and is reported
+        current = ops.registry.current()
+        view = mirror.reader.view
+        return TrainerSummary(ops.outcomes, len(view.members), len(view.validation), len(view.workers),
+                              current.name if current else None)

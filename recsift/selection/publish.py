@@ -4,7 +4,8 @@ Every record is keyed by what it describes, so the topic compacts to the current
 
 - ``m:<sample id>`` a coreset member: ``{"worker", "sample", "score", "stratum", "version"}``;
 - ``v:<sample id>`` a validation sample: ``{"worker", "sample", "seq"}`` (``seq`` orders the reservoir);
-- ``w:<worker id>`` the worker's counters: ``{"worker", "members", "validation", "offered"}``;
+- ``w:<worker id>`` the worker's counters: ``{"worker", "members", "validation", "offered", "samples",
+  "drift"}`` (samples the selection stage saw; its last drift report, or null);
 - a key with no value (a tombstone) removes a member or validation sample that left.
 
 Ordering rule (the checkpoint's, extended): the checkpoint transaction commits, *then* the difference
@@ -103,9 +104,11 @@ class CoresetView:
 
 
 def coreset_records(worker: str, members: Iterable[tuple[Sample, float, int, int]],
-                    validation: Iterable[tuple[Sample, int]], offered: int) -> dict[bytes, bytes]:
+                    validation: Iterable[tuple[Sample, int]], offered: int, samples: int | None = None,
+                    drift: dict[str, float] | None = None) -> dict[bytes, bytes]:
     """key → encoded value of a worker's whole coreset state (members as (sample, score, stratum,
-    version); validation samples as (sample, sequence number))."""
+    version); validation samples as (sample, sequence number)); the worker's counters carry the samples
+    the selection stage has seen and its last drift report, which a trainer's scheduler acts on."""
     out: dict[bytes, bytes] = {}
     n_members = n_validation = 0
     for sample, score, stratum, version in members:
@@ -118,7 +121,8 @@ def coreset_records(worker: str, members: Iterable[tuple[Sample, float, int, int
             {"worker": worker, "sample": sample.to_json(), "seq": int(seq)})
         n_validation += 1
     out[record_key(WORKER, worker)] = orjson.dumps(
-        {"worker": worker, "members": n_members, "validation": n_validation, "offered": int(offered)})
+        {"worker": worker, "members": n_members, "validation": n_validation, "offered": int(offered),
+         "samples": int(offered if samples is None else samples), "drift": drift})
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,12 @@ class CoresetStore:
         """The stage's coreset state as coreset topic records (:func:`coreset_records`)."""
         assert self.publisher is not None
         selector = self.stage.selector
+        stage = self.stage
         return coreset_records(self.publisher.worker,
                                ((m.sample, m.score, m.stratum, m.version) for m in selector.members.values()),
-                               self.stage.validation.numbered(), selector.stats.offered)
+                               stage.validation.numbered(), selector.stats.offered,
+                               samples=selector.stats.offered + stage.validation.seen,
+                               drift=stage.last_drift.as_dict() if stage.last_drift else None)
 
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
         """Restore once per process (the coreset is not partitioned)."""
@@ -104,6 +108,32 @@ class CoresetStore:
 def _member_row(m: Member, now: float) -> tuple[Any, ...]:
     s = m.sample
     return (s.sample_id, s.user_id, orjson.dumps(s.history).decode(), s.target, s.ts, m.score, m.version, m.stratum, now)
+
+
+def write_coreset(db_path: str | Path, members: Iterable[tuple[Sample, float, int, int]],
+                  validation: Iterable[Sample]) -> None:
+    """Replace the committed coreset (members as (sample, score, stratum, scorer version)) and validation
+    samples (oldest first) in one transaction: how a trainer materialises the coreset topic into the
+    tables its refreshes snapshot and judge on."""
+    conn = connect(db_path)
+    try:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM coreset_members")
+        conn.executemany("INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?)",
+                         ((s.sample_id, s.user_id, orjson.dumps(s.history).decode(), s.target, s.ts, score, version,
+                           stratum, now) for s, score, stratum, version in members))
+        conn.execute("DELETE FROM validation_samples")
+        conn.executemany("INSERT INTO validation_samples VALUES (?, ?)", enumerate(s.encode() for s in validation))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
 
 
 def read_selection_state(db_path: str | Path) -> State | None:

@@ -47,8 +47,12 @@ class RefreshSignals:
 
     def scored(self, samples: Sized) -> None:
         """A scoring-stage downstream: count the batch."""
+        self.count(len(samples))
+
+    def count(self, samples: int) -> None:
+        """Count ``samples`` scored elsewhere (a trainer reads the workers' counters)."""
         with self._lock:
-            self._scored += len(samples)
+            self._scored += samples
 
     def drift(self, report: dict[str, float]) -> None:
         """A selection-stage drift listener: keep the latest report."""

@@ -129,7 +129,7 @@ def test_a_publish_during_a_broker_outage_fails_is_counted_and_the_next_one_send
         assert read_view(broker, topic).owned_by(WORKER) == state(range(5, 20))
 
 
-def committed(db: Path) -> tuple[dict[int, tuple[float, int, int]], list[Sample], int]:
+def committed(db: Path) -> tuple[dict[int, tuple[float, int, int]], list[Sample], dict[str, object]]:
     conn = sqlite3.connect(db)
     try:
         members = {int(a): (float(b), int(c), int(d)) for a, b, c, d in
@@ -138,7 +138,10 @@ def committed(db: Path) -> tuple[dict[int, tuple[float, int, int]], list[Sample]
         conn.close()
     selection = read_selection_state(db)
     assert selection is not None
-    return members, read_validation(db), selection.part("selector").meta["stats"]["offered"]
+    offered = selection.part("selector").meta["stats"]["offered"]
+    counters = {"offered": offered, "samples": offered + selection.part("validation").meta["seen"],
+                "drift": selection.meta["last_drift"]}
+    return members, read_validation(db), counters
 
 
 @pytest.mark.slow
@@ -159,12 +162,13 @@ def test_the_service_publishes_its_committed_coreset_and_a_restart_carries_on(
         produce_events(cfg.stream, True, part, topic)  # (user key, payload) pairs
         metrics = Metrics()
         service.run(cfg, metrics=metrics)
-        members, validation, offered = committed(db)
+        members, validation, counters = committed(db)
         view = read_view(broker, coreset_topic)
         assert len(members) == 64 and len(validation) == 50
         assert {i: (b["score"], b["stratum"], b["version"]) for i, b in view.members.items()} == members
         assert view.validation_samples() == validation  # the same samples, oldest first
-        assert view.workers[WORKER] == {"worker": WORKER, "members": 64, "validation": 50, "offered": offered}
+        assert view.workers[WORKER] == {"worker": WORKER, "members": 64, "validation": 50, **counters}
+        assert counters["drift"] is not None  # the stage measured drift: what a trainer's drift trigger reads
         assert view.invalid == 0
         assert metrics.registry.get_sample_value("recsift_coreset_topic_records_total", {"kind": "tombstone"}) > 0
         assert metrics.registry.get_sample_value("recsift_coreset_topic_publish_failures_total") == 0

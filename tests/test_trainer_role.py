@@ -1,0 +1,93 @@
+"""Roles: `recsift run` as a worker that only publishes its coreset, `recsift trainer` as the process
+that refreshes from the coreset topic, each on its own state directory (standing for separate hosts)."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from recsift.config import SyntheticConfig
+from recsift.data.synthetic import SyntheticStream
+from recsift.stream.broker import EmbeddedBroker
+from recsift.stream.kafka import produce_events
+from tests.helpers import kafka_settings, save_tiny_llm, wait_for
+from tests.test_service import ENV, db_rows, kafka_args, service_cmd
+
+
+def trainer_cmd(state: Path, tiny: Path, broker: EmbeddedBroker, coreset_topic: str, *extra: str) -> list[str]:
+    sets = {"trainer.base_model": tiny, "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 256,
+            "trainer.refresh_samples": 16, "trainer.eval_samples": 16, "trainer.learning_rate": 0.005,
+            "trainer.promote_tolerance": 1000, "trainer.cache_dir": state.parent / "cache",
+            "trainer.refresh_every_samples": 2000, "monitoring.port": 0}
+    return [sys.executable, "-m", "recsift.cli", "trainer", "--state-dir", str(state), "--bootstrap-servers",
+            broker.bootstrap_servers, "--coreset-topic", coreset_topic,
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *extra]
+
+
+def members(db: Path) -> dict[int, tuple[float, int, int]]:
+    conn = sqlite3.connect(db)
+    try:
+        return {int(a): (float(b), int(c), int(d)) for a, b, c, d in
+                conn.execute("SELECT sample_id, score, stratum, version FROM coreset_members")}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_separate_trainer_refreshes_from_the_coreset_topic_alone(
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic, coreset_topic = make_topic(2), make_topic(1, prefix="coreset")
+    produce_events(kafka_settings(broker, topic).stream, True,
+                   SyntheticStream(SyntheticConfig(events=6000, users=200, items=150)).payloads(), topic)
+    tiny = save_tiny_llm(tmp_path / "tiny")
+    worker_dir, trainer_dir = tmp_path / "worker", tmp_path / "trainer"
+    trainer = subprocess.Popen(trainer_cmd(trainer_dir, tiny, broker, coreset_topic), env=ENV,
+                               stdout=subprocess.PIPE, stderr=(tmp_path / "trainer.log").open("w"), text=True)
+    try:
+        lock = trainer_dir / ".worker.lock"  # a trainer holds its directory's worker lock, as owner "trainer"
+        wait_for(lambda: (lock.exists() and "trainer" in lock.read_text()) or trainer.poll() is not None, 60,
+                 "the trainer to start")
+        # one trainer per state directory and registry; and no worker may share the trainer's directory
+        second = subprocess.run(trainer_cmd(trainer_dir, tiny, broker, coreset_topic), env=ENV,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "in use by another recsift trainer" in second.stderr, second.stderr
+        worker_there = subprocess.run(service_cmd(trainer_dir, tiny, 0, *kafka_args(broker, topic)), env=ENV,
+                                      capture_output=True, text=True, timeout=60)
+        assert worker_there.returncode == 2 and "in use by another recsift trainer" in worker_there.stderr
+
+        worker = subprocess.run(service_cmd(worker_dir, tiny, 0, *kafka_args(broker, topic),
+                                            "--set", "trainer.in_worker=false",
+                                            "--set", f"stream.coreset_topic={coreset_topic}",
+                                            "--set", "stream.stop_when_idle_s=3",
+                                            "--set", "checkpoint.interval_events=1000"),
+                                env=ENV, capture_output=True, text=True, timeout=300)
+        assert worker.returncode == 0, worker.stderr[-3000:]
+        assert not (worker_dir / "adapters").exists() or not any((worker_dir / "adapters").iterdir())  # never refreshed
+        wait_for(lambda: db_rows(trainer_dir, "SELECT outcome FROM refresh_runs") or trainer.poll() is not None,
+                 300, "the trainer's refresh")
+        time.sleep(2.0)  # the trainer reads the worker's last publish (it polls every 0.5 s)
+    finally:
+        trainer.send_signal(signal.SIGTERM)
+        out, _ = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+    assert "recsift trainer summary" in out and "v0001" in out
+
+    # the trainer trained on the worker's coreset, read from the topic alone
+    (outcome,), = db_rows(trainer_dir, "SELECT outcome FROM refresh_runs")
+    assert outcome == "promoted"
+    assert (trainer_dir / "adapters" / "current").read_text().strip() == "v0001"
+    (size,), = db_rows(trainer_dir, "SELECT size FROM coreset_snapshots")
+    assert size == 64
+    # the mirror equals the worker's committed coreset and validation reservoir after its last checkpoint
+    assert len(members(worker_dir / "recsift.sqlite")) == 64
+    assert members(trainer_dir / "recsift.sqlite") == members(worker_dir / "recsift.sqlite")
+    assert db_rows(trainer_dir, "SELECT sample FROM validation_samples ORDER BY pos") == \
+        db_rows(worker_dir, "SELECT sample FROM validation_samples ORDER BY pos")
