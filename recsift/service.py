@@ -394,6 +394,18 @@ class ServiceSummary:
     http_url: str | None = None
 
 
+def serve_http(cfg: Settings, stack: ExitStack, endpoints: Endpoints) -> HttpServer:
+    """Start the monitoring HTTP surface on ``monitoring.host:port``, closed with ``stack``."""
+    try:
+        http = HttpServer(endpoints, cfg.monitoring.host, cfg.monitoring.port)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {cfg.monitoring.host}:{cfg.monitoring.port}: "
+                          f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None
+    http.start()
+    stack.callback(http.close)
+    return http
+
+
 def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = None,
         progress: Callable[[Pipeline], object] | None = None) -> ServiceSummary:
     """``recsift run``: consume until stopped, checkpointing as it goes; returns the run summary.
@@ -449,15 +461,9 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         http = None
         if cfg.monitoring.port:
             pipeline = ingest.pipeline
-            try:
-                endpoints = Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag,
-                                      lambda: pipeline.connected, ops.status, ops.actions(), cfg.admin.token)
-                http = HttpServer(endpoints, cfg.monitoring.host, cfg.monitoring.port)
-            except OSError as exc:
-                raise ConfigError(f"cannot serve metrics on {cfg.monitoring.host}:{cfg.monitoring.port}: "
-                                  f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None
-            http.start()
-            stack.callback(http.close)
+            http = serve_http(cfg, stack, Endpoints(metrics, lambda: pipeline.heartbeat, lambda: pipeline.lag,
+                                                    lambda: pipeline.connected, ops.status, ops.actions(),
+                                                    cfg.admin.token))
         if ops.scheduler is not None:
             ops.scheduler.start()
             stack.callback(ops.scheduler.shutdown)  # waits for a running refresh
@@ -556,15 +562,8 @@ def run_trainer(cfg: Settings, metrics: Metrics | None = None, stop: threading.E
         ops = Operations(cfg, metrics, catalog, signals=signals, coreset=mirror.status)
         assert ops.scheduler is not None
         if cfg.monitoring.port:
-            endpoints = Endpoints(metrics, lambda: mirror.heartbeat, dict, lambda: True, ops.status, ops.actions(),
-                                  cfg.admin.token)
-            try:
-                http = HttpServer(endpoints, cfg.monitoring.host, cfg.monitoring.port)
-            except OSError as exc:
-                raise ConfigError(f"cannot serve metrics on {cfg.monitoring.host}:{cfg.monitoring.port}: "
-                                  f"{exc.strerror}; choose another monitoring.port (0 disables it)") from None
-            http.start()
-            stack.callback(http.close)
+            serve_http(cfg, stack, Endpoints(metrics, lambda: mirror.heartbeat, dict, lambda: True, ops.status,
+                                             ops.actions(), cfg.admin.token))
         ops.scheduler.start()
         stack.callback(ops.scheduler.shutdown)
         while not stop.is_set():

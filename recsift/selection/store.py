@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,18 +116,25 @@ def write_coreset(db_path: str | Path, members: Iterable[tuple[Sample, float, in
     """Replace the committed coreset (members as (sample, score, stratum, scorer version)) and validation
     samples (oldest first) in one transaction: how a trainer materialises the coreset topic into the
     tables its refreshes snapshot and judge on."""
-    conn = connect(db_path)
-    try:
-        for statement in SCHEMA:
-            conn.execute(statement)
-        now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
+    now = time.time()
+    with _transaction(db_path) as conn:
         conn.execute("DELETE FROM coreset_members")
         conn.executemany("INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?)",
                          ((s.sample_id, s.user_id, orjson.dumps(s.history).decode(), s.target, s.ts, score, version,
                            stratum, now) for s, score, stratum, version in members))
         conn.execute("DELETE FROM validation_samples")
         conn.executemany("INSERT INTO validation_samples VALUES (?, ?)", enumerate(s.encode() for s in validation))
+
+
+@contextmanager
+def _transaction(db_path: str | Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction on its own connection (schema created first); rolled back on any error."""
+    conn = connect(db_path)
+    try:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        conn.execute("BEGIN IMMEDIATE")
+        yield conn
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -160,11 +168,7 @@ class SnapshotMember:
 
 def take_snapshot(db_path: str | Path, reason: str = "refresh") -> SnapshotInfo:
     """Copy the committed coreset into a new numbered snapshot (one transaction)."""
-    conn = connect(db_path)
-    try:
-        for statement in SCHEMA:
-            conn.execute(statement)
-        conn.execute("BEGIN IMMEDIATE")
+    with _transaction(db_path) as conn:
         size, version = conn.execute("SELECT count(*), coalesce(max(version), 0) FROM coreset_members").fetchone()
         created = time.time()
         cur = conn.execute("INSERT INTO coreset_snapshots (created_at, size, scorer_version, reason) VALUES (?,?,?,?)",
@@ -172,14 +176,7 @@ def take_snapshot(db_path: str | Path, reason: str = "refresh") -> SnapshotInfo:
         sid = int(cur.lastrowid or 0)
         conn.execute("INSERT INTO snapshot_members SELECT ?, sample_id, user_id, history, target, ts, score, stratum"
                      " FROM coreset_members", (sid,))
-        conn.execute("COMMIT")
-        return SnapshotInfo(sid, created, int(size), int(version), reason)
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    finally:
-        conn.close()
+    return SnapshotInfo(sid, created, int(size), int(version), reason)
 
 
 def _rows(db_path: str | Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
