@@ -411,6 +411,9 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
     """``recsift run``: consume until stopped, checkpointing as it goes; returns the run summary.
     ``progress`` is called with the pipeline once per loop (the CLI's progress bar)."""
     check_components(cfg)
+    if cfg.scoring.enabled and not cfg.trainer.in_worker and not cfg.stream.coreset_topic:
+        raise ConfigError("trainer.in_worker=false leaves the refreshes to `recsift trainer`, which reads the "
+                          "coreset topic: set stream.coreset_topic too")
     metrics = metrics or Metrics()
     with ExitStack() as stack:
         # one worker per state directory; with scoring on, this process also refreshes: one per registry

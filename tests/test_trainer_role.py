@@ -31,6 +31,16 @@ def trainer_cmd(state: Path, tiny: Path, broker: EmbeddedBroker, coreset_topic: 
             *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *extra]
 
 
+def test_a_split_without_a_coreset_topic_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recsift.cli import main
+
+    assert main(["run", "--state-dir", str(tmp_path), "--set", "trainer.in_worker=false"]) == 2
+    assert "set stream.coreset_topic too" in capsys.readouterr().err
+    assert main(["trainer", "--state-dir", str(tmp_path)]) == 2
+    assert "recsift trainer reads the workers' coreset topic" in capsys.readouterr().err
+    assert not (tmp_path / "adapters").exists()  # refused before anything was touched
+
+
 def members(db: Path) -> dict[int, tuple[float, int, int]]:
     conn = sqlite3.connect(db)
     try:
