@@ -144,9 +144,15 @@ class Protocol:
     score: str = "pmi"  # the candidate score rule (recsift.trainer.evaluate.candidate_scores)
     match_length: bool = True  # negatives of about the target's title length (±1 token)
     version: int = 3  # 2: every candidate's log-likelihood and title prior kept, PMI primary; 3: matched lengths
+    train_on_inputs: bool = True  # prompt + response loss (the reference); False: a response-only diagnostic
 
     def key(self) -> str:
-        return digest(asdict(self))
+        """The digest of every field; a field added after v3 enters it only when it differs from its
+        default, so results computed before the field existed keep their keys."""
+        fields = asdict(self)
+        if fields["train_on_inputs"]:
+            del fields["train_on_inputs"]
+        return digest(fields)
 
 
 class Data:
@@ -203,7 +209,7 @@ class CpuBench:
         self.t: TrainerConfig = load_config(overrides={
             "trainer.domain": "games", "trainer.epochs": protocol.epochs, "trainer.learning_rate": protocol.learning_rate,
             "trainer.warmup_steps": protocol.warmup_steps, "trainer.batch_size": protocol.batch_size,
-            "trainer.prompt_history": protocol.prompt_history, "trainer.train_on_inputs": True,
+            "trainer.prompt_history": protocol.prompt_history, "trainer.train_on_inputs": protocol.train_on_inputs,
             "trainer.base_model": protocol.base_model, "trainer.early_stopping_patience": 100}).trainer
         self.llm = self.load()
         self.builder = self.make_builder(self.llm)
@@ -486,7 +492,8 @@ def run_cpu(args: argparse.Namespace, path: Path) -> None:
     protocol = Protocol(dataset=path.name, data_digest=digest(*(file_digest(path / f) for f in
                                                                  ("train.txt", "valid.txt", "test.txt", "items.tsv"))),
                         users=args.users, budget=args.budget, epochs=args.epochs, learning_rate=args.lr,
-                        prompt_history=args.history, pool=args.pool, surrogate_epochs=args.surrogate_epochs)
+                        prompt_history=args.history, pool=args.pool, surrogate_epochs=args.surrogate_epochs,
+                        train_on_inputs=not args.response_only)
     name = f"quality-{path.name}-cpu{'-' + args.tag if args.tag else ''}"
     say(f"protocol {protocol.key()}: {asdict(protocol)}")
     data = Data(path, protocol)
@@ -605,6 +612,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--history", type=int, default=5, help="--cpu: most recent history items in a prompt")
     ap.add_argument("--surrogate-epochs", type=int, default=10)
+    ap.add_argument("--response-only", action="store_true",
+                    help="--cpu diagnostic: train on the response's loss only (the protocol trains on prompt + "
+                         "response; the cached effort scores stay prompt + response)")
     ap.add_argument("--tag", default="", help="suffix of the result files (a reduced slice)")
     args = ap.parse_args(argv)
     path = resolve_dataset(args.dataset, args.data_dir)

@@ -73,3 +73,19 @@ def test_an_incomplete_run_evaluates_no_gate() -> None:
     summary = q.summarise(records(q, {"base": 0.48, "random": 0.55}), META)
     assert summary["gates"]["complete"] is False and summary["gates"]["positive control beats random"] is None
     assert "Incomplete run" in q.markdown(summary)
+
+
+def test_the_committed_results_keep_their_protocol_keys_and_a_diagnostic_gets_its_own() -> None:
+    """A resumed run recognises the committed records (a protocol field added later must not re-key them),
+    and the response-only diagnostic never reads or overwrites the protocol's records."""
+    import json
+
+    q = quality()
+    for run in ("quality-games-cpu", "quality-games-cpu-pilot-lr1e-4"):
+        summary = json.loads((ROOT / "bench" / "results" / f"{run}.json").read_text())
+        fields = {k: v for k, v in summary["protocol"].items() if k != "key"}
+        protocol = q.Protocol(**fields)
+        record = json.loads((ROOT / "bench" / "results" / run / "base-s0.json").read_text())
+        assert protocol.key() == record["protocol"]
+        diagnostic = q.Protocol(**{**fields, "train_on_inputs": False})
+        assert diagnostic.key() != protocol.key()
