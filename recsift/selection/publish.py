@@ -69,10 +69,18 @@ class CoresetView:
             if kind == WORKER:
                 table: dict[Any, dict[str, Any]] = self.workers
                 k: int | str = ident
+                if body is not None:
+                    int(body.get("samples", 0))
+                    if not isinstance(body.get("drift") or {}, dict):
+                        raise ValueError("drift is not an object")
             else:
                 table, k = (self.members if kind == MEMBER else self.validation), int(ident)
-                if body is not None:
-                    Sample.from_json(body["sample"])  # a value that does not decode is rejected whole
+                if body is not None:  # a value that does not decode is rejected whole
+                    Sample.from_json(body["sample"])
+                    if kind == MEMBER:
+                        float(body["score"]), int(body["stratum"]), int(body["version"])
+                    else:
+                        int(body["seq"])
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
             self.invalid += 1
             log.warning("skipped a record that is not a coreset topic record (%s)", exc)
@@ -156,10 +164,6 @@ class CoresetTopicReader:
                     if on_record is not None:
                         on_record(kind)
         return n
-
-    def caught_up(self) -> bool:
-        return all((hw := self.consumer.highwater(tp)) is not None and self.consumer.position(tp) >= hw
-                   for tp in self.consumer.assignment())
 
     def catch_up(self, timeout_s: float = 30.0) -> int:
         """Read to every partition's end as of now; ``TimeoutError`` when that takes over ``timeout_s``."""

@@ -67,9 +67,14 @@ def test_the_view_is_the_last_value_per_key_and_counts_what_is_not_a_coreset_rec
     assert sorted(view.members) == [0, 2] and sorted(view.validation) == [10, 11]
     assert [s.sample_id for s in view.validation_samples()] == [10, 11]
     for key, value in [(None, b"{}"), (b"x:1", b"{}"), (b"m:1", b"not json"), (b"m:1", b"[1]"),
-                       (b"m:1", orjson.dumps({"worker": WORKER, "sample": [1, "u"]})), (b"m:", b"{}")]:
+                       (b"m:1", orjson.dumps({"worker": WORKER, "sample": [1, "u"]})), (b"m:", b"{}"),
+                       (b"m:1", orjson.dumps({"worker": WORKER, "sample": sample(1).to_json()})),  # no score
+                       (b"v:1", orjson.dumps({"worker": WORKER, "sample": sample(1).to_json(), "seq": "x"})),
+                       (b"w:h", orjson.dumps({"worker": "h", "samples": "many"})),
+                       (b"w:h", orjson.dumps({"worker": "h", "samples": 1, "drift": [1]}))]:
         assert view.apply(key, value) is None
-    assert view.invalid == 6 and sorted(view.members) == [0, 2]
+    assert view.invalid == 10 and sorted(view.members) == [0, 2] and sorted(view.validation) == [10, 11]
+    assert len(view.member_samples()) == 2  # what was kept decodes
     assert set(view.owned_by(WORKER)) == {record_key("m", 0), record_key("m", 2), record_key("v", 10),
                                           record_key("v", 11), record_key("w", WORKER)}
     assert view.owned_by("another host") == {}
