@@ -34,6 +34,7 @@ from recsift.stream.windows import Sample
 log = logging.getLogger(__name__)
 
 MEMBER, VALIDATION, WORKER = "m", "v", "w"
+UNCONFIRMED = b""  # a value sent but not acknowledged; equal to no encoded record, so it is always re-sent
 
 
 def record_key(kind: str, ident: int | str) -> bytes:
@@ -228,6 +229,11 @@ class CoresetPublisher:
                 else:
                     self.published[k] = v
         except Exception as exc:  # a broker outage must not stop the worker: the next publish retries
+            # what was sent and not confirmed may still land: the next publish must treat those keys as
+            # possibly held (resend the value, or tombstone a key that has left since)
+            for k, v in todo:
+                if v is not None and self.published.get(k) != v:
+                    self.published[k] = UNCONFIRMED
             log.warning("coreset topic %r: publish failed (%s); the next checkpoint retries it", self.topic, exc)
             if self.on_failure is not None:
                 self.on_failure(exc)
