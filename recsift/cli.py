@@ -532,16 +532,13 @@ COMMANDS = {"run": cmd_run, "trainer": cmd_trainer, "replay": cmd_replay, "prune
 def main(argv: list[str] | None = None) -> int:
     from recsift.data.datasets import DatasetNotFound
     from recsift.lock import AlreadyOwned
+    from recsift.process import log_to_stderr
     from recsift.selection.store import SnapshotNotFound
     from recsift.stream.broker import BrokerUnavailable
     from recsift.trainer.registry import AdapterNotFound
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    # kafka-python's event-loop timing notes ("Task ... ran for 0.118s") are nothing a user can act on
-    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a second otherwise
+    log_to_stderr()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DatasetNotFound, FileNotFoundError, AdapterNotFound, SnapshotNotFound, AlreadyOwned) as exc:

@@ -4,14 +4,38 @@ A leaf: it imports nothing of recsift."""
 from __future__ import annotations
 
 import ctypes
+import logging
+import multiprocessing
+import os
 import signal
 import sys
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-def die_with_parent() -> None:
+
+def die_with_parent(parent_pid: int | None = None) -> None:
     """In the child: ask Linux to SIGKILL it when the parent dies, even by SIGKILL (atexit never runs then),
-    so a killed service leaves no orphan writing to its state. A no-op elsewhere."""
+    so a killed service leaves no orphan writing to its state. A no-op elsewhere.
+
+    A parent that died before the request took effect (a spawned child imports for seconds first) is
+    caught by comparing the parent's pid, ``parent_pid`` or multiprocessing's parent: the child then
+    kills itself at once."""
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if parent_pid is None:
+        parent = multiprocessing.parent_process()
+        parent_pid = parent.pid if parent is not None else None
+    if parent_pid is not None and os.getppid() != parent_pid:  # orphaned already: no death signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """recsift's log format on stderr, with the chatty libraries quietened: one call per process (the CLI
+    and every child that reports progress), so a child's lines read like its parent's."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python's event-loop timing notes ("Task ... ran for 0.118s") are nothing a user can act on
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a second otherwise

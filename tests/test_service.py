@@ -50,8 +50,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 BUDGET = 64
 
 
-def service_cmd(state: Path, tiny: Path, port: int, *extra: str) -> list[str]:
-    """`recsift run` with small scoring batches, a 64-sample coreset and the tiny model as the LLM."""
+def service_cmd(state: Path, tiny: Path, port: int, *extra: str, command: str = "run") -> list[str]:
+    """`recsift run` (or ``command``) with small scoring batches, a 64-sample coreset and the tiny model as
+    the LLM."""
     sets = {
         "monitoring.port": port, "scoring.batch_size": 500, "scoring.scorer.depth": 20, "selection.budget": BUDGET,
         "trainer.base_model": tiny, "trainer.dtype": "fp32", "trainer.max_prompt_tokens": 256,
@@ -60,7 +61,8 @@ def service_cmd(state: Path, tiny: Path, port: int, *extra: str) -> list[str]:
         "checkpoint.interval_s": 1.0,
     }
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    return [sys.executable, "-m", "recsift.cli", "run", "--state-dir", str(state), "--no-progress", *args, *extra]
+    progress = ["--no-progress"] if command == "run" else []
+    return [sys.executable, "-m", "recsift.cli", command, "--state-dir", str(state), *progress, *args, *extra]
 
 
 def kafka_args(broker: EmbeddedBroker, topic: str, group: str | None = None) -> list[str]:
@@ -90,7 +92,11 @@ def test_an_ml100k_run_scraped_by_prometheus_fills_every_dashboard_query(tmp_pat
     port, prom_port = free_port(), free_port()
     proc = subprocess.Popen(
         service_cmd(tmp_path / "state", tiny, port, "--dataset", str(ml100k), "--set", "trainer.domain=movies",
-                    "--set", "trainer.refresh_every_samples=3000"),
+                    # the drift trigger starts the one refresh the test waits for (its cooldown keeps a
+                    # second from delaying the shutdown); the samples trigger is the fallback
+                    "--set", "trainer.refresh_every_samples=40000",
+                    # a short scoring backlog: the refresh's checkpoint waits for it to drain
+                    "--set", "stream.backpressure_high=3000", "--set", "stream.backpressure_low=1000"),
         env=ENV, stdout=subprocess.DEVNULL, stderr=(tmp_path / "service.log").open("w"))
     prom = start_prometheus(tmp_path, port, prom_port, scrape_interval="1s")
     queries = dashboard_queries()
@@ -205,8 +211,9 @@ def test_sigkill_of_the_whole_service_loses_and_duplicates_nothing(
         kills += 1
         wait_for(lambda: not any(running(k) for k in kids), 30, "the fetch and refresh children to die with the service")
     assert kills >= 3 and during_refresh >= 1, (kills, during_refresh)
-    last = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400, check=False)
-    assert last.returncode == 0, last.stderr[-3000:]
+    with (tmp_path / "final.log").open("w") as log:
+        last = subprocess.run(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=log, timeout=400, check=False)
+    assert last.returncode == 0, (tmp_path / "final.log").read_text()[-3000:]
 
     # no event lost: the checkpoint covers every record of the topic
     assert offsets_done(state, topic) == len(events)
@@ -226,7 +233,11 @@ def test_sigkill_of_the_whole_service_loses_and_duplicates_nothing(
     assert stats["offered"] == len(offerable)
     members = {r[0] for r in db_rows(state, "SELECT sample_id FROM coreset_members")}
     assert 0 < len(members) <= BUDGET and members <= offerable
-    # the registry: the serving pointer names a complete version, nothing half-written is left
+    # the registry: after the kills (one mid-refresh) a manual refresh promotes a complete version, the
+    # serving pointer names it, nothing half-written is left
+    manual = subprocess.run(service_cmd(state, tiny, 0, command="refresh"), env=ENV, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert manual.returncode == 0 and "promoted" in manual.stdout, manual.stdout + manual.stderr[-3000:]
     adapters = state / "adapters"
     names = sorted(p.name for p in adapters.iterdir())
     assert not [n for n in names if n.startswith(".") and n != ".trainer.lock"], names  # the owner's lock stays
@@ -277,7 +288,7 @@ REFRESH_BOOKKEEPING = ("last_snapshot", "last_drift")
 
 
 def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_run(
-    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """One partition (a fixed order), scoring and selection on, killed at three seeded points and once
     during a refresh, then run to the end: every component's state equals an uninterrupted run's."""
@@ -299,13 +310,15 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
 
     def cmd(state: Path, group: str) -> list[str]:
         return service_cmd(state, tiny, 0, *kafka_args(broker, topic, group), *sets,
-                           "--set", "trainer.refresh_every_samples=3000", "--set", "stream.stop_when_idle_s=6",
+                           "--set", "trainer.refresh_every_samples=8000", "--set", "stream.stop_when_idle_s=6",
                            "--set", "stream.backpressure_high=1500", "--set", "stream.backpressure_low=500")
 
+    # the uninterrupted reference runs beside the crashing runs (its own group and state directory): the
+    # final states do not depend on timing, and the two share the machine's idle moments
     reference = tmp_path / "reference"
-    done = subprocess.run(cmd(reference, f"ref-{topic}"), env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert offsets_done(reference, topic) == len(events)
+    with (tmp_path / "reference.log").open("w") as log:
+        ref = subprocess.Popen(cmd(reference, f"ref-{topic}"), env=ENV, stdout=subprocess.DEVNULL, stderr=log)
+    request.addfinalizer(lambda: ref.kill() if ref.poll() is None else None)  # a failed test leaves no process
 
     state, group = tmp_path / "crashy", f"crashy-{topic}"
     rnd = random.Random(int(os.environ.get("RECSIFT_CRASH_SEED", "13")))
@@ -329,6 +342,8 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     assert kills >= 3 and during_refresh >= 1, (kills, during_refresh)
     last = subprocess.run(cmd(state, group), env=ENV, capture_output=True, text=True, timeout=600)
     assert last.returncode == 0, last.stderr[-3000:]
+    assert ref.wait(600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    assert offsets_done(reference, topic) == len(events)
 
     crashed, uninterrupted = component_states(state, overrides), component_states(reference, overrides)
     for name in REFRESH_BOOKKEEPING:

@@ -165,7 +165,7 @@ def _child_main(conn: Connection, cfg: StreamConfig, embedded: bool) -> None:
                 return
             else:
                 raise FetcherError(f"unknown request {kind!r}")
-    except (EOFError, BrokenPipeError):
+    except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone; its checkpoint's offsets are the truth
     except BaseException:
         with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import time
 import traceback
 from collections import Counter
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from recsift.config import Settings, TrainerConfig
-from recsift.process import die_with_parent
+from recsift.process import die_with_parent, log_to_stderr
 from recsift.scoring.effort import response_losses
 from recsift.selection.store import read_snapshot, read_validation, take_snapshot
 from recsift.stream.catalog import Catalog, Item
@@ -236,6 +237,7 @@ def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = Non
             outcome.error = (f"{len(validation)} validation samples, fewer than trainer.min_eval_samples = "
                              f"{t.min_eval_samples}: an adapter that cannot be judged is never promoted")
             return outcome
+        progress(f"refresh ({trigger}): snapshot {snap.snapshot_id} taken, {len(members)} members")
         torch.manual_seed(t.seed)
         llm = llm or load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
         catalog = catalog or Catalog()
@@ -315,6 +317,9 @@ def _config_hash(cfg: Settings) -> str:
 def _child(cfg_json: str, trigger: str, catalog_items: list[tuple[str, str]]) -> None:
     die_with_parent()  # a killed service takes its refresh with it: no orphan writing to the registry
     cfg = Settings.model_validate_json(cfg_json)
+    log_to_stderr()  # the run's progress lines reach the service's log
+    logging.getLogger().setLevel(cfg.monitoring.log_level)
+    log.info("refresh (%s): process %d started", trigger, os.getpid())
     outcome = refresh(cfg, trigger, Catalog(Item(i, t) for i, t in catalog_items))
     raise SystemExit(0 if outcome.outcome != Outcome.FAILED else 1)
 
