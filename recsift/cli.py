@@ -241,10 +241,14 @@ def run_rows(s: ServiceSummary) -> list[tuple[str, str]]:
         ("validation samples", f"{s.validation:,}"),
         ("coverage", f"{s.coverage:.3f}"),
         *((f"  drift: {k}", f"{v:.4f}") for k, v in (s.drift or {}).items()),
-        ("refreshes", str(len(s.refreshes or []))),
-        *refresh_rows(s.refreshes or []),
-        ("serving adapter", s.adapter or "base model"),
+        *(refresh_summary_rows(s.refreshes, s.adapter) if s.refreshes is not None
+          else [("refreshes", "by `recsift trainer` (trainer.in_worker = false)")]),
     ]
+
+
+def refresh_summary_rows(refreshes: list[RefreshOutcome], adapter: str | None) -> list[tuple[str, str]]:
+    """The refresh part of a summary: how many, one row each, and the adapter serving at the end."""
+    return [("refreshes", str(len(refreshes))), *refresh_rows(refreshes), ("serving adapter", adapter or "base model")]
 
 
 def refresh_rows(refreshes: list[RefreshOutcome]) -> list[tuple[str, str]]:
@@ -279,8 +283,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     summary = service.run_trainer(cfg, stop=stop)
     print_table("recsift trainer summary", [
         ("workers", f"{summary.workers:,}"), ("coreset", f"{summary.members:,}"),
-        ("validation samples", f"{summary.validation:,}"), ("refreshes", str(len(summary.refreshes))),
-        *refresh_rows(summary.refreshes), ("serving adapter", summary.adapter or "base model")])
+        ("validation samples", f"{summary.validation:,}"), *refresh_summary_rows(summary.refreshes, summary.adapter)])
     return 0
 
 

@@ -389,7 +389,7 @@ class ServiceSummary:
     validation: int = 0
     coverage: float = 0.0
     drift: dict[str, float] | None = None
-    refreshes: list[RefreshOutcome] | None = None
+    refreshes: list[RefreshOutcome] | None = None  # None: the refreshes run in `recsift trainer`
     adapter: str | None = None
     http_url: str | None = None
 
@@ -478,11 +478,11 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             ops.scheduler.shutdown(wait=True)  # a refresh that is running finishes and is reported
         scorer = stage.scorer
         report = selection.measure()
-        current = ops.registry.current()
+        current = ops.registry.current() if refreshes else None  # a worker beside a trainer serves nothing
         return ServiceSummary(summary, stage.scored, len(stage.pending), scorer.excluded, scorer.scorer.version,
                               scorer.last_loss, stage.busy_s, len(selection.selector), cfg.selection.budget,
-                              len(selection.validation), selection.last_coverage, report.as_dict(), ops.outcomes,
-                              current.name if current else None, url)
+                              len(selection.validation), selection.last_coverage, report.as_dict(),
+                              ops.outcomes if refreshes else None, current.name if current else None, url)
 
 
 @dataclass

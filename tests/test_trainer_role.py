@@ -81,6 +81,7 @@ def test_a_separate_trainer_refreshes_from_the_coreset_topic_alone(
                                 env=ENV, capture_output=True, text=True, timeout=300)
         assert worker.returncode == 0, worker.stderr[-3000:]
         assert not (worker_dir / "adapters").exists() or not any((worker_dir / "adapters").iterdir())  # never refreshed
+        assert "by `recsift trainer`" in worker.stdout and "serving adapter" not in worker.stdout  # says so
         wait_for(lambda: db_rows(trainer_dir, "SELECT outcome FROM refresh_runs") or trainer.poll() is not None,
                  300, "the trainer's refresh")
         time.sleep(2.0)  # the trainer reads the worker's last publish (it polls every 0.5 s)
