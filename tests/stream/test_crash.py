@@ -67,7 +67,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def test_sigkill_at_random_points_ends_in_the_same_state_as_an_uninterrupted_run(
-    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, ml100k: Path
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, ml100k: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     topic = make_topic(3)
     events = recbole_events(ml100k)
@@ -75,10 +76,11 @@ def test_sigkill_at_random_points_ends_in_the_same_state_as_an_uninterrupted_run
     total = len(events)
     idle = ["--set", "stream.stop_when_idle_s=3"]
 
-    ref_state = tmp_path / "ref"
-    ref = subprocess.run(run_cmd(broker, topic, f"ref-{topic}", ref_state, *idle), env=ENV, capture_output=True, text=True, timeout=240)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    assert checkpointed_offset_sum(ref_state, topic) == total
+    ref_state = tmp_path / "ref"  # the uninterrupted reference runs beside the crashing runs (own group)
+    with (tmp_path / "ref.log").open("w") as log:
+        ref = subprocess.Popen(run_cmd(broker, topic, f"ref-{topic}", ref_state, *idle), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=log)
+    request.addfinalizer(lambda: ref.kill() if ref.poll() is None else None)
 
     rnd = random.Random(int(os.environ.get("RECSIFT_CRASH_SEED", "7")))
     kill_points = sorted(rnd.sample(range(total // 10, total * 9 // 10), 3))
@@ -100,6 +102,8 @@ def test_sigkill_at_random_points_ends_in_the_same_state_as_an_uninterrupted_run
     assert kills >= 3, "the consumer finished before it could be killed three times"
     last = subprocess.run(run_cmd(broker, topic, group, state, *idle), env=ENV, capture_output=True, text=True, timeout=240)
     assert last.returncode == 0, last.stderr[-2000:]
+    assert ref.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    assert checkpointed_offset_sum(ref_state, topic) == total
 
     crashed, reference = final_state(state), final_state(ref_state)
     assert crashed["journal_duplicates"] == 0
