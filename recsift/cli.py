@@ -194,14 +194,22 @@ class IngestBar(CountBar):
     def __init__(self, total: int | None) -> None:
         super().__init__(total, "ev", "ingest")
         self.last_postfix = 0.0
+        self.pipeline: Pipeline | None = None
 
     def tick(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
         self(pipeline.summary.consumed)
         now = time.monotonic()
         if now - self.last_postfix >= 0.5:
             self.last_postfix = now
             self.bar.set_postfix(samples=pipeline.state.counts.samples, rejected=sum(pipeline.summary.rejected.values()),
                                  users=pipeline.state.users)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pipeline is not None:  # the last line shows the run's final counts, not the last half-second's
+            s = self.pipeline.summary
+            self.bar.set_postfix(samples=s.samples, rejected=sum(s.rejected.values()), users=s.users)
+        super().__exit__(*exc)
 
 
 # ---------------------------------------------------------------------- summaries

@@ -17,9 +17,9 @@ from tests.helpers import ROOT
 
 @pytest.mark.slow
 def test_embedded_default_run_consumes_the_synthetic_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--max-events", "3000", "--no-progress", "--state-dir", str(tmp_path), "--set", "monitoring.port=0",
+    assert main(["run", "--max-events", "3000", "--state-dir", str(tmp_path), "--set", "monitoring.port=0",
                  "--set", "scoring.batch_size=500", "--set", "scoring.scorer.depth=20"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "events consumed             3,000" in out
     assert "max-events" in out
 
@@ -28,6 +28,9 @@ def test_embedded_default_run_consumes_the_synthetic_stream(tmp_path: Path, caps
                    .replace(",", ""))
 
     samples, scored, waiting = count("samples emitted"), count("samples scored"), count("samples awaiting scoring")
+    # the progress bar's last line shows the run's final counts
+    last_bar = err[err.rindex("ingest: 100%"):].splitlines()[0]
+    assert f"samples={samples}," in last_bar and f"users={count('users tracked')}]" in last_bar, last_bar
     assert 0 < samples < 3000
     assert scored % 500 == 0 and 0 < scored + waiting <= samples  # the rest wait in open windows
     coreset, validation = count("coreset"), count("validation samples")
