@@ -64,7 +64,7 @@ from recsift.trainer.llm import add_lora, load_llm
 from recsift.trainer.prompts import builder_for
 from recsift.trainer.refresh import RefreshOutcome, refresh_in_process, registry_for
 from recsift.trainer.scheduler import RefreshScheduler, RefreshSignals
-from recsift.vocab import AdminAction, LossMetric, Outcome, Trigger
+from recsift.vocab import AdminAction, LossMetric, Outcome, Role, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -414,11 +414,11 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
     if cfg.scoring.enabled and not cfg.trainer.in_worker and not cfg.stream.coreset_topic:
         raise ConfigError("trainer.in_worker=false leaves the refreshes to `recsift trainer`, which reads the "
                           "coreset topic: set stream.coreset_topic too")
-    metrics = metrics or Metrics()
+    refreshes = cfg.scoring.enabled and cfg.trainer.in_worker
+    metrics = metrics or Metrics(roles=(Role.WORKER, Role.TRAINER) if refreshes else (Role.WORKER,))
     with ExitStack() as stack:
         # one worker per state directory; with scoring on, this process also refreshes: one per registry
         stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, "worker"))
-        refreshes = cfg.scoring.enabled and cfg.trainer.in_worker
         if refreshes:
             stack.enter_context(DirectoryLock(registry_for(cfg).root, "trainer"))
         catalog = load_catalog(cfg)
@@ -546,7 +546,7 @@ def run_trainer(cfg: Settings, metrics: Metrics | None = None, stop: threading.E
     if not cfg.stream.coreset_topic:
         raise ConfigError("recsift trainer reads the workers' coreset topic: set stream.coreset_topic "
                           "(the same on the workers, with trainer.in_worker=false there)")
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(roles=(Role.TRAINER,))
     stop = stop or threading.Event()
     with ExitStack() as stack:
         # its state directory holds the mirror: no worker may share it; its registry: no other refresher

@@ -1,6 +1,6 @@
 """The labels every layer shares, spelled once: reject reasons, pipeline stages, eviction reasons,
-rebalance outcomes, refresh triggers, outcomes and reasons, admin actions, drift metric names and
-evaluation metric names.
+rebalance outcomes, refresh triggers, outcomes and reasons, admin actions, drift metric names,
+evaluation metric names and process roles.
 
 They are Prometheus label values, log words and JSON values, so each is a ``str`` enum: a member
 compares equal to its value, formats as its value, and iterating the class gives the full label set
@@ -125,3 +125,11 @@ class LossMetric(Label):
 
     VALIDATION_LOSS = "validation_loss"
     SERVING_LOSS = "serving_loss"
+
+
+class Role(Label):
+    """What a recsift process does; it decides which metrics the process exports, so an alert meant for
+    one role never fires on a process of the other."""
+
+    WORKER = "worker"  # consume, window, score, select, publish the coreset (`recsift run`)
+    TRAINER = "trainer"  # refresh and promote (`recsift trainer`, or `recsift run` with trainer.in_worker)

@@ -16,16 +16,16 @@ import pytest
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.stream.broker import free_port
-from recsift.vocab import Drift
+from recsift.vocab import Drift, Role
 from tests.helpers import PROMETHEUS, prom_query, start_prometheus
 
 MON = Path(__file__).resolve().parents[2] / "recsift" / "monitoring"
 METRIC = re.compile(r"\b(recsift_[a-z_]+)")
 
 
-def exported_names() -> set[str]:
+def exported_names(roles: tuple[Role, ...] = tuple(Role)) -> set[str]:
     names = set()
-    for family in Metrics().registry.collect():
+    for family in Metrics(roles=roles).registry.collect():
         names.add(family.name)  # labelled series without children yet (partition, stratum) have no samples
         for sample in family.samples:
             names.add(sample.name)
@@ -46,6 +46,26 @@ def test_every_queried_metric_exists_and_drift_panels_show_thresholds() -> None:
     assert drift and all(p["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] > 0 for p in drift)
     for metric in Drift.values():  # every drift measure has a panel
         assert any(f'metric=\\"{metric}\\"' in json.dumps(e) for e in exprs), metric
+
+
+def test_each_alert_watches_only_the_roles_that_export_its_metrics() -> None:
+    """A trainer has no event stream and a worker no refreshes: their alerts must not fire on each other."""
+    import yaml
+
+    groups = yaml.safe_load((MON / "prometheus" / "rules.yml").read_text())["groups"]
+    alerts = {r["alert"]: set(METRIC.findall(r["expr"])) for g in groups for r in g["rules"] if "alert" in r}
+
+    def live(roles: tuple[Role, ...]) -> set[str]:
+        exported = exported_names(roles)
+        return {name for name, used in alerts.items() if used <= exported}
+
+    assert live(tuple(Role)) == set(alerts)  # the embedded default watches everything
+    assert live((Role.TRAINER,)) == {"RecsiftRefreshFailing", "RecsiftNoRecentRefresh"}
+    assert {"RecsiftNoEvents", "RecsiftBrokerUnreachable", "RecsiftCoresetDrift"} <= live((Role.WORKER,))
+    assert not live((Role.WORKER,)) & live((Role.TRAINER,))
+    info = {s.labels["roles"] for f in Metrics(roles=(Role.TRAINER,)).registry.collect() for s in f.samples
+            if s.name == "recsift_build_info"}
+    assert info == {"trainer"}
 
 
 PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
