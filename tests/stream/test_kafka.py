@@ -247,3 +247,22 @@ def test_catalog_topic_feeds_unknown_item_checks(broker: EmbeddedBroker, make_to
     summary = service.run(cfg).ingest
     assert summary.accepted == 5 and summary.rejected["unknown_item"] == 3  # i5, i6, i7 are not in the catalog
     assert summary.samples == 4
+
+
+def test_the_catalog_reader_catches_up_on_a_topic_written_in_batches(broker: EmbeddedBroker, make_topic: Callable[..., str]) -> None:
+    """catch_up reads every item of a topic written in several batches. It stops at the fetch responses'
+    high-water mark, which tansu reports as the offset after the last record (unlike its ListOffsets
+    answer, which the coreset reader must not trust: ``CoresetTopicReader.catch_up``)."""
+    from recsift.stream.catalog import Catalog, CatalogTopicReader
+
+    catalog_topic = make_topic(1, prefix="items")
+    settings = kafka_settings(broker, catalog_topic).stream
+    items = [json.dumps({"item_id": f"i{i}", "title": f"Game {i}"}).encode() for i in range(1200)]
+    for start in range(0, len(items), 300):  # four separate batches
+        produce_events(settings, True, [(None, p) for p in items[start:start + 300]], catalog_topic)
+    reader = CatalogTopicReader(settings.model_copy(update={"catalog_topic": catalog_topic}), True, Catalog())
+    try:
+        assert reader.catch_up() == len(items)
+        assert len(reader.catalog) == len(items) and reader.invalid == 0
+    finally:
+        reader.close()
