@@ -211,6 +211,9 @@ class SelectionConfig(_Section):
 
     seed: int = 0
     budget: int = Field(1024, gt=0)
+    partition_budgets: bool = Field(True, description="with a Kafka source, a worker selects ⌊budget / partitions⌋ "
+                                    "(+1 for the lowest-numbered) per partition it owns, so the workers of one "
+                                    "group together keep one budget; false: every worker keeps the whole budget")
     selector: SelectorSpec = Field(SelectorSpec(), description="type (stratified) and its options, e.g. {type: "
                                    "stratified, strata: 50, hard_prune: 0.1} (recsift.selection.registry)")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="hash-chosen share kept out of the coreset")

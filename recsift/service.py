@@ -47,6 +47,7 @@ from recsift.selection.reservoir import StratifiedConfig
 from recsift.selection.selector import Rescore
 from recsift.selection.stage import GoracsSettings, SelectionStage
 from recsift.selection.store import CoresetStore, read_snapshot, write_coreset
+from recsift.selection.stratified import partition_budget
 from recsift.selection.validation import ValidationReservoir
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.catalog import Catalog, CatalogTopicReader
@@ -55,7 +56,7 @@ from recsift.stream.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaD
 from recsift.stream.dedup import DedupIndex
 from recsift.stream.fetcher import ProcessKafkaSource
 from recsift.stream.file_source import FileSource
-from recsift.stream.kafka import KafkaSource, ensure_topic, keyed, produce_events
+from recsift.stream.kafka import KafkaSource, ensure_topic, keyed, produce_events, topic_partitions
 from recsift.stream.pipeline import DirectSink, Pipeline, RunSummary, ThreadedSink
 from recsift.stream.sources import Source
 from recsift.stream.validator import Validator
@@ -251,6 +252,30 @@ def build_selection(cfg: Settings, catalog: Catalog, *, rescore: Rescore | None 
     if metrics is not None:
         metrics.init_strata(selector.strata, sel.budget)
     return selection, CoresetStore(selection)
+
+
+class PartitionShare:
+    """A loop tick that keeps the selection's budget at this worker's share of the global budget: the part
+    of ``selection.budget`` that belongs to the partitions it owns (``partition_budget``), so the workers
+    of one group together keep one budget. The partition count is read from the broker once the worker
+    owns a partition (the topic exists by then)."""
+
+    def __init__(self, cfg: Settings, selection: SelectionStage) -> None:
+        self.cfg, self.selection = cfg, selection
+        self.partitions = 0
+        self.owned: frozenset[int] = frozenset()
+
+    def __call__(self, pipeline: Pipeline) -> None:
+        owned = frozenset(pipeline.source.assignment()) if pipeline.source is not None else frozenset()
+        if not owned or owned == self.owned:
+            return
+        if not self.partitions or max(owned) >= self.partitions:
+            s = self.cfg.stream
+            self.partitions = topic_partitions(s, s.source == "embedded", s.topic)
+            if max(owned) >= self.partitions:
+                return  # the broker's metadata is behind the assignment: try again next loop
+        self.owned = owned
+        self.selection.budget_target = partition_budget(self.cfg.selection.budget, self.partitions, owned)
 
 
 class Operations:
@@ -454,6 +479,8 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             stack.callback(reader.close)
             log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
             ticks.append(lambda _: reader.poll())
+        if selection is not None and cfg.selection.partition_budgets and cfg.stream.source != "file":
+            ticks.append(PartitionShare(cfg, selection))
         if progress is not None:
             ticks.append(progress)
         ingest = Ingest(cfg, metrics, catalog, participants=participants, handlers=[stage] if stage else [],

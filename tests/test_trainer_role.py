@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,3 +103,50 @@ def test_a_separate_trainer_refreshes_from_the_coreset_topic_alone(
     assert members(trainer_dir / "recsift.sqlite") == members(worker_dir / "recsift.sqlite")
     assert db_rows(trainer_dir, "SELECT sample FROM validation_samples ORDER BY pos") == \
         db_rows(worker_dir, "SELECT sample FROM validation_samples ORDER BY pos")
+
+
+@pytest.mark.slow
+def test_two_workers_of_one_group_keep_one_budget_between_them(
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Each worker selects the share of the global budget that its partitions own (64 over 2 partitions:
+    32 each); the coreset topic, the trainer's input, holds one full budget, not one per worker."""
+    from tests.selection.test_publish import read_view
+
+    topic, coreset_topic = make_topic(2), make_topic(1, prefix="coreset")
+    produce_events(kafka_settings(broker, topic).stream, True,
+                   SyntheticStream(SyntheticConfig(events=12_000, users=200, items=150)).payloads(), topic)
+    tiny = save_tiny_llm(tmp_path / "tiny")
+
+    def worker(name: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            service_cmd(tmp_path / name, tiny, 0, *kafka_args(broker, topic), "--set", "trainer.in_worker=false",
+                        "--set", f"stream.coreset_topic={coreset_topic}", "--set", f"stream.worker_id={name}",
+                        "--set", "checkpoint.interval_events=1000"),
+            env=ENV, stdout=subprocess.PIPE, stderr=(tmp_path / f"{name}.log").open("w"), text=True)
+
+    workers = {"w1": worker("w1"), "w2": worker("w2")}  # they join together: the broker waits for a group
+    try:
+        # both run until the stream is checkpointed, then stop together: a worker that left first would hand
+        # its partition, and so its share, to the other (members that stay in the topic: not built yet)
+        def done() -> int:  # per partition, the furthest either worker checkpointed (a moved one is in both)
+            rows = [r for n in workers for r in db_rows(tmp_path / n, "SELECT partition, next_offset FROM offsets")]
+            return sum(max(o for q, o in rows if q == p) for p in {q for q, _ in rows})
+
+        wait_for(lambda: done() == 12_000 or any(p.poll() is not None for p in workers.values()), 300,
+                 "the stream to be checkpointed")
+    finally:
+        for proc in workers.values():
+            proc.send_signal(signal.SIGTERM)
+    for name, proc in workers.items():
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("w1", "w2")}
+    assert all("coreset budget 64 → 32" in log for log in logs.values()), logs  # each applied its share
+
+    view = read_view(broker, coreset_topic)
+    per_worker = Counter(body["worker"] for body in view.members.values())
+    assert per_worker == {"w1": 32, "w2": 32}, per_worker
+    for name in ("w1", "w2"):  # each worker's committed coreset is its share, and it is what it published
+        assert set(members(tmp_path / name / "recsift.sqlite")) == \
+            {sid for sid, body in view.members.items() if body["worker"] == name}

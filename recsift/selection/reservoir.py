@@ -160,6 +160,19 @@ class StratifiedReservoir:
         if self.fixed_edges is None and self.since_edges >= self.rebucket_every:
             self._maybe_move_edges()
 
+    def resize(self, budget: int) -> None:
+        """A new capacity (a worker's share of the global budget moved with its partitions): quotas are
+        re-allocated for it, strata over their quota evict their lowest keys into the spares, strata under
+        it refill from their spares, highest key first."""
+        if budget < 1:
+            raise ValueError("budget must be positive")
+        if budget == self.budget:
+            return
+        self.budget = budget
+        self._allocate()
+        self._shrink_to_quotas()
+        self._refill()
+
     def _offer_one(self, o: Offer, k: int, gumbel: float) -> None:
         sid = o.sample.sample_id
         if sid in self.members or sid in self.spare:

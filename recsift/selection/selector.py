@@ -99,6 +99,9 @@ class Selector(Protocol):
     def offer(self, offers: Iterable[Offer], rescore: Rescore | None = None) -> None:
         """Consider a batch of scored samples (one scorer version), in stream order."""
 
+    def resize(self, budget: int) -> None:
+        """Change the capacity: shrink by evicting, grow by refilling from what is still held."""
+
     def __len__(self) -> int: ...
 
     def strata_sizes(self) -> list[int]: ...

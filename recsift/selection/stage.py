@@ -9,6 +9,7 @@ every sample. Metrics: coreset size, members per stratum, coverage, drift, selec
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from recsift.selection.selector import Offer, Rescore, Selector
 from recsift.selection.validation import ValidationReservoir, validation_mask
 from recsift.state import State
 from recsift.vocab import Stage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,18 @@ class SelectionStage:
         self.last_snapshot: set[int] = set()
         self.last_drift: DriftReport | None = None
         self.last_coverage = 0.0
+        # the worker's share of the global budget, set (from the ingest thread) when its partitions change;
+        # applied before the next batch, in the thread that owns the selector
+        self.budget_target: int | None = None
         if coverage is not None and coverage_constraint:
             selector.protect = coverage.guard(lambda: selector.members.values(), selector.budget)
 
     def __call__(self, scored: Sequence[ScoredSample]) -> None:
         started = time.perf_counter()
+        target = self.budget_target
+        if target is not None and target != self.selector.budget:
+            log.info("coreset budget %d → %d (this worker's share of its partitions)", self.selector.budget, target)
+            self.selector.resize(target)
         offers = []
         held_out = validation_mask([s.sample.sample_id for s in scored], self.fraction, self.seed)
         for s, validation in zip(scored, held_out.tolist(), strict=True):
@@ -147,6 +157,7 @@ class SelectionStage:
         assert m is not None
         m.stage_duration.labels(Stage.SELECT).observe(seconds)
         m.coreset_size.set(len(sel))
+        m.coreset_capacity.set(sel.budget)
         for k, size in enumerate(sel.strata_sizes()):
             m.coreset_stratum_members.labels(str(k)).set(size)
         m.validation_size.set(len(self.validation))

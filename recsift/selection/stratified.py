@@ -10,7 +10,7 @@ difficulty score (EL2N in the DEALRec paper's comparison): ``recsift prune --met
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,3 +105,18 @@ def random_select(ids: np.ndarray, budget: int, seed: int = 0) -> Selection:
     picked = np.sort(np.random.default_rng(seed).choice(len(ids), size=min(budget, len(ids)), replace=False))
     return Selection(ids[picked], np.zeros(len(picked)), np.full(len(picked), -1, dtype=np.int64))
 
+
+
+def partition_budget(budget: int, partitions: int, owned: Iterable[int]) -> int:
+    """The part of a global ``budget`` that belongs to the ``owned`` partitions of a topic with
+    ``partitions`` partitions: ⌊budget / partitions⌋ each, the remainder one each to the lowest-numbered,
+    so the parts of all partitions add up to ``budget`` exactly (at least 1 for a worker that owns any)."""
+    if partitions < 1:
+        raise ValueError("a topic has at least one partition")
+    owned = set(owned)
+    if not owned:
+        return 0
+    if not all(0 <= p < partitions for p in owned):
+        raise ValueError(f"partitions {sorted(owned)} are not all among the topic's {partitions}")
+    base, extra = divmod(budget, partitions)
+    return max(1, sum(base + (p < extra) for p in owned))

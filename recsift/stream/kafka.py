@@ -61,6 +61,17 @@ def ensure_topic(cfg: StreamConfig, embedded: bool, topic: str, partitions: int,
         admin.close()
 
 
+def topic_partitions(cfg: StreamConfig, embedded: bool, topic: str) -> int:
+    """How many partitions ``topic`` has (0 when the broker does not know it)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(**kafka_client_config(cfg, embedded), group_id=None, enable_auto_commit=False)
+    try:
+        return len(consumer.partitions_for_topic(topic) or ())
+    finally:
+        consumer.close()
+
+
 class KafkaSource:
     """A member of consumer group ``group_id`` reading ``topic``; auto-commit off, offsets committed by the pipeline."""
 

@@ -187,3 +187,57 @@ def test_a_checkpoint_from_before_the_sketch_ring_loads_into_the_same_state() ->
     restored = StratifiedReservoir(200, 5, sketch_size=300, seed=3)
     restored.load_state_dict(State.from_bytes(old.to_bytes()))
     assert differences(restored.state_dict(), new) == []
+
+
+def test_resize_shrinks_to_the_smaller_reservoir_and_grows_back_from_the_spares() -> None:
+    """A worker's share of the budget moves with its partitions. Shrinking must leave exactly what a
+    reservoir of the smaller budget would hold on the same stream (the top-quota keys per stratum), and
+    growing back within the spares must restore the larger one's members."""
+    scores, batches = static_stream(3)
+    cut = hard_prune_cut(scores, 0.1)
+    edges = (float(scores[scores <= cut].min()), cut)
+    big = StratifiedReservoir(300, 20, 0.1, seed=3, edges=edges)
+    small = StratifiedReservoir(150, 20, 0.1, seed=3, edges=edges)
+    for b in batches:
+        big.offer(b)
+        small.offer(b)
+    before = set(big.members)
+    big.resize(150)
+    assert big.budget == 150 and len(big) == 150
+    assert big.quotas == small.quotas and set(big.members) == set(small.members)
+    big.resize(300)
+    assert len(big) == 300 and set(big.members) == before
+    with pytest.raises(ValueError, match="positive"):
+        big.resize(0)
+
+
+def test_partition_budgets_add_up_to_the_global_budget() -> None:
+    from recsift.selection.stratified import partition_budget
+
+    for budget, partitions in ((1024, 3), (64, 2), (10, 4), (5, 8)):
+        parts = [partition_budget(budget, partitions, {p}) for p in range(partitions)]
+        assert sum(parts) == budget or budget < partitions  # fewer samples than partitions: 1 each at least
+        assert max(parts) - min(parts) <= 1
+        assert partition_budget(budget, partitions, range(partitions)) == budget
+    assert partition_budget(1024, 3, {0, 2}) == 342 + 341
+    assert partition_budget(1024, 3, set()) == 0
+    with pytest.raises(ValueError, match="not all among"):
+        partition_budget(1024, 3, {3})
+
+
+def test_the_stage_applies_a_new_budget_before_its_next_batch() -> None:
+    from recsift.scoring.stage import ScoredSample
+
+    selector = StratifiedReservoir(200, 10, 0.1, seed=0)
+    stage = SelectionStage(selector, validation_fraction=0.0)
+    batches = synthetic_offers(2000, seed=0, batch=500)
+
+    def scored(batch: list[Offer]) -> list[ScoredSample]:
+        return [ScoredSample(o.sample, o.score, o.version, o.embedding) for o in batch]  # type: ignore[arg-type]
+
+    stage(scored(batches[0]))
+    assert len(selector) == 200
+    stage.budget_target = 80  # set by the ingest thread when partitions move
+    assert len(selector) == 200  # nothing changes under the selection thread's feet
+    stage(scored(batches[1]))
+    assert selector.budget == 80 and len(selector) == 80
