@@ -260,18 +260,29 @@ class PartitionShare:
     of one group together keep one budget. The partition count is read from the broker once the worker
     owns a partition (the topic exists by then)."""
 
+    RETRY_S = 30.0  # after a failed metadata read (the broker away): the loop must not block on it each turn
+
     def __init__(self, cfg: Settings, selection: SelectionStage) -> None:
         self.cfg, self.selection = cfg, selection
         self.partitions = 0
         self.owned: frozenset[int] = frozenset()
+        self.retry_at = 0.0
 
     def __call__(self, pipeline: Pipeline) -> None:
         owned = frozenset(pipeline.source.assignment()) if pipeline.source is not None else frozenset()
         if not owned or owned == self.owned:
             return
         if not self.partitions or max(owned) >= self.partitions:
+            if time.monotonic() < self.retry_at:
+                return
             s = self.cfg.stream
-            self.partitions = topic_partitions(s, s.source == "embedded", s.topic)
+            try:
+                self.partitions = topic_partitions(s, s.source == "embedded", s.topic)
+            except Exception as exc:  # kafka-python's errors; the budget stays as it is until the next try
+                self.retry_at = time.monotonic() + self.RETRY_S
+                log.warning("cannot read %r's partition count (%s); keeping the coreset budget, retrying in %.0f s",
+                            s.topic, exc, self.RETRY_S)
+                return
             if max(owned) >= self.partitions:
                 return  # the broker's metadata is behind the assignment: try again next loop
         self.owned = owned

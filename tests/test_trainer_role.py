@@ -150,3 +150,37 @@ def test_two_workers_of_one_group_keep_one_budget_between_them(
     for name in ("w1", "w2"):  # each worker's committed coreset is its share, and it is what it published
         assert set(members(tmp_path / name / "recsift.sqlite")) == \
             {sid for sid, body in view.members.items() if body["worker"] == name}
+
+
+def test_a_partition_count_that_cannot_be_read_keeps_the_budget_and_is_retried_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker away when a worker's partitions change: the loop tick logs once, keeps the budget and
+    does not block the ingest loop on a metadata read every turn (it retries after ``RETRY_S``)."""
+    import logging
+
+    from recsift.config import load_config
+    from recsift.monitoring.metrics import Metrics
+    from recsift.service import Ingest, PartitionShare, build_selection
+    from recsift.stream.broker import free_port
+    from recsift.stream.catalog import Catalog
+    from recsift.stream.file_source import FileSource
+
+    (tmp_path / "events.jsonl").write_text("")
+    file_cfg = load_config(overrides={"checkpoint.state_dir": str(tmp_path / "state"), "stream.source": "file",
+                                      "stream.file_path": str(tmp_path / "events.jsonl")})
+    ingest = Ingest(file_cfg, Metrics(), Catalog())
+    pipeline = ingest.pipeline
+    pipeline.source = FileSource(tmp_path / "events.jsonl", lambda: iter(()), pipeline.on_assign)  # owns {0}
+    away = load_config(overrides={"stream.source": "kafka", "stream.bootstrap_servers": f"127.0.0.1:{free_port()}",
+                                  "selection.budget": 64})
+    selection, _ = build_selection(away, Catalog())
+    share = PartitionShare(away, selection)
+    try:
+        with caplog.at_level(logging.WARNING, logger="recsift.service"):
+            share(pipeline)
+            share(pipeline)  # within RETRY_S: no second read
+        warnings = [r for r in caplog.records if "partition count" in r.getMessage()]
+        assert len(warnings) == 1 and selection.budget_target is None and share.retry_at > 0
+    finally:
+        ingest.close()

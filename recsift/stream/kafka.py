@@ -61,11 +61,13 @@ def ensure_topic(cfg: StreamConfig, embedded: bool, topic: str, partitions: int,
         admin.close()
 
 
-def topic_partitions(cfg: StreamConfig, embedded: bool, topic: str) -> int:
-    """How many partitions ``topic`` has (0 when the broker does not know it)."""
+def topic_partitions(cfg: StreamConfig, embedded: bool, topic: str, timeout_ms: int = 5000) -> int:
+    """How many partitions ``topic`` has (0 when the broker does not know it); a broker that cannot be
+    reached within ``timeout_ms`` raises ``KafkaTimeoutError`` (the default would wait 30 s)."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(**kafka_client_config(cfg, embedded), group_id=None, enable_auto_commit=False)
+    consumer = KafkaConsumer(**kafka_client_config(cfg, embedded), group_id=None, enable_auto_commit=False,
+                             bootstrap_timeout_ms=timeout_ms)
     try:
         return len(consumer.partitions_for_topic(topic) or ())
     finally:
