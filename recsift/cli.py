@@ -208,7 +208,8 @@ class IngestBar(CountBar):
     def __exit__(self, *exc: object) -> None:
         if self.pipeline is not None:  # the last line shows the run's final counts, not the last half-second's
             s = self.pipeline.summary
-            self.bar.set_postfix(samples=s.samples, rejected=sum(s.rejected.values()), users=s.users)
+            self.bar.set_postfix(samples=s.samples, rejected=sum(s.rejected.values()), users=s.users,
+                                 refresh=False)  # closing draws it once
         super().__exit__(*exc)
 
 
