@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from recsift.config import ConfigError, Settings, load_config, parse_override
-from recsift.vocab import AdminAction, Outcome, Trigger
+from recsift.vocab import AdminAction, Outcome, Role, Trigger
 
 if TYPE_CHECKING:  # the command imports what it runs lazily, so `recsift --help` stays fast
     from recsift.service import ServiceSummary
@@ -431,7 +431,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     cfg = settings_from(args)
     if not cfg.checkpoint.path.is_file():
         raise FileNotFoundError(f"no checkpoint at {cfg.checkpoint.path}: run `recsift run` first")
-    with DirectoryLock(registry_for(cfg).root, "trainer"):  # a running service refreshes into it too
+    with DirectoryLock(registry_for(cfg).root, Role.TRAINER):  # a running service refreshes into it too
         outcome = refresh(cfg, Trigger.MANUAL, load_catalog(cfg), progress=log.info)
     print_table("recsift refresh", [("outcome", outcome.outcome), ("snapshot", str(outcome.snapshot_id)),
                                     ("version", str(outcome.version)), ("serving before", str(outcome.serving_before)),

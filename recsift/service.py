@@ -454,9 +454,9 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
     metrics = metrics or Metrics(roles=(Role.WORKER, Role.TRAINER) if refreshes else (Role.WORKER,))
     with ExitStack() as stack:
         # one worker per state directory; with scoring on, this process also refreshes: one per registry
-        stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, "worker"))
+        stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, Role.WORKER))
         if refreshes:
-            stack.enter_context(DirectoryLock(registry_for(cfg).root, "trainer"))
+            stack.enter_context(DirectoryLock(registry_for(cfg).root, Role.TRAINER))
         catalog = load_catalog(cfg)
         if cfg.stream.source == "embedded":
             broker = stack.enter_context(EmbeddedBroker())
@@ -588,8 +588,8 @@ def run_trainer(cfg: Settings, metrics: Metrics | None = None, stop: threading.E
     stop = stop or threading.Event()
     with ExitStack() as stack:
         # its state directory holds the mirror: no worker may share it; its registry: no other refresher
-        stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, "worker", owner="trainer"))
-        stack.enter_context(DirectoryLock(registry_for(cfg).root, "trainer"))
+        stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, Role.WORKER, owner=Role.TRAINER))
+        stack.enter_context(DirectoryLock(registry_for(cfg).root, Role.TRAINER))
         catalog = load_catalog(cfg)
         catalog_reader = None
         if cfg.stream.catalog_topic:

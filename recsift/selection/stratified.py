@@ -106,7 +106,6 @@ def random_select(ids: np.ndarray, budget: int, seed: int = 0) -> Selection:
     return Selection(ids[picked], np.zeros(len(picked)), np.full(len(picked), -1, dtype=np.int64))
 
 
-
 def partition_budget(budget: int, partitions: int, owned: Iterable[int]) -> int:
     """The part of a global ``budget`` that belongs to the ``owned`` partitions of a topic with
     ``partitions`` partitions: ⌊budget / partitions⌋ each, the remainder one each to the lowest-numbered,
