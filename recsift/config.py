@@ -170,6 +170,9 @@ class CheckpointConfig(_Section):
     interval_events: int = Field(100_000, gt=0, description="checkpoint at least every this many records")
     interval_s: float = Field(10.0, gt=0, description="and at least this often while records flow")
     journal_samples: bool = Field(False, description="record every emitted sample id (audits, crash tests)")
+    changelog_topic: str | None = Field(
+        None, description="write the stream state's changes to this compacted topic and restore assigned "
+                          "partitions from it (recsift.stream.changelog): workers on separate hosts; None: off")
 
     @property
     def path(self) -> Path:

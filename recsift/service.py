@@ -51,7 +51,8 @@ from recsift.selection.stratified import partition_budget
 from recsift.selection.validation import ValidationReservoir
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.catalog import Catalog, CatalogTopicReader
-from recsift.stream.checkpoint import Checkpoint, Participant, SampleJournal
+from recsift.stream.changelog import KafkaChangelog, StreamChangelog
+from recsift.stream.checkpoint import Checkpoint, Participant
 from recsift.stream.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
 from recsift.stream.dedup import DedupIndex
 from recsift.stream.fetcher import ProcessKafkaSource
@@ -145,12 +146,8 @@ class Ingest:
         self.catalog = catalog
         embedded = cfg.stream.source == "embedded"
         self.embedded = embedded
-        self.journal = SampleJournal() if cfg.checkpoint.journal_samples else None
         participants = list(participants or [])
         handlers = list(handlers or [])
-        if self.journal is not None:
-            participants.append(self.journal)
-            handlers.append(self.journal.record)
         dead_letters: DeadLetterSink
         if cfg.stream.source == "file":
             dead_letters = FileDeadLetterSink(cfg.stream.dead_letter_path)
@@ -163,6 +160,7 @@ class Ingest:
         sink = ThreadedSink(*handlers) if threaded else DirectSink(*handlers)
         self.pipeline = Pipeline(cfg, validator=validator, dead_letters=dead_letters, checkpoint=self.checkpoint,
                                  sink=sink, metrics=metrics, participants=participants, ticks=ticks)
+        self.changelog = build_changelog(cfg, self.pipeline, metrics) if cfg.checkpoint.changelog_topic else None
 
     def source(self) -> Source:
         s = self.cfg.stream
@@ -181,7 +179,41 @@ class Ingest:
     def close(self) -> None:
         self.pipeline.dead_letters.close()
         self.pipeline.sink.close()
+        if self.changelog is not None:
+            self.changelog.close()
         self.checkpoint.close()
+
+
+def build_changelog(cfg: Settings, pipeline: Pipeline, metrics: Metrics) -> StreamChangelog:
+    """The stream state's changelog (``checkpoint.changelog_topic``), attached to the pipeline's checkpoint:
+    one compacted changelog partition per source partition, created when missing."""
+    s, topic = cfg.stream, cfg.checkpoint.changelog_topic
+    assert topic is not None
+    if s.source == "file":
+        raise ConfigError("checkpoint.changelog_topic needs a Kafka source: a file has no partitions to move")
+    embedded = s.source == "embedded"
+    partitions = topic_partitions(s, embedded, s.topic)
+    if not partitions:
+        raise ConfigError(f"the changelog needs the source topic {s.topic!r} to exist first: it gets one "
+                          "changelog partition per source partition")
+    ensure_topic(s, embedded, topic, partitions, {"cleanup.policy": "compact"})
+    have = topic_partitions(s, embedded, topic)
+    if have < partitions:
+        raise ConfigError(f"changelog topic {topic!r} has {have} partitions, the source topic {s.topic!r} has "
+                          f"{partitions}: it needs one per source partition")
+
+    def restored(outcome: str, records: int, seconds: float) -> None:
+        metrics.changelog_syncs.labels(outcome).inc()
+        metrics.changelog_restore_seconds.inc(seconds)
+
+    def written(records: int, size: int) -> None:
+        metrics.changelog_records.inc(records)
+        metrics.changelog_bytes.inc(size)
+
+    changelog = StreamChangelog(KafkaChangelog(s, embedded, topic), pipeline.store, s.topic, on_restore=restored,
+                                on_progress=metrics.changelog_restore_records.inc, on_write=written)
+    pipeline.checkpoint.attach_changelog(changelog)
+    return changelog
 
 
 def build_effort(cfg: Settings, catalog: Catalog) -> EffortScorer:

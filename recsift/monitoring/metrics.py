@@ -115,6 +115,24 @@ class Metrics:
         self.last_checkpoint = Gauge(
             "recsift_last_checkpoint_timestamp_seconds", "Wall-clock time of the last checkpoint", registry=worker
         )
+        # the stream state's changelog topic (checkpoint.changelog_topic)
+        self.changelog_records = Counter(
+            "recsift_changelog_records_total", "Records written to the changelog topic", registry=worker)
+        self.changelog_bytes = Counter(
+            "recsift_changelog_bytes_total", "Key and value bytes written to the changelog topic", registry=worker)
+        self.changelog_failures = Counter(
+            "recsift_changelog_failures_total",
+            "Checkpoints not committed because the changelog topic did not confirm a write (retried)", registry=worker)
+        self.changelog_syncs = Counter(
+            "recsift_changelog_syncs_total", "Assigned partitions whose state needed the changelog, by outcome",
+            ["outcome"], registry=worker)
+        for outcome in ("restored", "repaired", "published"):
+            self.changelog_syncs.labels(outcome)
+        self.changelog_restore_records = Counter(
+            "recsift_changelog_restore_records_total", "Changelog records read to restore or repair partitions",
+            registry=worker)
+        self.changelog_restore_seconds = Counter(
+            "recsift_changelog_restore_seconds_total", "Time spent restoring or repairing partitions", registry=worker)
 
         # scoring
         self.samples_scored = Counter("recsift_samples_scored_total", "Samples scored by the stream scorer", registry=worker)

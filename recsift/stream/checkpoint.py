@@ -6,6 +6,9 @@ without the crash):
 1. Downstream work is drained: every sample handed on so far has been applied to its participant.
 2. Dead letters written so far are flushed to durable storage (they may repeat after a crash, never vanish).
 3. One transaction writes every participant's changes and the next offset of every owned partition.
+   With a changelog topic (:mod:`recsift.stream.changelog`), the stream state's changes and those offsets
+   are produced and acknowledged inside the transaction, before it commits, and the transaction records
+   the changelog offsets it covers.
 4. Only after that transaction commits are the offsets committed to Kafka.
 
 On (re)start, and whenever partitions are assigned, the checkpoint's offsets are the truth: the
@@ -23,14 +26,14 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from recsift.stream.dedup import DedupIndex
 from recsift.stream.windows import OpenWindow, Sample, StreamState, WindowCounts
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the journal has a partition column (a version 1 file is migrated in place)
 
 
 class CheckpointError(RuntimeError):
@@ -64,6 +67,20 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+class ChangelogWriter(Protocol):
+    """Writes the changes a checkpoint commits to a changelog topic and restores partitions from it
+    (:mod:`recsift.stream.changelog`)."""
+
+    def create_schema(self, conn: sqlite3.Connection) -> None: ...
+
+    def sync(self, conn: sqlite3.Connection, partitions: set[int]) -> dict[int, str]:
+        """Inside a transaction, before the partitions are loaded: bring their rows to the changelog's state."""
+
+    def publish(self, conn: sqlite3.Connection, offsets: dict[int, int]) -> None:
+        """Inside the checkpoint transaction, after every participant saved: produce the changes and wait for
+        the broker's acknowledgement (raise when it does not come: the transaction then rolls back)."""
+
+
 class Checkpoint:
     """Owns the SQLite file; commits participants and offsets atomically."""
 
@@ -71,6 +88,7 @@ class Checkpoint:
         self.path = Path(path)
         self.conn = connect(self.path)
         self.participants: list[Participant] = list(participants)
+        self.changelog: ChangelogWriter | None = None
         self._lock = threading.Lock()
         self.commits = 0
         with self._transaction():
@@ -78,6 +96,11 @@ class Checkpoint:
             row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:
+                columns = [c[1] for c in self.conn.execute("PRAGMA table_info(journal)")]
+                if columns and "partition" not in columns:
+                    self.conn.execute("ALTER TABLE journal ADD COLUMN partition INTEGER")
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise CheckpointError(
                     f"{self.path} has checkpoint schema version {row[0]}, this recsift writes {SCHEMA_VERSION}"
@@ -115,6 +138,8 @@ class Checkpoint:
         with self._lock, self._transaction() as conn:
             for p in self.participants:
                 p.save(conn)
+            if self.changelog is not None:
+                self.changelog.publish(conn, {part: off for (_, part), off in offsets.items()})
             conn.executemany(
                 "INSERT INTO offsets VALUES (?, ?, ?)"
                 " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
@@ -124,6 +149,18 @@ class Checkpoint:
             p.committed()
         self.commits += 1
         return time.perf_counter() - started
+
+    def attach_changelog(self, changelog: ChangelogWriter) -> None:
+        with self._transaction() as conn:
+            changelog.create_schema(conn)
+        self.changelog = changelog
+
+    def sync_changelog(self, partitions: set[int]) -> dict[int, str]:
+        """Restore assigned partitions from the changelog where it is ahead of this file (partition → outcome)."""
+        if self.changelog is None or not partitions:
+            return {}
+        with self._lock, self._transaction() as conn:
+            return self.changelog.sync(conn, partitions)
 
     def offsets(self, topic: str) -> dict[int, int]:
         """partition → next offset to read, as of the last committed checkpoint."""
@@ -147,22 +184,49 @@ def execute_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 _dumps = orjson.dumps
+_fragment = orjson.Fragment  # already-encoded JSON, embedded as it is
 
 
 def _in(partitions: set[int]) -> str:
     return ",".join(str(int(p)) for p in sorted(partitions)) or "NULL"
 
 
+# Changelog record keys of one partition's stream state (recsift.stream.changelog): the value of a key is the
+# state it names, so the topic compacts to the partition's current state.
+CLOCK_KEY = b"c"  # {"max_ts", "counts"}
+WINDOWS_KEY = b"w"  # [[window start, [sample, ...]], ...]: the samples buffered in open windows
+
+
+def history_key(user_id: str) -> bytes:
+    return b"h:" + user_id.encode()  # [items, touched_ts, seq]; a tombstone when the user is evicted
+
+
+def dedup_key(generation: int, first_event_id: str) -> bytes:
+    # [event id, ...] accepted in one checkpoint; tombstones when the generation is forgotten. Named by its
+    # first id, so a checkpoint retried after a failed one writes the same key again.
+    return f"d:{generation}:{first_event_id}".encode()
+
+
+def journal_key(first_sample_id: int) -> bytes:
+    return f"j:{first_sample_id}".encode()  # [[sample id, user id], ...] handed on in one checkpoint
+
+
 class StreamStateStore:
-    """Checkpoint participant for histories, open windows, per-partition clocks and the dedup index.
+    """Checkpoint participant for histories, open windows, per-partition clocks, the dedup index and, when
+    ``state.journal`` is on, the journal of emitted samples.
 
     Histories and dedup ids are saved incrementally (only what changed); clocks and open windows,
-    which are small and bounded, are rewritten for the owned partitions.
+    which are small and bounded, are rewritten for the owned partitions. With ``track_changes`` each save
+    also leaves the same changes as changelog records, per partition, in ``changes``.
     """
 
-    def __init__(self, state: StreamState, dedup: DedupIndex) -> None:
+    def __init__(self, state: StreamState, dedup: DedupIndex, track_changes: bool = False) -> None:
         self.state = state
         self.dedup = dedup
+        self.track_changes = track_changes
+        self.changes: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        self._written: dict[tuple[int, bytes], bytes] = {}  # (partition, key) → last committed clock / windows value
+        self._writing: dict[tuple[int, bytes], bytes] = {}
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
         execute_script(
@@ -176,6 +240,7 @@ class StreamStateStore:
             CREATE TABLE IF NOT EXISTS dedup_chunks (partition INTEGER NOT NULL, generation INTEGER NOT NULL,
                 ids BLOB NOT NULL);
             CREATE INDEX IF NOT EXISTS dedup_generation ON dedup_chunks (partition, generation);
+            CREATE TABLE IF NOT EXISTS journal (sample_id INTEGER NOT NULL, user_id TEXT NOT NULL, partition INTEGER);
             """,
         )
 
@@ -183,41 +248,111 @@ class StreamStateStore:
         owned = _in(set(self.state.partitions))
         conn.execute(f"DELETE FROM clocks WHERE partition IN ({owned})")
         conn.execute(f"DELETE FROM pending WHERE partition IN ({owned})")
+        out = self.changes = {}
+        self._writing = {}
         for p, part in self.state.partitions.items():
+            records = out[p] = []
             histories = part.histories
-            conn.executemany(
-                "INSERT OR REPLACE INTO histories VALUES (?, ?, ?, ?, ?)",
-                (
-                    (p, u, _dumps(tuple(h.items)), h.touched_ts, h.seq)
-                    for u in part.dirty
-                    if (h := histories.get(u)) is not None
-                ),
-            )
+            rows = [(p, u, _dumps(tuple(h.items)), h.touched_ts, h.seq)
+                    for u in part.dirty if (h := histories.get(u)) is not None]
+            conn.executemany("INSERT OR REPLACE INTO histories VALUES (?, ?, ?, ?, ?)", rows)
             conn.executemany("DELETE FROM histories WHERE partition = ? AND user_id = ?", [(p, u) for u in part.evicted])
             max_ts = part.max_ts if part.max_ts != float("-inf") else None
             counts = {k: getattr(part.counts, k) for k in WindowCounts.__slots__}
             conn.execute("INSERT INTO clocks VALUES (?, ?, ?)", (p, max_ts, json.dumps(counts)))
-            conn.executemany(
-                "INSERT INTO pending VALUES (?, ?, ?, ?)",
-                [
-                    (p, start, pos, s.encode())
-                    for start, window in part.windows.items()
-                    for pos, s in enumerate(window.samples)
-                ],
-            )
+            pending = sorted((start, window.samples) for start, window in part.windows.items() if window.samples)
+            conn.executemany("INSERT INTO pending VALUES (?, ?, ?, ?)",
+                             [(p, start, pos, s.encode()) for start, samples in pending for pos, s in enumerate(samples)])
+            if part.emitted:
+                conn.executemany("INSERT INTO journal VALUES (?, ?, ?)", [(s.sample_id, s.user_id, p) for s in part.emitted])
+            if self.track_changes:
+                records.extend((history_key(u), _dumps([_fragment(items), ts, seq])) for _, u, items, ts, seq in rows)
+                records.extend((history_key(u), None) for u in part.evicted)
+                for key, value in ((CLOCK_KEY, _dumps({"max_ts": max_ts, "counts": counts})),
+                                   (WINDOWS_KEY, _dumps([[start, [s.to_json() for s in samples]]
+                                                         for start, samples in pending]))):
+                    if self._written.get((p, key)) != value:  # an unchanged clock or window set is not rewritten
+                        records.append((key, value))
+                        self._writing[p, key] = value
+                if part.emitted:
+                    records.append((journal_key(part.emitted[0].sample_id),
+                                    _dumps([[s.sample_id, s.user_id] for s in part.emitted])))
         # dedup ids: one compact chunk per (partition, generation) per checkpoint, not a row per event
         dedup = self.dedup
-        conn.executemany("INSERT INTO dedup_chunks VALUES (?, ?, ?)",
-                         [(p, g, _dumps(ids)) for (p, g), ids in dedup.added.items()])
+        chunks = [(p, g, _dumps(ids)) for (p, g), ids in dedup.added.items() if ids]
+        conn.executemany("INSERT INTO dedup_chunks VALUES (?, ?, ?)", chunks)
+        if self.track_changes:
+            for p, g, ids in chunks:
+                out.setdefault(p, []).append((dedup_key(g, dedup.added[p, g][0]), ids))
+            for p, g, first in conn.execute(
+                "SELECT partition, generation, json_extract(CAST(ids AS TEXT), '$[0]') FROM dedup_chunks"
+                f" WHERE generation < ? AND partition IN ({owned})", (dedup.forgotten_below,)
+            ).fetchall():
+                out.setdefault(int(p), []).append((dedup_key(int(g), str(first)), None))
         conn.execute(f"DELETE FROM dedup_chunks WHERE generation < ? AND partition IN ({owned})", (dedup.forgotten_below,))
 
     def committed(self) -> None:
         self.state.clear_changes()
         self.dedup.clear_changes()
+        self._written.update(self._writing)
+        self._writing = {}
+
+    def replace_partition(self, conn: sqlite3.Connection, partition: int, records: dict[bytes, bytes]) -> None:
+        """Make ``partition``'s rows the state that changelog ``records`` (key → value) describe. Runs inside
+        the open transaction; :meth:`load` brings the rows into memory."""
+        p = int(partition)
+        for table in ("histories", "clocks", "pending", "dedup_chunks", "journal"):
+            conn.execute(f"DELETE FROM {table} WHERE partition = ?", (p,))
+        chunks = []
+        for key, value in records.items():
+            body = orjson.loads(value)
+            if key == CLOCK_KEY:
+                conn.execute("INSERT INTO clocks VALUES (?, ?, ?)", (p, body["max_ts"], json.dumps(body["counts"])))
+            elif key == WINDOWS_KEY:
+                conn.executemany("INSERT INTO pending VALUES (?, ?, ?, ?)",
+                                 [(p, float(start), pos, _dumps(s)) for start, samples in body
+                                  for pos, s in enumerate(samples)])
+            elif key.startswith(b"h:"):
+                items, touched_ts, seq = body
+                conn.execute("INSERT INTO histories VALUES (?, ?, ?, ?, ?)",
+                             (p, key[2:].decode(), _dumps(items), float(touched_ts), int(seq)))
+            elif key.startswith(b"d:"):
+                chunks.append((int(key.decode().split(":", 2)[1]), key, value))
+            elif key.startswith(b"j:"):
+                conn.executemany("INSERT INTO journal VALUES (?, ?, ?)", [(int(sid), user, p) for sid, user in body])
+            else:
+                raise ValueError(f"not a stream state changelog key: {key!r}")
+        conn.executemany("INSERT INTO dedup_chunks VALUES (?, ?, ?)", [(p, g, ids) for g, _, ids in sorted(chunks)])
+
+    def partition_records(self, conn: sqlite3.Connection, partition: int) -> dict[bytes, bytes]:
+        """The committed state of ``partition`` as changelog records (the journal included)."""
+        p = int(partition)
+        out: dict[bytes, bytes] = {}
+        for user_id, items, touched_ts, seq in conn.execute(
+            "SELECT user_id, items, touched_ts, seq FROM histories WHERE partition = ?", (p,)
+        ):
+            out[history_key(user_id)] = _dumps([orjson.loads(items), touched_ts, seq])
+        for max_ts, counts in conn.execute("SELECT max_ts, counts FROM clocks WHERE partition = ?", (p,)):
+            out[CLOCK_KEY] = _dumps({"max_ts": max_ts, "counts": json.loads(counts)})
+        windows: dict[float, list[Any]] = {}
+        for start, text in conn.execute(
+            "SELECT window_start, sample FROM pending WHERE partition = ? ORDER BY window_start, pos", (p,)
+        ):
+            windows.setdefault(float(start), []).append(orjson.loads(text))
+        if out:
+            out[WINDOWS_KEY] = _dumps([[start, samples] for start, samples in sorted(windows.items())])
+        for generation, ids in conn.execute("SELECT generation, ids FROM dedup_chunks WHERE partition = ?", (p,)):
+            ids = bytes(ids) if isinstance(ids, (bytes, memoryview)) else ids.encode()
+            out[dedup_key(int(generation), orjson.loads(ids)[0])] = ids
+        journal = conn.execute("SELECT sample_id, user_id FROM journal WHERE partition = ? ORDER BY rowid", (p,)).fetchall()
+        if journal:
+            out[journal_key(int(journal[0][0]))] = _dumps([[int(sid), user] for sid, user in journal])
+        return out
 
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
         state = self.state
         parts = _in(partitions)
+        self._written = {k: v for k, v in self._written.items() if k[0] not in partitions}
         for p, user_id, items, touched_ts, seq in conn.execute(
             f"SELECT partition, user_id, items, touched_ts, seq FROM histories WHERE partition IN ({parts}) ORDER BY seq"
         ):
@@ -247,35 +382,3 @@ class StreamStateStore:
                 (int(newest) - 1,),
             )
             self.dedup.restore(int(newest), ((e, int(p), int(g)) for p, g, ids in rows for e in orjson.loads(ids)))
-
-
-class SampleJournal:
-    """Checkpoint participant that records the id of every emitted sample (audits and crash tests).
-
-    Not bounded by the stream length: enable it (``checkpoint.journal_samples``) only where that is wanted.
-    """
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[int, str]] = []
-        self._saved = 0
-        self._lock = threading.Lock()
-
-    def record(self, batch: list[Sample]) -> None:
-        with self._lock:
-            self._pending.extend((s.sample_id, s.user_id) for s in batch)
-
-    def create_schema(self, conn: sqlite3.Connection) -> None:
-        conn.execute("CREATE TABLE IF NOT EXISTS journal (sample_id INTEGER NOT NULL, user_id TEXT NOT NULL)")
-
-    def save(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            self._saved = len(self._pending)
-            conn.executemany("INSERT INTO journal VALUES (?, ?)", self._pending[: self._saved])
-
-    def committed(self) -> None:
-        with self._lock:
-            del self._pending[: self._saved]
-            self._saved = 0
-
-    def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
-        """Nothing to restore: the journal is append-only and lives in the database."""

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from recsift.config import Settings
 from recsift.monitoring.metrics import Metrics
+from recsift.stream.changelog import ChangelogUnavailable, changelog_summary
 from recsift.stream.checkpoint import Checkpoint, Participant, StreamStateStore
 from recsift.stream.deadletter import DeadLetterSink
 from recsift.stream.dedup import DedupIndex
@@ -166,8 +167,9 @@ class Pipeline:
         self.checkpoint = checkpoint
         self.sink = sink
         self.metrics = metrics
-        self.state = StreamState(cfg.window)
-        checkpoint.add(StreamStateStore(self.state, self.dedup))
+        self.state = StreamState(cfg.window, journal=cfg.checkpoint.journal_samples)
+        self.store = StreamStateStore(self.state, self.dedup, track_changes=cfg.checkpoint.changelog_topic is not None)
+        checkpoint.add(self.store)
         for p in participants:
             checkpoint.add(p)
         self.source: Source | None = None
@@ -186,17 +188,23 @@ class Pipeline:
         self._last_checkpoint = time.monotonic()
         self._lag_labels: set[str] = set()
         self._closing = False
+        self._assigned_at = 0.0
         self.ticks = list(ticks)  # called with the pipeline once per loop: catalog topic, progress, ...
 
     # ------------------------------------------------------------------ rebalance callbacks
 
     def on_assign(self, partitions: set[int]) -> dict[int, int]:
-        """Restore the partitions' state; return the checkpoint's offsets to seek to."""
+        """Restore the partitions' state (from the changelog first where it is ahead of the local checkpoint);
+        return the checkpoint's offsets to seek to."""
+        outcomes = self.checkpoint.sync_changelog(partitions)
+        if any(o != "current" for o in outcomes.values()):
+            log.info("changelog: %s", changelog_summary(outcomes))
         self.checkpoint.load(partitions)
         saved = self.checkpoint.offsets(self._topic())
         offsets = {p: saved[p] for p in partitions if p in saved}
         self.offsets.update(offsets)
         self.metrics.rebalances.labels(Rebalance.ASSIGNED).inc()
+        self._assigned_at = time.monotonic()  # partitions that just arrived may hold work: not idle yet
         log.info("assigned partitions %s; resuming at %s", sorted(partitions), offsets or "the group's position")
         return offsets
 
@@ -257,6 +265,7 @@ class Pipeline:
                     # idle time counts only while partitions are owned (not during a join) and read (not
                     # while paused: under backpressure the records are there, scoring is behind)
                     last_record = now
+                last_record = max(last_record, self._assigned_at)
                 if records:
                     if first_record is None:
                         first_record = time.monotonic()
@@ -402,9 +411,16 @@ class Pipeline:
         t0 = time.perf_counter()
         self.sink.drain()
         self.dead_letters.flush()
-        self.checkpoint.commit({(self._topic(), p): o for p, o in self.offsets.items()})
-        elapsed = time.perf_counter() - t0
         m = self.metrics
+        try:
+            self.checkpoint.commit({(self._topic(), p): o for p, o in self.offsets.items()})
+        except ChangelogUnavailable as exc:  # nothing committed: the next checkpoint retries all of it
+            m.changelog_failures.inc()
+            log.warning("checkpoint not committed: %s; retrying at the next checkpoint", exc)
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+            return
+        elapsed = time.perf_counter() - t0
         m.checkpoint_commits.inc()
         m.checkpoint_duration.observe(elapsed)
         m.stage_duration.labels(Stage.CHECKPOINT).observe(elapsed)

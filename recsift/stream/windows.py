@@ -107,6 +107,7 @@ class PartitionState:
     counts: WindowCounts = field(default_factory=WindowCounts)
     dirty: set[str] = field(default_factory=set)  # users changed since the last checkpoint
     evicted: set[str] = field(default_factory=set)  # users evicted since the last checkpoint
+    emitted: list[Sample] = field(default_factory=list)  # handed on since the last checkpoint (journal only)
 
 
 Batch = list[Sample]
@@ -116,8 +117,9 @@ _intern = sys.intern
 class StreamState:
     """Histories and open windows for every partition this process owns."""
 
-    def __init__(self, cfg: WindowConfig) -> None:
+    def __init__(self, cfg: WindowConfig, journal: bool = False) -> None:
         self.cfg = cfg
+        self.journal = journal  # keep each partition's emitted samples until the checkpoint saves them
         self.partitions: dict[int, PartitionState] = {}
         self.users = 0  # histories held, over all partitions
         self._seq = 0
@@ -187,6 +189,8 @@ class StreamState:
             if len(samples) >= cfg.max_batch:
                 ready.append(samples)
                 window.samples = []
+                if self.journal:
+                    part.emitted.extend(samples)
 
         advanced = ts > part.max_ts
         if advanced:
@@ -219,6 +223,8 @@ class StreamState:
             window = part.windows.pop(start)
             if window.samples:
                 out.append(window.samples)
+                if self.journal:
+                    part.emitted.extend(window.samples)
         part.next_close = min(part.windows, default=math.inf) + self.cfg.window_seconds
         return out
 
@@ -254,6 +260,8 @@ class StreamState:
             for window in part.windows.values():
                 if window.samples and now - window.first_buffered_at >= self.cfg.idle_flush_s:
                     out.append(window.samples)
+                    if self.journal:
+                        part.emitted.extend(window.samples)
                     window.samples = []
         return out
 
@@ -278,6 +286,7 @@ class StreamState:
         for part in self.partitions.values():
             part.dirty = set()
             part.evicted = set()
+            part.emitted = []
 
     def state_dict(self) -> State:
         """Every owned partition's histories (in LRU order), clock, counts and open windows' samples.

@@ -10,7 +10,6 @@ from recsift.config import WindowConfig
 from recsift.stream.checkpoint import (
     Checkpoint,
     CheckpointError,
-    SampleJournal,
     StreamStateStore,
 )
 from recsift.stream.dedup import DedupIndex
@@ -127,12 +126,35 @@ def test_checkpoint_uses_wal_and_full_sync(tmp_path: Path) -> None:
     assert ckpt.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_journal_records_each_sample_once_per_commit(tmp_path: Path) -> None:
-    journal = SampleJournal()
-    ckpt = Checkpoint(tmp_path / "j.sqlite", [journal])
-    journal.record([Sample(1, "u", (), "i", 0.0), Sample(2, "u", ("i",), "j", 1.0)])
+def test_journal_records_each_emitted_sample_once_with_its_partition(tmp_path: Path) -> None:
+    state, dedup = StreamState(CFG, journal=True), DedupIndex(1000)
+    ckpt = Checkpoint(tmp_path / "j.sqlite", [StreamStateStore(state, dedup)])
+    events = stream(400)
+    emitted = feed(state, dedup, events[:200])
     ckpt.commit({})
+    ckpt.commit({})  # nothing new: nothing journaled twice
+    emitted += feed(state, dedup, events[200:])
+    emitted += [s for batch in state.flush_idle(now=1e9) for s in batch]
     ckpt.commit({})
-    journal.record([Sample(3, "v", (), "k", 2.0)])
+    rows = ckpt.conn.execute("SELECT sample_id, user_id, partition FROM journal ORDER BY rowid").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(s.sample_id for s in emitted) and len(rows) > 100
+    assert all(p == int(u[1:]) % 3 for _, u, p in rows)  # stream() puts user uN on partition N % 3
+
+
+def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    """Version 1 kept the journal without partitions; its rows stay, new rows carry the partition."""
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                       "INSERT INTO meta VALUES ('schema_version', '1');"
+                       "CREATE TABLE journal (sample_id INTEGER NOT NULL, user_id TEXT NOT NULL);"
+                       "INSERT INTO journal VALUES (7, 'u7');")
+    conn.close()
+    state, dedup = StreamState(CFG, journal=True), DedupIndex(1000)
+    ckpt = Checkpoint(path, [StreamStateStore(state, dedup)])
+    assert ckpt.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    feed(state, dedup, stream(100))
+    state.flush_idle(now=1e9)
     ckpt.commit({})
-    assert [r[0] for r in ckpt.conn.execute("SELECT sample_id FROM journal ORDER BY rowid")] == [1, 2, 3]
+    rows = ckpt.conn.execute("SELECT sample_id, partition FROM journal ORDER BY rowid").fetchall()
+    assert rows[0] == (7, None) and len(rows) > 1 and all(p is not None for _, p in rows[1:])

@@ -1,0 +1,135 @@
+"""Scale-out: `recsift run` workers of one consumer group, each on its own state directory (standing for
+its own host), whose partitions' stream state moves through the changelog topic."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from recsift.config import WindowConfig
+from recsift.data.datasets import recbole_events
+from recsift.stream.broker import EmbeddedBroker
+from recsift.stream.checkpoint import Checkpoint, StreamStateStore
+from recsift.stream.dedup import DedupIndex
+from recsift.stream.kafka import keyed, produce_events
+from recsift.stream.windows import StreamState
+from tests.helpers import kafka_settings, wait_for
+from tests.test_service import ENV, kafka_args, offsets_done
+
+DEDUP = 400_000  # remembers every id of ml-100k: what each partition remembers does not depend on the split
+# window.idle_flush_s off: when that processing-time flush fires decides which samples are still buffered at
+# the end; the samples themselves never depend on it
+WINDOW = WindowConfig(idle_flush_s=1e9)
+
+
+def worker_cmd(state: Path, broker: EmbeddedBroker, topic: str, group: str, changelog: str) -> list[str]:
+    sets = {"scoring.enabled": "false", "checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0,
+            "window.idle_flush_s": WINDOW.idle_flush_s, "stream.dedup_capacity": DEDUP, "stream.stop_when_idle_s": 5,
+            "monitoring.port": 0}
+    return [sys.executable, "-m", "recsift.cli", "run", "--state-dir", str(state), "--no-progress", "--journal",
+            *kafka_args(broker, topic, group), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+def stream_state(state: Path, partitions: set[int], topic: str) -> dict[str, Any]:
+    """Every piece of a worker's committed per-partition stream state: histories (items and TTL clock), each
+    partition's clock and counts, the samples buffered in open windows, the remembered event ids, the journal
+    of emitted samples, and the source offsets. (A history's ``seq`` is left out: it stamps the order in which
+    one process touched users of all its partitions, so it differs between a split run and a single one.)"""
+    st, dedup = StreamState(WINDOW, journal=True), DedupIndex(DEDUP)
+    ckpt = Checkpoint(state / "recsift.sqlite", [StreamStateStore(st, dedup)])
+    try:
+        ckpt.load(partitions)
+        journal = ckpt.conn.execute("SELECT partition, sample_id FROM journal ORDER BY partition, sample_id").fetchall()
+        offsets = ckpt.offsets(topic)
+    finally:
+        ckpt.close()
+    parts = st.partitions
+    return {
+        "histories": {p: sorted((u, list(h.items), h.touched_ts) for u, h in parts[p].histories.items()) for p in parts},
+        "clocks": {p: (parts[p].max_ts, parts[p].counts) for p in parts},
+        "pending": {p: {s: w.samples for s, w in parts[p].windows.items() if w.samples} for p in parts},
+        "dedup": sorted((e, p) for e, p in dedup.ids().items()),
+        "journal": [tuple(r) for r in journal if r[0] in partitions],
+        "offsets": {p: o for p, o in offsets.items() if p in partitions},
+    }
+
+
+def run_to_idle(*procs: subprocess.Popen[bytes], logs: list[Path], timeout: float = 180) -> None:
+    for proc, log in zip(procs, logs, strict=True):
+        proc.wait(timeout=timeout)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_workers_partitions_move_with_their_state_and_an_empty_disk_restores_it(
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, ml100k: Path
+) -> None:
+    """Two workers on ml-100k over 3 partitions, one SIGKILLed mid-stream: the other restores the dead one's
+    partitions from the changelog and finishes in exactly the state of an uninterrupted single worker. Then a
+    worker on an empty disk restores everything and continues exactly as the reference on its kept disk."""
+    topic, changelog, ref_changelog = make_topic(3), make_topic(3, prefix="changelog"), make_topic(3, prefix="changelog")
+    events = recbole_events(ml100k)
+    first, second = events[:80_000], events[80_000:]
+    cfg = kafka_settings(broker, topic).stream
+    feed = threading.Thread(target=produce_events, args=(cfg, True, keyed(first), topic), kwargs={"rate": 8000.0})
+    feed.start()
+    group, ref_group = f"g-{topic}", f"ref-{topic}"
+    dirs = {name: tmp_path / name for name in ("a", "b", "reference", "empty")}
+    logs = {name: tmp_path / f"{name}.log" for name in dirs}
+
+    def start(name: str, grp: str, log: str | None = None, cl: str = changelog) -> subprocess.Popen[bytes]:
+        out = logs[log or name].open("a")
+        return subprocess.Popen(worker_cmd(dirs[name], broker, topic, grp, cl), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=out)
+
+    ref = start("reference", ref_group, cl=ref_changelog)
+    a, b = start("a", group), start("b", group)
+    try:
+        rnd = random.Random(7)
+        target = rnd.randrange(8_000, 20_000)
+        wait_for(lambda: offsets_done(dirs["a"], topic) >= target or a.poll() is not None, 120, "worker a's progress")
+        time.sleep(rnd.uniform(0.0, 1.0))  # between two of its checkpoints
+        assert a.poll() is None, logs["a"].read_text()[-3000:]
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        feed.join()
+        run_to_idle(b, ref, logs=[logs["b"], logs["reference"]])
+    finally:
+        for proc in (a, b, ref):
+            if proc.poll() is None:
+                proc.kill()
+    lost = set(int(p) for p, in Checkpoint(dirs["a"] / "recsift.sqlite").conn.execute("SELECT partition FROM offsets"))
+    assert lost and lost != {0, 1, 2}, lost  # the dead worker owned part of the stream
+    b_log = logs["b"].read_text()
+    assert "restored" in b_log and all(f"changelog partition {p} restored" in b_log for p in lost), b_log[-3000:]
+
+    everything = {0, 1, 2}
+    reference = stream_state(dirs["reference"], everything, topic)
+    assert sum(o for o in reference["offsets"].values()) == len(first)
+    assert len(reference["journal"]) > 70_000
+    survivor = stream_state(dirs["b"], everything, topic)
+    assert survivor == reference  # every sample journaled exactly once; every partition's state equal
+
+    # a worker on an empty disk, alone in the group, restores all three partitions; the reference restarts on
+    # its kept disk; both process the rest of the stream
+    produce_events(cfg, True, keyed(second), topic)
+    fresh, ref = start("empty", group), start("reference", ref_group, cl=ref_changelog)
+    try:
+        run_to_idle(fresh, ref, logs=[logs["empty"], logs["reference"]])
+    finally:
+        for proc in (fresh, ref):
+            if proc.poll() is None:
+                proc.kill()
+    assert all(f"changelog partition {p} restored" in logs["empty"].read_text() for p in everything)
+    reference = stream_state(dirs["reference"], everything, topic)
+    assert sum(o for o in reference["offsets"].values()) == len(events)
+    assert stream_state(dirs["empty"], everything, topic) == reference
