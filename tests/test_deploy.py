@@ -32,44 +32,60 @@ def stack() -> dict[str, Any]:
     return dict(json.loads(done.stdout))
 
 
-def test_compose_validates_and_wires_kafka_recsift_prometheus_grafana(stack: dict[str, Any]) -> None:
+def test_compose_validates_and_wires_kafka_workers_trainer_prometheus_grafana(stack: dict[str, Any]) -> None:
     services = stack["services"]
-    assert set(services) == {"kafka", "kafka-init", "recsift", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "kafka-init", "recsift-worker", "recsift-trainer", "prometheus", "grafana"}
     kafka = services["kafka"]["environment"]
     assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller" and "ZOOKEEPER" not in json.dumps(kafka)  # KRaft
     assert "PLAINTEXT://kafka:9092" in kafka["KAFKA_ADVERTISED_LISTENERS"]
     init = services["kafka-init"]
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
-    created = re.findall(r"--topic (\S+)", init["command"][-1])
-    rec = services["recsift"]
-    env = rec["environment"]
-    assert {env["RECSIFT_STREAM__TOPIC"], env["RECSIFT_STREAM__DEAD_LETTER_TOPIC"], env["RECSIFT_STREAM__CATALOG_TOPIC"]} \
-        == set(created)
+    created = dict(re.findall(r"--topic (\S+) --partitions (\d+)", init["command"][-1]))
+    compacted = set(re.findall(r"--topic (\S+) [^\n]*cleanup.policy=compact", init["command"][-1]))
+    worker, trainer = services["recsift-worker"], services["recsift-trainer"]
+    env = worker["environment"]
+    topics = [env["RECSIFT_STREAM__TOPIC"], env["RECSIFT_STREAM__DEAD_LETTER_TOPIC"], env["RECSIFT_STREAM__CATALOG_TOPIC"],
+              env["RECSIFT_STREAM__CORESET_TOPIC"], env["RECSIFT_CHECKPOINT__CHANGELOG_TOPIC"]]
+    assert set(topics) == set(created)  # every topic recsift reads or writes is created, and no other
+    assert compacted == set(topics[2:])  # the catalogue, the coreset and the changelog keep the last value per key
+    assert created[env["RECSIFT_CHECKPOINT__CHANGELOG_TOPIC"]] == created[env["RECSIFT_STREAM__TOPIC"]]  # one per partition
+    assert env["RECSIFT_TRAINER__IN_WORKER"] == "false"  # workers never refresh; the trainer does
     assert env["RECSIFT_STREAM__SOURCE"] == "kafka" and env["RECSIFT_STREAM__BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["RECSIFT_ADMIN__TOKEN"] == ""  # no token unless the operator sets one: admin disabled
-    assert rec["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
-    assert rec["build"]["context"] == str(ROOT) and (ROOT / "Dockerfile").is_file()
-    targets = {v["target"]: v for v in rec["volumes"]}
+    for key in ("RECSIFT_STREAM__BOOTSTRAP_SERVERS", "RECSIFT_STREAM__CORESET_TOPIC", "RECSIFT_STREAM__CATALOG_TOPIC"):
+        assert trainer["environment"][key] == env[key]
+    for svc in (worker, trainer):
+        assert svc["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    assert worker["build"]["context"] == str(ROOT) and (ROOT / "Dockerfile").is_file()
+    assert worker["command"] == ["run", "--no-progress"] and trainer["command"] == ["trainer"]
+    # scalable: a replica publishes no host port, and its state volume is its own (anonymous, not named)
+    assert "ports" not in worker
+    assert [(v["type"], v["target"], v.get("source")) for v in worker["volumes"]] == [("volume", "/var/lib/recsift", None)]
+    targets = {v["target"]: v for v in trainer["volumes"]}
     assert {"/var/lib/recsift", "/var/lib/recsift/adapters", "/var/cache/recsift"} <= set(targets)
-    assert all(targets[t]["type"] == "volume" for t in targets)
-    assert {p["target"] for p in rec["ports"]} == {9400, 9090} and all(p["host_ip"] == "127.0.0.1" for p in rec["ports"])
-    # Prometheus and Grafana mount files that exist, and the scrape target is recsift's port
+    assert all(targets[t]["type"] == "volume" and targets[t]["source"] for t in targets)
+    assert [(p["target"], p["host_ip"]) for p in trainer["ports"]] == [(9400, "127.0.0.1")]
+    # Prometheus and Grafana mount files that exist; Prometheus finds every worker replica and the trainer
     for name in ("prometheus", "grafana"):
         for v in services[name]["volumes"]:
             if v["type"] == "bind":
                 assert Path(v["source"]).is_file(), v["source"]
-    assert services["prometheus"]["network_mode"] == "service:recsift"
+    mounted = {v["target"]: Path(v["source"]) for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
+    scrape = mounted["/etc/prometheus/prometheus.yml"].read_text()
+    assert "names: [recsift-worker]" in scrape and "recsift-trainer:9400" in scrape and "rules.yml" in scrape
+    assert [(p["target"], p["host_ip"]) for p in services["prometheus"]["ports"]] == [(9090, "127.0.0.1")]
+    assert "url: http://prometheus:9090" in (ROOT / "recsift" / "monitoring" / "grafana" / "datasource.yml").read_text()
     prom = (ROOT / "recsift" / "monitoring" / "prometheus" / "prometheus.yml").read_text()
-    assert "127.0.0.1:9400" in prom and "rules.yml" in prom
-    assert "url: http://recsift:9090" in (ROOT / "recsift" / "monitoring" / "grafana" / "datasource.yml").read_text()
+    assert "127.0.0.1:9400" in prom and "rules.yml" in prom  # one process on this host (and the tests)
 
 
 def test_the_compose_environment_points_recsift_at_another_cluster(tmp_path: Path) -> None:
     done = compose_config(ROOT / "docker-compose.yml",
                           {"RECSIFT_STREAM__BOOTSTRAP_SERVERS": "broker-1:9092,broker-2:9092", "RECSIFT_ADMIN__TOKEN": "t0k"})
     assert done.returncode == 0, done.stderr
-    env = json.loads(done.stdout)["services"]["recsift"]["environment"]
-    assert env["RECSIFT_STREAM__BOOTSTRAP_SERVERS"] == "broker-1:9092,broker-2:9092" and env["RECSIFT_ADMIN__TOKEN"] == "t0k"
+    for name in ("recsift-worker", "recsift-trainer"):
+        env = json.loads(done.stdout)["services"][name]["environment"]
+        assert env["RECSIFT_STREAM__BOOTSTRAP_SERVERS"] == "broker-1:9092,broker-2:9092" and env["RECSIFT_ADMIN__TOKEN"] == "t0k"
 
 
 def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
