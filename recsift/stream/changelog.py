@@ -239,8 +239,8 @@ class StreamChangelog:
             records.extend(self.store.partition_records(conn, p).items())
         self._write(conn, {p: [*records, (MARKER_KEY, marker(self.writer, offset))]})
         self._marked[p] = offset
-        log.info("changelog partition %d %s: %d records read, %d keys after the last whole checkpoint undone",
-                 p, outcome, len(history), len(after))
+        log.info("changelog partition %d %s: %d records read in %.2f s, %d keys after the last whole checkpoint "
+                 "undone", p, outcome, len(history), time.perf_counter() - started, len(after))
         return self._done(outcome, len(history), started)
 
     def _source_offset(self, conn: sqlite3.Connection, p: int) -> int | None:
