@@ -9,11 +9,13 @@ compared with :func:`dealrec_select` on the same scores: members per batch strat
 quotas, member scores against the batch members' (two-sample KS), inclusion against stream position
 (chi-square over position deciles, expected counts from the batch inclusion probabilities, so a stream
 whose scores drift with position is judged fairly), and how full the coreset stays after warm-up. A
-selector that keeps the first or the last samples of each stratum fails the position test.
+selector that keeps the first or the last samples of each stratum fails the position test. :class:`Workers`
+judges the same way what several workers of one group select together.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +27,7 @@ from recsift.selection.reservoir import StratifiedReservoir
 from recsift.selection.selector import Offer
 from recsift.selection.stage import SelectionStage
 from recsift.selection.store import CoresetStore
-from recsift.selection.stratified import dealrec_select, hard_prune_cut, stratum_of
+from recsift.selection.stratified import dealrec_select, hard_prune_cut, partition_budget, stratum_of
 from recsift.stream.checkpoint import Checkpoint
 from recsift.stream.windows import Sample
 
@@ -83,18 +85,36 @@ class Fidelity:
     size: int
 
 
-def fidelity(make: Callable[[], StratifiedReservoir], scores: np.ndarray, order: np.ndarray, seed: int,
-             batch: int = 512, warmup: int | None = None) -> Fidelity:
-    """Stream ``scores[order]`` (sample id = index) through ``make()`` in batches; compare with batch DEALRec."""
-    sel = make()
-    budget, strata, prune = sel.budget, sel.strata, sel.hard_prune
-    warmup = 4 * budget if warmup is None else warmup
+def stream_scores(sel: StratifiedReservoir | Workers, scores: np.ndarray, order: np.ndarray, batch: int = 512,
+                  warmup: int = 0) -> list[float]:
+    """Offer ``scores[order]`` (sample id = index, user ``u<id>``) in batches; the fill after each batch past
+    ``warmup`` samples."""
     fills = []
     for start in range(0, len(order), batch):
         sel.offer([Offer(Sample(int(i), f"u{i}", ("h",), "t", float(start + k)), float(scores[i]), 1)
                    for k, i in enumerate(order[start:start + batch])])
         if start + batch >= warmup:
-            fills.append(len(sel) / budget)
+            fills.append(len(sel) / sel.budget)
+    return fills
+
+
+def compare_coresets(scores: np.ndarray, a: Sequence[int], b: Sequence[int], budget: int, strata: int,
+                     prune: float) -> tuple[float, float]:
+    """Two coresets of the same scores: (largest difference of members per batch stratum, as a share of the
+    budget; two-sample KS p-value of their member scores)."""
+    kept = scores <= hard_prune_cut(scores, prune)
+    low, high = float(scores[kept].min()), float(scores[kept].max())
+    count = [np.bincount(stratum_of(scores[np.asarray(m)], low, high, strata), minlength=strata) for m in (a, b)]
+    return (float(np.abs(count[0] - count[1]).max()) / budget,
+            float(ks_2samp(scores[np.asarray(a)], scores[np.asarray(b)]).pvalue))
+
+
+def fidelity(make: Callable[[], StratifiedReservoir | Workers], scores: np.ndarray, order: np.ndarray, seed: int,
+             batch: int = 512, warmup: int | None = None) -> Fidelity:
+    """Stream ``scores[order]`` (sample id = index) through ``make()`` in batches; compare with batch DEALRec."""
+    sel = make()
+    budget, strata, prune = sel.budget, sel.strata, sel.hard_prune
+    fills = stream_scores(sel, scores, order, batch, 4 * budget if warmup is None else warmup)
     ids = np.arange(len(scores))
     reference = dealrec_select(ids, scores, budget, strata, prune, seed)
     kept = scores <= hard_prune_cut(scores, prune)
@@ -114,6 +134,36 @@ def fidelity(make: Callable[[], StratifiedReservoir], scores: np.ndarray, order:
     expected = expected * observed.sum() / expected.sum()
     return Fidelity(error, float(ks_2samp(scores[members], reference.scores).pvalue),
                     float(chisquare(observed, expected).pvalue), float(min(fills)) if fills else 0.0, len(sel))
+
+
+class Workers:
+    """What ``workers`` workers of one consumer group hold together (the global coreset of the coreset topic):
+    one reservoir per worker, sized by its partitions' share of the budget (:func:`partition_budget`) and fed
+    only the samples of its partitions (a sample's partition: a hash of its user id, as Kafka's key
+    partitioner would place it). Quacks like a selector for :func:`fidelity`: the union is judged."""
+
+    def __init__(self, make: Callable[[int, int], StratifiedReservoir], budget: int, workers: int = 3,
+                 partitions: int = 3, seed: int = 0) -> None:
+        owned = [[p for p in range(partitions) if p % workers == w] for w in range(workers)]
+        self.parts = [make(partition_budget(budget, partitions, mine), seed * workers + w) for w, mine in enumerate(owned)]
+        self.worker_of = {p: w for w, mine in enumerate(owned) for p in mine}
+        self.partitions = partitions
+        self.budget, self.strata, self.hard_prune = budget, self.parts[0].strata, self.parts[0].hard_prune
+
+    def offer(self, batch: Sequence[Offer]) -> None:
+        routed: list[list[Offer]] = [[] for _ in self.parts]
+        for o in batch:
+            routed[self.worker_of[zlib.crc32(o.sample.user_id.encode()) % self.partitions]].append(o)
+        for part, offers in zip(self.parts, routed, strict=True):
+            if offers:
+                part.offer(offers)
+
+    @property
+    def members(self) -> dict[int, object]:
+        return {sid: m for part in self.parts for sid, m in part.members.items()}
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
 
 
 class KeepFirst(StratifiedReservoir):
@@ -136,7 +186,8 @@ class KeepLast(StratifiedReservoir):
         return float(self.arrivals)
 
 
-def fidelity_orders(make: Callable[[int], StratifiedReservoir], scores: np.ndarray, shuffles: int = 20) -> list[Fidelity]:
+def fidelity_orders(make: Callable[[int], StratifiedReservoir | Workers], scores: np.ndarray,
+                    shuffles: int = 20) -> list[Fidelity]:
     """:func:`fidelity` in data order (seed 0) and in ``shuffles`` seeded shuffles (seeds 0, 1, ...)."""
     results = []
     for seed in [-1, *range(shuffles)]:
