@@ -71,6 +71,7 @@ def committed(state: Path, topic: str) -> dict[int, int]:
 def worker_cmd(state: Path, bootstrap: str, topic: str, group: str, changelog: str, mode: str,
                coreset: str, idle_s: float) -> list[str]:
     sets: dict[str, Any] = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0,
+                            "stream.worker_id": state.name,  # one host here: the host name would be shared
                             "stream.stop_when_idle_s": idle_s, "monitoring.port": 0,
                             "stream.session_timeout_ms": 6000, "stream.heartbeat_interval_ms": 1000}
     if mode == "ingest":
@@ -145,7 +146,8 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
             if done >= events:
                 cpu = cpu_seconds(procs) - cpu_first  # start-up (imports, group join) left out
                 break
-            if now > end or any(p.poll() is not None for p in procs):
+            # a worker whose partitions are done stops when idle; one that failed, or all stopping early, is an error
+            if now > end or any(p.poll() not in (None, 0) for p in procs) or all(p.poll() is not None for p in procs):
                 raise RuntimeError(f"{tag}: {done:,} of {events:,} events checkpointed; see {work / tag}")
             if now - last_note >= 10:
                 say(f"{tag}: {done:,} / {events:,} events checkpointed")

@@ -64,7 +64,7 @@ from recsift.stream.validator import Validator
 from recsift.stream.windows import Batch
 from recsift.trainer.llm import add_lora, load_llm
 from recsift.trainer.prompts import builder_for
-from recsift.trainer.refresh import RefreshOutcome, refresh_in_process, registry_for
+from recsift.trainer.refresh import RefreshOutcome, record_interrupted, refresh_in_process, registry_for
 from recsift.trainer.scheduler import RefreshScheduler, RefreshSignals
 from recsift.vocab import AdminAction, LossMetric, Outcome, Role, Trigger
 
@@ -334,13 +334,26 @@ class Operations:
         self.pipeline, self.selection, self.coreset = pipeline, selection, coreset
         self.registry = registry_for(cfg)
         self.scheduler: RefreshScheduler | None = None
+        self.interrupted: RefreshOutcome | None = None
         if refreshes:
             if leftovers := self.registry.discard_partial():
                 log.warning("removed partial adapter writes from an interrupted refresh: %s", ", ".join(leftovers))
+            if (lost := record_interrupted(cfg.checkpoint.path)) is not None:
+                self.interrupted = lost
+                metrics.refresh_runs.labels(lost.trigger, lost.outcome).inc()
+                log.warning("the %s refresh of snapshot %d was interrupted (its process stopped); recorded as "
+                            "failed, and it runs again now", lost.trigger, lost.snapshot_id)
             self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds,
                                               t.drift_cooldown_s, signals=signals, every_samples=t.refresh_every_samples)
         self.outcomes: list[RefreshOutcome] = []
         self._serving_gauge()
+
+    def start(self) -> None:
+        """Start the refresh scheduler; a refresh found interrupted at start runs again at once."""
+        assert self.scheduler is not None
+        self.scheduler.start()
+        if self.interrupted is not None:
+            self.scheduler.trigger(self.interrupted.trigger)
 
     def _serving_gauge(self) -> None:
         current = self.registry.current()
@@ -538,7 +551,7 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
                                                     lambda: pipeline.connected, ops.status, ops.actions(),
                                                     cfg.admin.token))
         if ops.scheduler is not None:
-            ops.scheduler.start()
+            ops.start()
             stack.callback(ops.scheduler.shutdown)  # waits for a running refresh
         summary = ingest.pipeline.run(ingest.source(), max_events=max_events)
         url = http.url if http else None
@@ -637,7 +650,7 @@ def run_trainer(cfg: Settings, metrics: Metrics | None = None, stop: threading.E
         if cfg.monitoring.port:
             serve_http(cfg, stack, Endpoints(metrics, lambda: mirror.heartbeat, dict, lambda: True, ops.status,
                                              ops.actions(), cfg.admin.token))
-        ops.scheduler.start()
+        ops.start()
         stack.callback(ops.scheduler.shutdown)
         while not stop.is_set():
             mirror.sync(500)

@@ -85,6 +85,7 @@ class RefreshReason(Label):
     WORSE = "worse"
     EMPTY_CORESET = "empty_coreset"
     ERROR = "error"
+    INTERRUPTED = "interrupted"  # the process that ran it stopped first (a kill, a host lost); found at start
 
 
 class AdminAction(Label):

@@ -19,7 +19,7 @@ from recsift.data.synthetic import SyntheticStream
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.kafka import produce_events
 from tests.helpers import kafka_settings, save_tiny_llm, wait_for
-from tests.test_service import ENV, db_rows, kafka_args, service_cmd
+from tests.test_service import ENV, children, db_rows, kafka_args, refresh_in_flight, service_cmd
 
 
 def trainer_cmd(state: Path, tiny: Path, broker: EmbeddedBroker, coreset_topic: str, *extra: str) -> list[str]:
@@ -62,6 +62,7 @@ def test_a_separate_trainer_refreshes_from_the_coreset_topic_alone(
     worker_dir, trainer_dir = tmp_path / "worker", tmp_path / "trainer"
     trainer = subprocess.Popen(trainer_cmd(trainer_dir, tiny, broker, coreset_topic), env=ENV,
                                stdout=subprocess.PIPE, stderr=(tmp_path / "trainer.log").open("w"), text=True)
+    worker: subprocess.Popen[str] | None = None
     try:
         lock = trainer_dir / ".worker.lock"  # a trainer holds its directory's worker lock, as owner "trainer"
         wait_for(lambda: (lock.exists() and "trainer" in lock.read_text()) or trainer.poll() is not None, 60,
@@ -74,30 +75,51 @@ def test_a_separate_trainer_refreshes_from_the_coreset_topic_alone(
                                       capture_output=True, text=True, timeout=60)
         assert worker_there.returncode == 2 and "in use by another recsift trainer" in worker_there.stderr
 
-        worker = subprocess.run(service_cmd(worker_dir, tiny, 0, *kafka_args(broker, topic),
-                                            "--set", "trainer.in_worker=false",
-                                            "--set", f"stream.coreset_topic={coreset_topic}",
-                                            "--set", "stream.stop_when_idle_s=3",
-                                            "--set", "checkpoint.interval_events=1000"),
-                                env=ENV, capture_output=True, text=True, timeout=300)
-        assert worker.returncode == 0, worker.stderr[-3000:]
+        worker = subprocess.Popen(service_cmd(worker_dir, tiny, 0, *kafka_args(broker, topic),
+                                              "--set", "trainer.in_worker=false",
+                                              "--set", f"stream.coreset_topic={coreset_topic}",
+                                              "--set", "stream.stop_when_idle_s=3",
+                                              "--set", "checkpoint.interval_events=1000"),
+                                  env=ENV, stdout=subprocess.PIPE, stderr=(tmp_path / "worker.log").open("w"), text=True)
+        # the trainer killed while its first refresh runs: the refresh process dies with it, and a restarted
+        # trainer finds the registry consistent, discards the partial write and refreshes again
+        wait_for(lambda: refresh_in_flight(trainer_dir) or trainer.poll() is not None, 300, "the trainer's refresh")
+        assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
+        time.sleep(1.0)
+        kids = children(trainer.pid)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        wait_for(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), 30, "the refresh process to die")
+        assert not db_rows(trainer_dir, "SELECT outcome FROM refresh_runs")  # killed before it was recorded
+        assert not (trainer_dir / "adapters" / "current").exists()
+        trainer = subprocess.Popen(trainer_cmd(trainer_dir, tiny, broker, coreset_topic), env=ENV,
+                                   stdout=subprocess.PIPE, stderr=(tmp_path / "trainer.log").open("a"), text=True)
+        out, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
         assert not (worker_dir / "adapters").exists() or not any((worker_dir / "adapters").iterdir())  # never refreshed
-        assert "by `recsift trainer`" in worker.stdout and "serving adapter" not in worker.stdout  # says so
-        wait_for(lambda: db_rows(trainer_dir, "SELECT outcome FROM refresh_runs") or trainer.poll() is not None,
-                 300, "the trainer's refresh")
+        assert "by `recsift trainer`" in out and "serving adapter" not in out  # says so
+        wait_for(lambda: len(db_rows(trainer_dir, "SELECT outcome FROM refresh_runs")) >= 2 or trainer.poll() is not None,
+                 300, "the restarted trainer's refresh")
         time.sleep(2.0)  # the trainer reads the worker's last publish (it polls every 0.5 s)
     finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
         trainer.send_signal(signal.SIGTERM)
         out, _ = trainer.communicate(timeout=300)
     assert trainer.returncode == 0, (tmp_path / "trainer.log").read_text()[-3000:]
     assert "recsift trainer summary" in out and "v0001" in out
+    adapters = trainer_dir / "adapters"  # nothing partial is left; the one version is whole and current
+    assert sorted(p.name for p in adapters.iterdir()
+                  if p.name not in ("history", "current") and not p.name.endswith(".lock")) == ["v0001"]
+    assert (adapters / "v0001" / "adapter_model.safetensors").is_file()
 
     # the trainer trained on the worker's coreset, read from the topic alone
-    (outcome,), = db_rows(trainer_dir, "SELECT outcome FROM refresh_runs")
-    assert outcome == "promoted"
+    # the interrupted run is on record as such, and the restarted trainer ran it again at once
+    assert db_rows(trainer_dir, "SELECT trigger, outcome, json_extract(detail, '$.reason') FROM refresh_runs") == \
+        [("interval", "failed", "interrupted"), ("interval", "promoted", None)]
+    assert "was interrupted (its process stopped)" in (tmp_path / "trainer.log").read_text()
     assert (trainer_dir / "adapters" / "current").read_text().strip() == "v0001"
-    (size,), = db_rows(trainer_dir, "SELECT size FROM coreset_snapshots")
-    assert size == 64
+    assert db_rows(trainer_dir, "SELECT size FROM coreset_snapshots") == [(64,), (64,)]
     # the mirror equals the worker's committed coreset and validation reservoir after its last checkpoint
     assert len(members(worker_dir / "recsift.sqlite")) == 64
     assert members(trainer_dir / "recsift.sqlite") == members(worker_dir / "recsift.sqlite")

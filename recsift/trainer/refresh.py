@@ -201,6 +201,24 @@ def list_runs(db_path: str | Path) -> list[dict[str, Any]]:
         conn.close()
 
 
+def record_interrupted(db_path: str | Path) -> RefreshOutcome | None:
+    """Called before any refresh of this state directory starts: a refresh whose snapshot was taken but
+    whose run was never recorded died with its process. Record it (failed, interrupted) and return it."""
+    from recsift.selection.store import list_snapshots
+
+    recorded = {r.get("snapshot_id") for r in list_runs(db_path)}
+    triggers = {t.value for t in Trigger}
+    lost = [s for s in list_snapshots(db_path) if s.reason in triggers and s.snapshot_id not in recorded]
+    if not lost:
+        return None
+    snap = lost[-1]
+    outcome = RefreshOutcome(Trigger(snap.reason), Outcome.FAILED, snapshot_id=snap.snapshot_id,
+                             reason=RefreshReason.INTERRUPTED,
+                             error="the process running this refresh stopped before it finished")
+    record_run(db_path, outcome, snap.created_at)
+    return outcome
+
+
 def registry_for(cfg: Settings) -> AdapterRegistry:
     return AdapterRegistry(cfg.checkpoint.state_dir / "adapters")
 
