@@ -5,7 +5,8 @@ For each worker count, on a fresh group and changelog topic over the same events
 the workers start, so the rate is the workers' own):
 
 - ``events_per_s``: events over the time from the first to the last committed checkpoint, read from the
-  workers' checkpoint files every 0.5 s (the same clock for every count); per worker too;
+  workers' checkpoint files every 0.5 s (the same clock for every count); per worker, over its own first
+  to last checkpoint that moved its offsets;
 - ``cpu_s_per_event``: the workers' user + system CPU seconds (their fetch children included) over the same
   span, per event of it (start-up, imports and the group join, is left out);
 - ``changelog_bytes_per_event``: key + value bytes in the changelog topic afterwards, per event;
@@ -83,20 +84,15 @@ def worker_cmd(state: Path, bootstrap: str, topic: str, group: str, changelog: s
             "--set", f"stream.dead_letter_topic={topic}.dlq", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
 
 
-def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
-    """User + system CPU seconds of the workers and their children (the fetch processes) so far."""
+def cpu_seconds(proc: subprocess.Popen[bytes]) -> float | None:
+    """User + system CPU seconds of a worker and its children (the fetch process) so far; None once gone."""
     import psutil
 
-    total = 0.0
-    for proc in procs:
-        try:
-            p = psutil.Process(proc.pid)
-            for q in (p, *p.children(recursive=True)):
-                t = q.cpu_times()
-                total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    try:
+        p = psutil.Process(proc.pid)
+        return sum(t.user + t.system for t in (q.cpu_times() for q in (p, *p.children(recursive=True))))
+    except psutil.NoSuchProcess:
+        return None
 
 
 def changelog_size(bootstrap: str, topic: str, partitions: int) -> tuple[int, int]:
@@ -130,8 +126,12 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
     procs = [subprocess.Popen(worker_cmd(d, bootstrap, topic, group, changelog, mode, coreset, 5.0), env=ENV,
                               stdout=subprocess.DEVNULL, stderr=log.open("w")) for d, log in zip(dirs, logs, strict=True)]
     first: float | None = None
-    first_done, cpu_first, cpu = 0, 0.0, 0.0
-    per_worker_first: list[int] = [0] * k
+    first_done = 0
+    # per worker: CPU at the first checkpoint and the last seen (a worker whose partitions are done stops
+    # when idle, before the others), and its offsets and times at its first and last progress
+    cpu_at: list[list[float]] = [[] for _ in procs]
+    start: list[tuple[float, int] | None] = [None] * k
+    last: list[tuple[float, int]] = [(0.0, 0)] * k
     end = time.monotonic() + timeout_s
     last_note = 0.0
     try:
@@ -141,10 +141,15 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
             done = sum(max((o.get(p, 0) for o in offsets), default=0) for p in range(partitions))
             if first is None and done:
                 first, first_done = now, done
-                per_worker_first = [sum(o.values()) for o in offsets]
-                cpu_first = cpu_seconds(procs)
+            for w, (proc, o) in enumerate(zip(procs, offsets, strict=True)):
+                mine = sum(o.values())
+                if first is not None and (cpu := cpu_seconds(proc)) is not None:
+                    cpu_at[w] = [cpu_at[w][0] if cpu_at[w] else cpu, cpu]
+                if mine and start[w] is None:
+                    start[w] = (now, mine)
+                if mine > last[w][1]:
+                    last[w] = (now, mine)
             if done >= events:
-                cpu = cpu_seconds(procs) - cpu_first  # start-up (imports, group join) left out
                 break
             # a worker whose partitions are done stops when idle; one that failed, or all stopping early, is an error
             if now > end or any(p.poll() not in (None, 0) for p in procs) or all(p.poll() is not None for p in procs):
@@ -154,6 +159,7 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
                 last_note = now
             time.sleep(0.5)
         finished = time.monotonic()
+        cpu = sum(c[1] - c[0] for c in cpu_at if c)  # start-up (imports, group join) left out
     except BaseException:
         for p in procs:
             p.kill()
@@ -165,7 +171,8 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
         raise RuntimeError(f"{tag}: a worker failed; see {failed}")
     assert first is not None
     span = max(finished - first, 1e-9)
-    per_worker = [(sum(committed(d, topic).values()) - f0) / span for d, f0 in zip(dirs, per_worker_first, strict=True)]
+    per_worker = [(n1 - s[1]) / (t1 - s[0]) if s is not None and t1 > s[0] else 0.0
+                  for s, (t1, n1) in zip(start, last, strict=True)]
     records, size = changelog_size(bootstrap, changelog, partitions)
 
     # a worker on an empty directory restores every partition (nothing new to read: it stops when idle). Its
