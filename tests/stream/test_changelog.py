@@ -101,19 +101,24 @@ def test_a_partition_moves_to_an_empty_host_and_continues_identically(hosts) -> 
     assert feed(a.state, a.dedup, rest) == feed(b.state, b.dedup, rest)
 
 
-def test_a_checkpoint_that_did_not_commit_is_undone_in_the_file_and_the_topic(hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def crash_between_changelog_and_commit(hosts) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Host "a" commits a checkpoint, then dies after the next one reached the changelog but before its
+    transaction committed; returns the committed state."""
     events = stream(1200)
     a = hosts("a")
     a.feed(events[:500])
     a.commit({0: 500, 1: 500, 2: 500})
     committed = a.snapshot({0, 1, 2})
     a.feed(events[500:1000])
-    # the crash window: the changes reached the changelog, then the process died before the transaction committed
     with pytest.raises(RuntimeError, match="killed"), a.ckpt._transaction() as conn:
         a.store.save(conn)
         a.changelog.publish(conn, {0: 1000, 1: 1000, 2: 1000})
         raise RuntimeError("killed")
+    return committed
 
+
+def test_a_checkpoint_that_did_not_commit_is_undone_in_the_file_and_the_topic(hosts) -> None:  # type: ignore[no-untyped-def]
+    committed = crash_between_changelog_and_commit(hosts)
     again = hosts("a")  # the restarted process, on the same directory
     assert again.assign({0, 1, 2}) == {0: "repaired", 1: "repaired", 2: "repaired"}
     assert again.snapshot({0, 1, 2}) == committed  # the local checkpoint stands: the run redoes that work
@@ -121,6 +126,17 @@ def test_a_checkpoint_that_did_not_commit_is_undone_in_the_file_and_the_topic(ho
     c = hosts("c")
     assert c.assign({0, 1, 2}) == {0: "restored", 1: "restored", 2: "restored"}
     assert c.snapshot({0, 1, 2}) == committed
+
+
+def test_negative_control_a_restart_that_trusts_its_own_unfinished_checkpoint_fails(hosts) -> None:  # type: ignore[no-untyped-def]
+    """The same crash, restarted by a changelog that cannot tell its own unfinished checkpoint from another
+    host's (it forgot its writer id): it restores the lost checkpoint, whose work the run would then skip
+    in the selector and journal of this directory — the comparison above must catch that."""
+    committed = crash_between_changelog_and_commit(hosts)
+    again = hosts("a")
+    again.changelog.writer = "forgotten"
+    assert again.assign({0, 1, 2}) == {0: "restored", 1: "restored", 2: "restored"}
+    assert again.snapshot({0, 1, 2}) != committed
 
 
 def test_the_owner_that_comes_back_takes_the_newer_state_from_the_changelog(hosts) -> None:  # type: ignore[no-untyped-def]
