@@ -92,14 +92,15 @@ class Coverage:
     def heavy(self, budget: int) -> np.ndarray:
         return self.mass >= 1.0 / budget
 
-    def guard(self, members: Callable[[], Iterable[Member]], budget: int) -> Callable[[Member], bool]:
-        """A selector ``protect`` hook: True for the last member of a heavy cluster."""
+    def guard(self, members: Callable[[], Iterable[Member]], budget: Callable[[], int]) -> Callable[[Member], bool]:
+        """A selector ``protect`` hook: True for the last member of a heavy cluster. ``budget`` is read at
+        each call: a worker's budget changes when its partitions do, and "heavy" is relative to it."""
 
         def protect(m: Member) -> bool:
             if self.index is None or m.embedding is None:
                 return False
             cluster = int(self.assign(m.embedding[None])[0])
-            if not self.heavy(budget)[cluster]:
+            if not self.heavy(budget())[cluster]:
                 return False
             others = [o for o in members() if o is not m and o.embedding is not None]
             if not others:

@@ -64,7 +64,7 @@ class SelectionStage:
         # applied before the next batch, in the thread that owns the selector
         self.budget_target: int | None = None
         if coverage is not None and coverage_constraint:
-            selector.protect = coverage.guard(lambda: selector.members.values(), selector.budget)
+            selector.protect = coverage.guard(lambda: selector.members.values(), lambda: selector.budget)
 
     def __call__(self, scored: Sequence[ScoredSample]) -> None:
         started = time.perf_counter()

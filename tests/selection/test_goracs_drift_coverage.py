@@ -83,11 +83,30 @@ def test_coverage_counts_the_mass_of_clusters_with_members() -> None:
     assert 0.15 < one_blob < 0.35  # one of four equal clusters
     assert cov.coverage(np.zeros((0, 2))) == 0.0
     members = [member(i, "t", 0.0, e) for i, e in enumerate(blobs(8, 2, CENTERS[:1]))]
-    protect = cov.guard(lambda: members[:1], budget=100)
+    protect = cov.guard(lambda: members[:1], budget=lambda: 100)
     assert protect(members[0])  # the only member of a heavy cluster
-    protect_many = cov.guard(lambda: members, budget=100)
+    protect_many = cov.guard(lambda: members, budget=lambda: 100)
     assert not protect_many(members[0])
 
+
+
+def test_the_stage_s_coverage_guard_follows_the_selector_s_budget_after_a_resize() -> None:
+    """A cluster is heavy when its mass is at least 1 / budget: with four equal clusters every one is heavy
+    at budget 100 and none at budget 2. The guard must read the budget the worker has now (it changes with
+    its partitions), not the one it started with."""
+    from recsift.selection.reservoir import StratifiedReservoir
+    from recsift.selection.stage import SelectionStage
+
+    cov = Coverage(clusters=4, sample_size=2000, refresh_every=10**9, seed=0)
+    cov.add(blobs(2000, 0, CENTERS).astype(np.float32))
+    selector = StratifiedReservoir(budget=100, strata=2)
+    SelectionStage(selector, coverage=cov, coverage_constraint=True)
+    assert selector.protect is not None
+    only = member(0, "t", 0.0, blobs(1, 2, CENTERS[:1])[0])
+    selector.members = {0: only}
+    assert selector.protect(only)  # the last member of a heavy cluster at budget 100
+    selector.resize(2)
+    assert not selector.protect(only)  # at budget 2 no cluster of mass 1/4 is heavy
 
 def test_a_coverage_checkpoint_from_before_the_array_ring_loads_into_the_same_state() -> None:
     """State written before 2026-11-24 kept the recent sample as a bare tensor plus ``pos``; it still loads."""
