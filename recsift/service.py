@@ -41,18 +41,18 @@ from recsift.scoring.stage import (
 )
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import RecentWindow
+from recsift.selection.partitioned import PartitionedSelector
 from recsift.selection.publish import CoresetPublisher, CoresetTopicReader
 from recsift.selection.registry import SELECTORS, make_selector
 from recsift.selection.reservoir import StratifiedConfig
-from recsift.selection.selector import Rescore
+from recsift.selection.selector import Rescore, Selector
 from recsift.selection.stage import GoracsSettings, SelectionStage
 from recsift.selection.store import CoresetStore, read_snapshot, write_coreset
-from recsift.selection.stratified import partition_budget
 from recsift.selection.validation import ValidationReservoir
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.catalog import Catalog, CatalogTopicReader
 from recsift.stream.changelog import KafkaChangelog, StreamChangelog
-from recsift.stream.checkpoint import Checkpoint, Participant
+from recsift.stream.checkpoint import Checkpoint, Participant, PartitionStore
 from recsift.stream.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
 from recsift.stream.dedup import DedupIndex
 from recsift.stream.fetcher import ProcessKafkaSource
@@ -161,6 +161,10 @@ class Ingest:
         self.pipeline = Pipeline(cfg, validator=validator, dead_letters=dead_letters, checkpoint=self.checkpoint,
                                  sink=sink, metrics=metrics, participants=participants, ticks=ticks)
         self.changelog = build_changelog(cfg, self.pipeline, metrics) if cfg.checkpoint.changelog_topic else None
+        if self.changelog is not None:  # the stages' per-partition state moves with its partition too
+            for participant in participants:
+                if isinstance(participant, PartitionStore):
+                    self.changelog.add(participant)
 
     def source(self) -> Source:
         s = self.cfg.stream
@@ -258,7 +262,8 @@ def build_publisher(cfg: Settings, metrics: Metrics) -> CoresetPublisher:
         records.labels("tombstone").inc(tombstones)
 
     publisher = CoresetPublisher(cfg.stream, embedded, topic, cfg.stream.worker_id or socket.gethostname(),
-                                 on_publish=published, on_failure=lambda _: metrics.coreset_topic_failures.inc())
+                                 on_publish=published, on_failure=lambda _: metrics.coreset_topic_failures.inc(),
+                                 partitioned=partitioned_selection(cfg))
     log.info("coreset topic %r: %d records of worker %r", topic, publisher.catch_up(), publisher.worker)
     return publisher
 
@@ -267,7 +272,12 @@ def build_selection(cfg: Settings, catalog: Catalog, *, rescore: Rescore | None 
                     on_drift: Callable[[dict[str, float]], object] | None = None) -> tuple[SelectionStage, CoresetStore]:
     """Streaming selector, validation reservoir, coverage and drift, and their checkpoint participant."""
     sel = cfg.selection
-    selector = make_selector(sel.selector, budget=sel.budget, seed=sel.seed)
+    selector: Selector
+    if partitioned_selection(cfg):  # one reservoir per owned partition: a partition's share moves with it
+        selector = PartitionedSelector(lambda budget: make_selector(sel.selector, budget=budget, seed=sel.seed),
+                                       sel.budget)
+    else:
+        selector = make_selector(sel.selector, budget=sel.budget, seed=sel.seed)
     validation = ValidationReservoir(sel.validation_size)
 
     def category(item_id: str) -> str | None:
@@ -286,39 +296,42 @@ def build_selection(cfg: Settings, catalog: Catalog, *, rescore: Rescore | None 
     return selection, CoresetStore(selection)
 
 
+def partitioned_selection(cfg: Settings) -> bool:
+    """Workers of one group keep the coreset per source partition (``selection.partition_budgets``, Kafka)."""
+    return cfg.selection.partition_budgets and cfg.stream.source != "file"
+
+
 class PartitionShare:
-    """A loop tick that keeps the selection's budget at this worker's share of the global budget: the part
-    of ``selection.budget`` that belongs to the partitions it owns (``partition_budget``), so the workers
-    of one group together keep one budget. The partition count is read from the broker once the worker
-    owns a partition (the topic exists by then)."""
+    """A loop tick that tells a partitioned selection the topic's partition count, which fixes each
+    partition's share of ``selection.budget`` (``partition_budget``), so the workers of one group together
+    keep one budget. The count is read from the broker once the worker owns a partition (the topic exists by
+    then), and again when it owns a partition beyond the count it knows (partitions were added)."""
 
     RETRY_S = 30.0  # after a failed metadata read (the broker away): the loop must not block on it each turn
 
     def __init__(self, cfg: Settings, selection: SelectionStage) -> None:
         self.cfg, self.selection = cfg, selection
         self.partitions = 0
-        self.owned: frozenset[int] = frozenset()
         self.retry_at = 0.0
 
     def __call__(self, pipeline: Pipeline) -> None:
         owned = frozenset(pipeline.source.assignment()) if pipeline.source is not None else frozenset()
-        if not owned or owned == self.owned:
+        if not owned or (self.partitions and max(owned) < self.partitions):
             return
-        if not self.partitions or max(owned) >= self.partitions:
-            if time.monotonic() < self.retry_at:
-                return
-            s = self.cfg.stream
-            try:
-                self.partitions = topic_partitions(s, s.source == "embedded", s.topic)
-            except Exception as exc:  # kafka-python's errors; the budget stays as it is until the next try
-                self.retry_at = time.monotonic() + self.RETRY_S
-                log.warning("cannot read %r's partition count (%s); keeping the coreset budget, retrying in %.0f s",
-                            s.topic, exc, self.RETRY_S)
-                return
-            if max(owned) >= self.partitions:
-                return  # the broker's metadata is behind the assignment: try again next loop
-        self.owned = owned
-        self.selection.budget_target = partition_budget(self.cfg.selection.budget, self.partitions, owned)
+        if time.monotonic() < self.retry_at:
+            return
+        s = self.cfg.stream
+        try:
+            partitions = topic_partitions(s, s.source == "embedded", s.topic)
+        except Exception as exc:  # kafka-python's errors; the shares stay as they are until the next try
+            self.retry_at = time.monotonic() + self.RETRY_S
+            log.warning("cannot read %r's partition count (%s); keeping the coreset budget, retrying in %.0f s",
+                        s.topic, exc, self.RETRY_S)
+            return
+        if max(owned) >= partitions:
+            return  # the broker's metadata is behind the assignment: try again next loop
+        self.partitions = partitions
+        self.selection.partition_count_target = partitions
 
 
 class Operations:
@@ -535,7 +548,7 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             stack.callback(reader.close)
             log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
             ticks.append(lambda _: reader.poll())
-        if selection is not None and cfg.selection.partition_budgets and cfg.stream.source != "file":
+        if selection is not None and partitioned_selection(cfg):
             ticks.append(PartitionShare(cfg, selection))
         if progress is not None:
             ticks.append(progress)

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from recsift.config import WindowConfig
 from recsift.data.datasets import recbole_events
+from recsift.state import State
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.checkpoint import Checkpoint, StreamStateStore
 from recsift.stream.dedup import DedupIndex
@@ -133,3 +135,96 @@ def test_a_killed_workers_partitions_move_with_their_state_and_an_empty_disk_res
     reference = stream_state(dirs["reference"], everything, topic)
     assert sum(o for o in reference["offsets"].values()) == len(events)
     assert stream_state(dirs["empty"], everything, topic) == reference
+
+
+def partition_selection(state: Path) -> dict[int, dict[str, Any]]:
+    """Per partition of a worker's committed checkpoint: its journal, the samples waiting to be scored, its
+    coreset reservoir's members and the samples it was offered."""
+    conn = Checkpoint(state / "recsift.sqlite").conn
+    try:
+        journal: dict[int, list[int]] = {}
+        for p, sid in conn.execute("SELECT partition, sample_id FROM journal ORDER BY rowid"):
+            journal.setdefault(int(p), []).append(int(sid))
+        pending = {int(p): [int(s[0]) for s in orjson.loads(blob)]
+                   for p, blob in conn.execute("SELECT partition, samples FROM partition_pending")}
+        parts = {int(p): State.from_bytes(blob).part("reservoir")
+                 for p, blob, _ in conn.execute("SELECT * FROM selection_partitions")}
+    finally:
+        conn.close()
+    return {p: {"journal": journal.get(p, []), "pending": pending.get(p, []),
+                "members": {int(m[0][0]) for m in parts[p].meta["members"]} if p in parts else set(),
+                "offered": parts[p].meta["stats"]["offered"] if p in parts else 0} for p in range(3)}
+
+
+@pytest.mark.slow
+def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, ml100k: Path
+) -> None:
+    """Two scoring workers on ml-100k over 3 partitions, publishing their coreset to the coreset topic; one is
+    SIGKILLed mid-stream. The survivor restores the dead one's partitions from the changelog — stream state,
+    the samples waiting to be scored and each partition's coreset reservoir — and finishes. The coreset topic
+    (what a trainer refreshes from) then holds exactly the survivor's committed coreset: one budget, ≥ 99%
+    full, every member's partition's reservoir holding it; and every sample of every partition reached its
+    partition's reservoir exactly once (offered + waiting + held out for validation = journaled)."""
+    from recsift.selection.validation import validation_mask
+    from tests.selection.test_publish import read_view
+
+    budget = 240
+    topic, changelog, coreset_topic = make_topic(3), make_topic(3, prefix="changelog"), make_topic(1, prefix="coreset")
+    events = recbole_events(ml100k)[:30_000]
+    cfg = kafka_settings(broker, topic).stream
+    # the last third follows the kill, slowly: the survivor is still consuming when the group notices the death
+    feed = threading.Thread(target=produce_events, args=(cfg, True, keyed(events[:20_000]), topic),
+                            kwargs={"rate": 6000.0})
+    feed.start()
+    dirs = {name: tmp_path / name for name in ("a", "b")}
+    logs = {name: tmp_path / f"{name}.log" for name in dirs}
+    sets = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0, "window.idle_flush_s": 1e9,
+            "stream.stop_when_idle_s": 300, "monitoring.port": 0, "selection.budget": budget,
+            "scoring.batch_size": 500, "scoring.scorer.depth": 20, "trainer.in_worker": "false",
+            "stream.coreset_topic": coreset_topic}
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "recsift.cli", "run", "--state-dir", str(dirs[name]), "--no-progress",
+               "--journal", *kafka_args(broker, topic, f"g-{topic}"), "--set", f"stream.worker_id={name}",
+               *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=logs[name].open("a"))
+
+    a, b = start("a"), start("b")
+    try:
+        target = random.Random(11).randrange(2_000, 5_000)  # a owns one or two of three partitions
+        wait_for(lambda: offsets_done(dirs["a"], topic) >= target or a.poll() is not None, 180, "worker a's progress")
+        assert a.poll() is None, logs["a"].read_text()[-3000:]
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        feed.join()
+        produce_events(cfg, True, keyed(events[20_000:]), topic, rate=1000.0)
+        # the group notices the death in its own time (its rejoin waited ~15 s here): stop the survivor once
+        # it owns everything and has checkpointed the whole stream
+        wait_for(lambda: offsets_done(dirs["b"], topic) >= len(events) or b.poll() is not None, 240, "the survivor")
+        b.send_signal(signal.SIGTERM)
+        run_to_idle(b, logs=[logs["b"]], timeout=120)
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+    lost = {int(p) for p, in Checkpoint(dirs["a"] / "recsift.sqlite").conn.execute("SELECT partition FROM offsets")}
+    assert lost and lost != {0, 1, 2}, lost
+    b_log = logs["b"].read_text()
+    assert all(f"changelog partition {p} restored" in b_log for p in lost), b_log[-3000:]
+
+    survivor = partition_selection(dirs["b"])
+    assert sum(len(s["journal"]) for s in survivor.values()) > 25_000
+    for p, s in survivor.items():
+        journal = s["journal"]
+        assert len(set(journal)) == len(journal), p  # each sample handed on once
+        scored = [sid for sid in journal if sid not in set(s["pending"])]
+        held_out = int(validation_mask(scored, 0.05, 0).sum())
+        assert s["offered"] == len(scored) - held_out, (p, s["offered"], len(scored), held_out)  # offered once
+        assert s["members"] <= set(scored), p
+    committed = {sid for s in survivor.values() for sid in s["members"]}
+    view = read_view(broker, coreset_topic)
+    assert set(view.members) == committed  # the topic is the survivor's coreset: nothing left behind by a
+    assert 0.99 * budget <= len(committed) <= budget
+    assert all(body["partition"] in range(3) and int(ident) in survivor[body["partition"]]["members"]
+               for ident, body in view.members.items())

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from recsift.data.datasets import recbole_events
+from recsift.selection.partitioned import PartitionedSelector
 from recsift.selection.store import read_selection_state
 from recsift.selection.validation import is_validation
 from recsift.state import State
@@ -254,7 +255,8 @@ def component_states(state: Path, overrides: dict[str, object], restore_scorer: 
     """Every component's state as restored from a state directory: the stream state and dedup index of
     partition 0, the stream scorer (surrogate, scorer, reference reservoir, bounds), the scoring stage's
     pending batch, the selection stage (selector, validation reservoir, recent window, coverage,
-    counters), and the checkpointed offsets. Built by the service's own builders, loaded by its stores."""
+    counters; partition 0's coreset reservoir), and the checkpointed offsets. Built by the service's own
+    builders, loaded by its stores."""
     from recsift.config import load_config
     from recsift.service import build_scoring, build_selection, build_stream_scorer
     from recsift.stream.catalog import Catalog
@@ -276,8 +278,11 @@ def component_states(state: Path, overrides: dict[str, object], restore_scorer: 
         offsets = conn.execute("SELECT topic, partition, next_offset FROM offsets ORDER BY 1, 2").fetchall()
     finally:
         conn.close()
+    selector = selection.selector
+    assert isinstance(selector, PartitionedSelector) and sorted(selector.parts) == [0]
     return {"stream": stream.state_dict(), "dedup": dedup.state_dict(), "scorer": scoring.scorer.state_dict(),
             "scoring_stage": scoring.state_dict(), "selection": selection.state_dict(),
+            "reservoir": selector.part_state(0),  # partition 0's coreset reservoir: members, spares, sketch, ...
             "offsets": State(meta={"offsets": [list(r) for r in offsets]})}
 
 
@@ -350,7 +355,7 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
         assert name in uninterrupted["selection"].meta  # what is left out exists: the exclusion is not stale
         del crashed["selection"].meta[name], uninterrupted["selection"].meta[name]
     assert uninterrupted["scorer"].meta["batches"] >= 20  # the scorer learnt and re-estimated on the way
-    assert len(uninterrupted["selection"].part("selector").meta["members"]) == BUDGET
+    assert len(uninterrupted["reservoir"].part("reservoir").meta["members"]) == BUDGET
     # exact: the same floating-point operations in the same order, on restored bit-exact tensors
     diffs = {name: differences(crashed[name], uninterrupted[name]) for name in uninterrupted}
     assert not any(diffs.values()), {k: v[:5] for k, v in diffs.items() if v}

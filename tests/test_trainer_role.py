@@ -150,7 +150,7 @@ def test_two_workers_of_one_group_keep_one_budget_between_them(
     workers = {"w1": worker("w1"), "w2": worker("w2")}  # they join together: the broker waits for a group
     try:
         # both run until the stream is checkpointed, then stop together: a worker that left first would hand
-        # its partition, and so its share, to the other (members that stay in the topic: not built yet)
+        # its partition, and so its share, to the other
         def done() -> int:  # per partition, the furthest either worker checkpointed (a moved one is in both)
             rows = [r for n in workers for r in db_rows(tmp_path / n, "SELECT partition, next_offset FROM offsets")]
             return sum(max(o for q, o in rows if q == p) for p in {q for q, _ in rows})
@@ -164,7 +164,7 @@ def test_two_workers_of_one_group_keep_one_budget_between_them(
         proc.communicate(timeout=120)
         assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("w1", "w2")}
-    assert all("coreset budget 64 → 32" in log for log in logs.values()), logs  # each applied its share
+    assert all("hold 32 of the budget" in log for log in logs.values()), logs  # each applied its share
 
     view = read_view(broker, coreset_topic)
     per_worker = Counter(body["worker"] for body in view.members.values())
@@ -203,6 +203,6 @@ def test_a_partition_count_that_cannot_be_read_keeps_the_budget_and_is_retried_l
             share(pipeline)
             share(pipeline)  # within RETRY_S: no second read
         warnings = [r for r in caplog.records if "partition count" in r.getMessage()]
-        assert len(warnings) == 1 and selection.budget_target is None and share.retry_at > 0
+        assert len(warnings) == 1 and selection.partition_count_target is None and share.retry_at > 0
     finally:
         ingest.close()

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import torch
 from torch import Tensor
 
@@ -235,12 +236,19 @@ class ScoringStage:
         self.pending = [Sample.from_json(s) for s in state.meta["pending"]]
 
 
+PENDING_KEY = b"p"  # a partition's changelog record of its samples waiting for the next scoring batch
+
+
 class ScoringStore:
     """Checkpoint participant for the scoring stage: the stream scorer's state (surrogate and scorer
     included) and the stage's pending samples, each as the bytes of its ``state_dict()``.
 
     The scorer's state is rewritten only when it has changed since the last checkpoint (every change
-    comes with a surrogate update or an exclusion count).
+    comes with a surrogate update or an exclusion count). The scorer belongs to this worker; the pending
+    samples belong to their partitions: each owned partition's are also kept in a row of their own and, with
+    a changelog, as its ``p`` record (:class:`~recsift.stream.checkpoint.PartitionStore`), so that when a
+    partition moves to another worker its samples that were handed on but not yet scored go with it and are
+    scored there, once.
     """
 
     def __init__(self, stream_scorer: StreamScorer, stage: ScoringStage | None = None) -> None:
@@ -249,16 +257,28 @@ class ScoringStore:
         self._saved_at: tuple[int, int] | None = None
         self._pending: tuple[int, int] | None = None
         self._loaded = False
+        self.owned: set[int] = set()
+        self.changes: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        self._written: dict[int, bytes] = {}  # partition → its last committed pending record
+        self._writing: dict[int, bytes] = {}
 
     def _fingerprint(self) -> tuple[int, int]:
         return self.stream_scorer.surrogate.version, self.stream_scorer.excluded
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS scoring_state (name TEXT PRIMARY KEY, state BLOB NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS partition_pending (partition INTEGER PRIMARY KEY, samples BLOB NOT NULL)")
 
     def save(self, conn: sqlite3.Connection) -> None:
+        self.changes, self._writing = {}, {}
         if self.stage is not None:
             conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('stage', ?)", (self.stage.state_dict().to_bytes(),))
+            for p in sorted(self.owned):
+                value = orjson.dumps([s.to_json() for s in self.stage.pending if s.partition == p])
+                conn.execute("INSERT OR REPLACE INTO partition_pending VALUES (?, ?)", (p, value))
+                if self._written.get(p) != value:
+                    self.changes[p] = [(PENDING_KEY, value)]
+                    self._writing[p] = value
         if self._fingerprint() == self._saved_at:
             return
         conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('scorer', ?)",
@@ -267,15 +287,52 @@ class ScoringStore:
 
     def committed(self) -> None:
         self._saved_at = self._pending
+        self._written.update(self._writing)
+        self._writing = {}
 
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
-        """Restore once per process: the scorer is not partitioned, later assignments keep the live state."""
-        if self._loaded:
-            return
+        """The scorer once per process (later assignments keep the live one); each assigned partition's pending
+        samples from its row. The stage row keeps their order across partitions: a restart on the same
+        partitions forms exactly the batches an uninterrupted run forms; samples that arrived from another
+        worker follow the ones held."""
+        first = not self._loaded
         self._loaded = True
-        saved = dict(conn.execute("SELECT name, state FROM scoring_state").fetchall())
-        if self.stage is not None and "stage" in saved:
-            self.stage.load_state_dict(State.from_bytes(saved["stage"]))
+        saved = dict(conn.execute("SELECT name, state FROM scoring_state").fetchall()) if first else {}
         if "scorer" in saved:
             self.stream_scorer.load_state_dict(State.from_bytes(saved["scorer"]))
             self._saved_at = self._fingerprint()
+        self.owned |= partitions
+        self._written = {p: v for p, v in self._written.items() if p not in partitions}
+        if self.stage is None:
+            return
+        if first:
+            if "stage" in saved:
+                self.stage.load_state_dict(State.from_bytes(saved["stage"]))
+            self.stage.pending = [s for s in self.stage.pending if s.partition in partitions]
+        rows = dict(conn.execute(f"SELECT partition, samples FROM partition_pending WHERE partition IN "
+                                 f"({','.join(str(int(p)) for p in sorted(partitions)) or 'NULL'})").fetchall())
+        held = {p: [Sample.from_json(s) for s in orjson.loads(rows[p])] for p in sorted(partitions) if p in rows}
+        ids = {p: {s.sample_id for s in samples} for p, samples in held.items()}
+        kept = [s for s in self.stage.pending if s.partition not in held or s.sample_id in ids[s.partition]]
+        have = {s.sample_id for s in kept}
+        self.stage.pending = kept + [s for samples in held.values() for s in samples if s.sample_id not in have]
+
+    def release(self, partitions: set[int]) -> None:
+        """Revoked partitions take their pending samples with them (saved by the revoke's checkpoint)."""
+        self.owned -= partitions
+        self._written = {p: v for p, v in self._written.items() if p not in partitions}
+        if self.stage is not None:
+            self.stage.pending = [s for s in self.stage.pending if s.partition not in partitions]
+
+    # ------------------------------------------------------------------ the changelog (PartitionStore)
+
+    def owns(self, key: bytes) -> bool:
+        return key == PENDING_KEY
+
+    def partition_records(self, conn: sqlite3.Connection, partition: int) -> dict[bytes, bytes]:
+        row = conn.execute("SELECT samples FROM partition_pending WHERE partition = ?", (int(partition),)).fetchone()
+        return {PENDING_KEY: bytes(row[0])} if row is not None else {}
+
+    def replace_partition(self, conn: sqlite3.Connection, partition: int, records: dict[bytes, bytes]) -> None:
+        conn.execute("INSERT OR REPLACE INTO partition_pending VALUES (?, ?)",
+                     (int(partition), records.get(PENDING_KEY, b"[]")))

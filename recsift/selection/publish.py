@@ -2,7 +2,8 @@
 
 Every record is keyed by what it describes, so the topic compacts to the current state:
 
-- ``m:<sample id>`` a coreset member: ``{"worker", "sample", "score", "stratum", "version"}``;
+- ``m:<sample id>`` a coreset member: ``{"worker", "sample", "score", "stratum", "version", "partition"}``
+  (the source partition whose reservoir holds it);
 - ``v:<sample id>`` a validation sample: ``{"worker", "sample", "seq"}`` (``seq`` orders the reservoir);
 - ``w:<worker id>`` the worker's counters: ``{"worker", "members", "validation", "offered", "samples",
   "drift"}`` (samples the selection stage saw; its last drift report, or null);
@@ -13,6 +14,12 @@ between the committed state and what the topic holds for this worker is produced
 offsets go to Kafka. The difference is computed from state, not from events, so a crash or a broker
 outage between the steps costs nothing: the next publish sends whatever is still missing. On start the
 publisher reads the topic to learn what it holds for this worker (:meth:`CoresetPublisher.catch_up`).
+
+With partitioned selection (workers of one group, :mod:`recsift.selection.partitioned`) a worker answers
+for the members of the partitions it owns, whoever wrote them: when a partition is assigned it learns the
+partition's members from the topic before its next publish (:meth:`CoresetPublisher.adopt`), so members the
+previous owner published and the partition's reservoir no longer holds are tombstoned; when a partition is
+revoked it forgets them without a tombstone (:meth:`CoresetPublisher.release`): they are the next owner's.
 
 Readers (a trainer on another host) rebuild the state with :class:`CoresetView`.
 """
@@ -92,14 +99,22 @@ class CoresetView:
             table[k] = body
         return kind
 
-    def owned_by(self, worker: str) -> dict[bytes, bytes]:
-        """key → encoded value of every live record this worker wrote."""
+    def owned_by(self, worker: str, members: bool = True) -> dict[bytes, bytes]:
+        """key → encoded value of every live record this worker wrote (its members too, unless ``members`` is
+        false: with partitioned selection a member belongs to its partition's owner)."""
         out: dict[bytes, bytes] = {}
-        for kind, table in ((MEMBER, self.members), (VALIDATION, self.validation), (WORKER, self.workers)):
+        tables = ((MEMBER, self.members), (VALIDATION, self.validation), (WORKER, self.workers))
+        for kind, table in tables if members else tables[1:]:
             for ident, body in table.items():
                 if body.get("worker") == worker:
                     out[record_key(kind, ident)] = orjson.dumps(body)
         return out
+
+    def members_of(self, partitions: set[int]) -> dict[bytes, bytes]:
+        """key → encoded value of every live member of these source partitions (a record with no partition
+        was written before members carried one: partition 0)."""
+        return {record_key(MEMBER, ident): orjson.dumps(body) for ident, body in self.members.items()
+                if int(body.get("partition", 0)) in partitions}
 
     def member_samples(self) -> list[tuple[Sample, float, int, int]]:
         """(sample, score, stratum, scorer version) of every member, by sample id."""
@@ -123,7 +138,7 @@ def coreset_records(worker: str, members: Iterable[tuple[Sample, float, int, int
     for sample, score, stratum, version in members:
         out[record_key(MEMBER, sample.sample_id)] = orjson.dumps(
             {"worker": worker, "sample": sample.to_json(), "score": float(score), "stratum": int(stratum),
-             "version": int(version)})
+             "version": int(version), "partition": sample.partition})
         n_members += 1
     for sample, seq in validation:
         out[record_key(VALIDATION, sample.sample_id)] = orjson.dumps(
@@ -193,29 +208,62 @@ class CoresetPublisher:
 
     def __init__(self, cfg: StreamConfig, embedded: bool, topic: str, worker: str,
                  on_publish: Callable[[int, int], object] | None = None,
-                 on_failure: Callable[[BaseException], object] | None = None) -> None:
+                 on_failure: Callable[[BaseException], object] | None = None, partitioned: bool = False) -> None:
         from kafka import KafkaProducer
 
-        self.topic, self.worker = topic, worker
+        self.topic, self.worker, self.partitioned = topic, worker, partitioned
         self.cfg, self.embedded = cfg, embedded
         self.published: dict[bytes, bytes] = {}
+        self.partition_of: dict[bytes, int] = {}  # member key → its partition (partitioned selection)
+        self.to_adopt: set[int] = set()  # assigned partitions whose members are not yet read from the topic
         self.on_publish, self.on_failure = on_publish, on_failure
         self.producer = KafkaProducer(**kafka_client_config(cfg, embedded), acks="all", linger_ms=5,
                                       max_in_flight_requests_per_connection=1,  # a key's records stay in order
                                       enable_idempotence=False, max_block_ms=10_000)
 
-    def catch_up(self, timeout_s: float = 30.0) -> int:
-        """Learn what the topic holds for this worker (read it to its end); returns the record count."""
+    def _read(self, timeout_s: float) -> CoresetView:
         reader = CoresetTopicReader(self.cfg, self.embedded, self.topic)
         try:
             reader.catch_up(timeout_s)
         finally:
             reader.close()
-        self.published = reader.view.owned_by(self.worker)
+        return reader.view
+
+    def catch_up(self, timeout_s: float = 30.0) -> int:
+        """Learn what the topic holds for this worker (read it to its end); returns the record count."""
+        self.published = self._read(timeout_s).owned_by(self.worker, members=not self.partitioned)
         return len(self.published)
+
+    def adopt(self, partitions: set[int]) -> None:
+        """These partitions were assigned: their members in the topic are this worker's to keep equal to its
+        state from the next publish on (read then, so a broker away now costs a retry, not the assignment)."""
+        self.to_adopt |= partitions
+
+    def release(self, partitions: set[int]) -> None:
+        """These partitions were revoked: their members are the next owner's (no tombstones from here)."""
+        self.to_adopt -= partitions
+        for key in [k for k, p in self.partition_of.items() if p in partitions]:
+            self.published.pop(key, None)
+            del self.partition_of[key]
+
+    def _learn_adopted(self, timeout_s: float) -> None:
+        held = self._read(timeout_s).members_of(self.to_adopt)
+        for key, value in held.items():
+            self.published[key] = value
+            self.partition_of[key] = int(orjson.loads(value).get("partition", 0))
+        self.to_adopt = set()
 
     def publish(self, current: Mapping[bytes, bytes], timeout_s: float = 30.0) -> bool:
         """Produce the changes and wait for the broker to acknowledge them; False when it did not."""
+        if self.to_adopt:
+            try:
+                self._learn_adopted(timeout_s)
+            except Exception as exc:  # the broker away: this publish waits for the next checkpoint
+                log.warning("coreset topic %r: cannot read the members of assigned partitions (%s); the next "
+                            "checkpoint retries", self.topic, exc)
+                if self.on_failure is not None:
+                    self.on_failure(exc)
+                return False
         todo = changes(self.published, current)
         if not todo:
             return True
@@ -226,14 +274,19 @@ class CoresetPublisher:
                 fut.get(timeout=timeout_s)  # raises the send's error
                 if v is None:
                     self.published.pop(k, None)
+                    self.partition_of.pop(k, None)
                 else:
                     self.published[k] = v
+                    if self.partitioned and k.startswith(b"m:"):
+                        self.partition_of[k] = int(orjson.loads(v)["partition"])
         except Exception as exc:  # a broker outage must not stop the worker: the next publish retries
             # what was sent and not confirmed may still land: the next publish must treat those keys as
             # possibly held (resend the value, or tombstone a key that has left since)
             for k, v in todo:
                 if v is not None and self.published.get(k) != v:
                     self.published[k] = UNCONFIRMED
+                    if self.partitioned and k.startswith(b"m:"):
+                        self.partition_of[k] = int(orjson.loads(v)["partition"])
             log.warning("coreset topic %r: publish failed (%s); the next checkpoint retries it", self.topic, exc)
             if self.on_failure is not None:
                 self.on_failure(exc)

@@ -89,11 +89,16 @@ Rescore = Callable[[list[Sample]], tuple[list[float], int]]  # samples → (scor
 
 class Selector(Protocol):
     Config: ClassVar[type[ComponentConfig]]
-    budget: int
     strata: int
     version: int
-    members: dict[int, Member]
     stats: SelectorStats
+
+    @property
+    def budget(self) -> int: ...
+
+    @property
+    def members(self) -> dict[int, Member]: ...
+
     protect: Callable[[Member], bool] | None  # a coverage guard: True = do not evict
 
     def offer(self, offers: Iterable[Offer], rescore: Rescore | None = None) -> None:

@@ -21,6 +21,7 @@ from recsift.scoring.stage import ScoredSample
 from recsift.selection.coverage import Coverage
 from recsift.selection.drift import DriftReport, RecentWindow, drift
 from recsift.selection.goracs import goracs_select
+from recsift.selection.partitioned import PartitionedSelector
 from recsift.selection.selector import Offer, Rescore, Selector
 from recsift.selection.validation import ValidationReservoir, validation_mask
 from recsift.state import State
@@ -60,18 +61,19 @@ class SelectionStage:
         self.last_snapshot: set[int] = set()
         self.last_drift: DriftReport | None = None
         self.last_coverage = 0.0
-        # the worker's share of the global budget, set (from the ingest thread) when its partitions change;
-        # applied before the next batch, in the thread that owns the selector
-        self.budget_target: int | None = None
+        # the topic's partition count, learnt (in the ingest thread) once this worker owns a partition; handed to
+        # a partitioned selector before the next batch, in the thread that owns the selector
+        self.partition_count_target: int | None = None
         if coverage is not None and coverage_constraint:
             selector.protect = coverage.guard(lambda: selector.members.values(), lambda: selector.budget)
 
     def __call__(self, scored: Sequence[ScoredSample]) -> None:
         started = time.perf_counter()
-        target = self.budget_target
-        if target is not None and target != self.selector.budget:
-            log.info("coreset budget %d → %d (this worker's share of its partitions)", self.selector.budget, target)
-            self.selector.resize(target)
+        count, sel = self.partition_count_target, self.selector
+        if count is not None and isinstance(sel, PartitionedSelector) and count != sel.partitions:
+            sel.set_partition_count(count)
+            log.info("coreset: %d partitions in the topic; this worker's %s hold %d of the budget",
+                     count, sorted(sel.parts), sel.budget)
         offers = []
         held_out = validation_mask([s.sample.sample_id for s in scored], self.fraction, self.seed)
         for s, validation in zip(scored, held_out.tolist(), strict=True):

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from recsift.selection.partitioned import PartitionedSelector
 from recsift.selection.publish import CoresetPublisher, coreset_records
 from recsift.selection.selector import Member
 from recsift.selection.stage import SelectionStage
@@ -40,6 +41,8 @@ SCHEMA = (
     " history TEXT NOT NULL, target TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL, version INTEGER NOT NULL,"
     " stratum INTEGER NOT NULL, updated_at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS validation_samples (pos INTEGER PRIMARY KEY, sample BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS selection_partitions (partition INTEGER PRIMARY KEY, state BLOB NOT NULL,"
+    " foreign_writer INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS coreset_snapshots (snapshot_id INTEGER PRIMARY KEY AUTOINCREMENT,"
     " created_at REAL NOT NULL, size INTEGER NOT NULL, scorer_version INTEGER NOT NULL, reason TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS snapshot_members (snapshot_id INTEGER NOT NULL, sample_id INTEGER NOT NULL,"
@@ -52,8 +55,17 @@ class SnapshotNotFound(LookupError):
     """A coreset snapshot that is not in the checkpoint database."""
 
 
+SELECTION_KEY = b"s"  # a partition's changelog record of its coreset reservoir (PartitionedSelector.part_state)
+
+
 class CoresetStore:
-    """Checkpoint participant for the selection stage (the coreset is not partitioned: one row).
+    """Checkpoint participant for the selection stage.
+
+    The stage's own state is one row. With a :class:`~recsift.selection.partitioned.PartitionedSelector`
+    each owned partition's reservoir is also a row of ``selection_partitions`` and, with a changelog, the
+    partition's ``s`` record (:class:`~recsift.stream.checkpoint.PartitionStore`): a partition assigned to
+    this worker is adopted from its row (restored from the changelog first when another worker wrote it
+    last), a revoked one is released after the revoke's checkpoint.
 
     With a ``publisher``, every committed state is also published to the coreset topic (after the
     transaction commits, before offsets go to Kafka: :mod:`recsift.selection.publish`)."""
@@ -63,6 +75,14 @@ class CoresetStore:
         self.publisher = publisher
         self._to_publish: dict[bytes, bytes] | None = None
         self._loaded = False
+        self.changes: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        self._written: dict[int, bytes] = {}  # partition → its last committed reservoir record
+        self._writing: dict[int, bytes] = {}
+
+    @property
+    def partitioned(self) -> PartitionedSelector | None:
+        sel = self.stage.selector
+        return sel if isinstance(sel, PartitionedSelector) else None
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
         for statement in SCHEMA:
@@ -71,6 +91,15 @@ class CoresetStore:
     def save(self, conn: sqlite3.Connection) -> None:
         now = time.time()
         conn.execute("INSERT OR REPLACE INTO selection_state VALUES (1, ?)", (self.stage.state_dict().to_bytes(),))
+        self.changes, self._writing = {}, {}
+        if (sel := self.partitioned) is not None:
+            for p in sorted(sel.parts):
+                value = sel.part_state(p).to_bytes()
+                if self._written.get(p) == value:
+                    continue
+                conn.execute("INSERT OR REPLACE INTO selection_partitions VALUES (?, ?, 0)", (p, value))
+                self.changes[p] = [(SELECTION_KEY, value)]
+                self._writing[p] = value
         conn.execute("DELETE FROM coreset_members")
         conn.executemany("INSERT INTO coreset_members VALUES (?,?,?,?,?,?,?,?,?)",
                          (_member_row(m, now) for m in self.stage.selector.members.values()))
@@ -81,6 +110,8 @@ class CoresetStore:
             self._to_publish = self.records()
 
     def committed(self) -> None:
+        self._written.update(self._writing)
+        self._writing = {}
         if self.publisher is not None and self._to_publish is not None:
             self.publisher.publish(self._to_publish)
             self._to_publish = None
@@ -97,13 +128,47 @@ class CoresetStore:
                                drift=stage.last_drift.as_dict() if stage.last_drift else None)
 
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
-        """Restore once per process (the coreset is not partitioned)."""
-        if self._loaded:
+        """The stage's state once per process; with a partitioned selector, each assigned partition's
+        reservoir (an empty one for a partition never seen)."""
+        if not self._loaded:
+            self._loaded = True
+            row = conn.execute("SELECT state FROM selection_state WHERE id = 1").fetchone()
+            if row is not None:
+                self.stage.load_state_dict(State.from_bytes(row[0]))
+        if (sel := self.partitioned) is None:
             return
-        self._loaded = True
-        row = conn.execute("SELECT state FROM selection_state WHERE id = 1").fetchone()
-        if row is not None:
-            self.stage.load_state_dict(State.from_bytes(row[0]))
+        for p in sorted(partitions):
+            row = conn.execute("SELECT state, foreign_writer FROM selection_partitions WHERE partition = ?",
+                               (p,)).fetchone()
+            sel.adopt(p, State.from_bytes(row[0]) if row is not None else None, foreign=bool(row and row[1]))
+            self._written.pop(p, None)
+        if self.publisher is not None:
+            self.publisher.adopt(set(partitions))
+
+    def release(self, partitions: set[int]) -> None:
+        """Revoked partitions' reservoirs leave (the revoke's checkpoint saved them; the next owner adopts them)."""
+        if (sel := self.partitioned) is None:
+            return
+        sel.release(partitions)
+        for p in partitions:
+            self._written.pop(p, None)
+        if self.publisher is not None:
+            self.publisher.release(set(partitions))
+
+    # ------------------------------------------------------------------ the changelog (PartitionStore)
+
+    def owns(self, key: bytes) -> bool:
+        return key == SELECTION_KEY
+
+    def partition_records(self, conn: sqlite3.Connection, partition: int) -> dict[bytes, bytes]:
+        row = conn.execute("SELECT state FROM selection_partitions WHERE partition = ?", (int(partition),)).fetchone()
+        return {SELECTION_KEY: bytes(row[0])} if row is not None else {}
+
+    def replace_partition(self, conn: sqlite3.Connection, partition: int, records: dict[bytes, bytes]) -> None:
+        """Another worker's reservoir for ``partition`` (its scores are that worker's: marked foreign)."""
+        conn.execute("DELETE FROM selection_partitions WHERE partition = ?", (int(partition),))
+        if SELECTION_KEY in records:
+            conn.execute("INSERT INTO selection_partitions VALUES (?, ?, 1)", (int(partition), records[SELECTION_KEY]))
 
 
 def _member_row(m: Member, now: float) -> tuple[Any, ...]:

@@ -3,7 +3,10 @@
 This is the state-store changelog of Kafka Streams and quix-streams. Partition ``p`` of the changelog topic
 holds the state of source partition ``p``: every key names one piece of it (the keys are in
 :mod:`recsift.stream.checkpoint`: a user's history, the clock, the open windows, a dedup chunk, a journal
-chunk), so the last value of every key is the partition's state, and compaction keeps only that.
+chunk), so the last value of every key is the partition's state, and compaction keeps only that. Stores of
+the later stages join with keys of their own (:class:`~recsift.stream.checkpoint.PartitionStore`): the
+samples waiting to be scored (``p``, :mod:`recsift.scoring.stage`) and the coreset reservoir (``s``,
+:mod:`recsift.selection.store`).
 
 **Writing** (inside the checkpoint transaction, see :mod:`recsift.stream.checkpoint`): the changes of every
 owned partition are produced, each partition's followed by a *marker* ``o`` = ``{"writer", "offset"}`` (the
@@ -38,7 +41,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from recsift.config import StreamConfig
-from recsift.stream.checkpoint import StreamStateStore
+from recsift.stream.checkpoint import PartitionStore
 from recsift.stream.kafka import kafka_client_config
 
 log = logging.getLogger(__name__)
@@ -151,12 +154,12 @@ class StreamChangelog:
     """Keeps the changelog topic equal to the stream state's checkpoints and restores partitions from it
     (the :class:`~recsift.stream.checkpoint.ChangelogWriter` of a checkpoint)."""
 
-    def __init__(self, log: KafkaChangelog, store: StreamStateStore, source_topic: str,
+    def __init__(self, log: KafkaChangelog, store: PartitionStore, source_topic: str,
                  on_restore: Callable[[str, int, float], object] | None = None,
                  on_progress: Callable[[int], object] | None = None,
                  on_write: Callable[[int, int], object] | None = None) -> None:
         self.log = log
-        self.store = store
+        self.stores: list[PartitionStore] = [store]  # the stream state's; the scoring and selection stores join
         self.source_topic = source_topic
         self.writer = ""  # this state directory's id, read or made by create_schema
         self.on_restore = on_restore  # (outcome, records read, seconds) per synced partition that needed work
@@ -164,6 +167,28 @@ class StreamChangelog:
         self.on_write = on_write  # (records, bytes) of each acknowledged write
         self.records_written = 0
         self._marked: dict[int, int | None] = {}  # partition → source offset of its last marker
+
+    def add(self, store: PartitionStore) -> None:
+        """Another store whose per-partition state moves with the partition (its keys are its own)."""
+        self.stores.append(store)
+
+    def _local(self, conn: sqlite3.Connection, p: int) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for store in self.stores:
+            out.update(store.partition_records(conn, p))
+        return out
+
+    def _replace(self, conn: sqlite3.Connection, p: int, state: dict[bytes, bytes]) -> None:
+        """Hand each store its keys of a restored partition state; a key no store owns is skipped and logged
+        (a changelog written by workers with more stores than this one)."""
+        claimed = 0
+        for store in self.stores:
+            mine = {k: v for k, v in state.items() if store.owns(k)}
+            claimed += len(mine)
+            store.replace_partition(conn, p, mine)
+        if claimed < len(state):
+            log.warning("changelog partition %d: %d records of kinds this worker does not keep were skipped",
+                        p, len(state) - claimed)
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS changelog_positions (partition INTEGER PRIMARY KEY,"
@@ -177,10 +202,9 @@ class StreamChangelog:
     # ------------------------------------------------------------------ writing
 
     def publish(self, conn: sqlite3.Connection, offsets: dict[int, int]) -> None:
-        changes = self.store.changes
         batch: dict[int, Records] = {}
         for p, offset in offsets.items():
-            records = list(changes.get(p, ()))
+            records = [r for store in self.stores for r in store.changes.get(p, ())]
             if records or self._marked.get(p) != offset:
                 batch[p] = [*records, (MARKER_KEY, marker(self.writer, offset))]
         if batch:
@@ -211,7 +235,7 @@ class StreamChangelog:
         tail = self.log.read(p, position, self.on_progress)
         offset = self._source_offset(conn, p)
         if not tail:
-            if row is None and (local := self.store.partition_records(conn, p)):
+            if row is None and (local := self._local(conn, p)):
                 self._write(conn, {p: [*local.items(), (MARKER_KEY, marker(self.writer, offset))]})
                 self._marked[p] = offset
                 log.info("published partition %d's local state to the changelog (%d records)", p, len(local))
@@ -223,7 +247,7 @@ class StreamChangelog:
         if any(orjson.loads(m.value or b"{}").get("writer") != self.writer for m in markers):
             cut = markers[-1].offset
             state = collapse(history, cut)
-            self.store.replace_partition(conn, p, state)
+            self._replace(conn, p, state)
             offset = orjson.loads(markers[-1].value or b"{}").get("offset")
             if offset is not None:
                 conn.execute("INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition)"
@@ -236,7 +260,7 @@ class StreamChangelog:
         after = dict.fromkeys(r.key for r in history if r.offset > cut and r.key != MARKER_KEY)
         records: Records = [(k, state.get(k)) for k in after]
         if row is None and outcome == "repaired":
-            records.extend(self.store.partition_records(conn, p).items())
+            records.extend(self._local(conn, p).items())
         self._write(conn, {p: [*records, (MARKER_KEY, marker(self.writer, offset))]})
         self._marked[p] = offset
         log.info("changelog partition %d %s: %d records read in %.2f s, %d keys after the last whole checkpoint "

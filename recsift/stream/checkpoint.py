@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -55,6 +55,9 @@ class Participant(Protocol):
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
         """Restore the state of the given source partitions (participants that are not partitioned ignore them)."""
 
+    def release(self, partitions: set[int]) -> None:
+        """The partitions were revoked after a checkpoint: forget their state (their next owner restores it)."""
+
 
 def connect(path: str | Path) -> sqlite3.Connection:
     """An SQLite connection with the checkpoint's durability settings; transactions are explicit."""
@@ -65,6 +68,22 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+@runtime_checkable
+class PartitionStore(Protocol):
+    """A participant whose state is kept per source partition in the changelog (:mod:`recsift.stream.changelog`):
+    each key of a partition's changelog belongs to exactly one store (``owns``)."""
+
+    changes: dict[int, list[tuple[bytes, bytes | None]]]  # after save(): each owned partition's changed records
+
+    def owns(self, key: bytes) -> bool: ...
+
+    def partition_records(self, conn: sqlite3.Connection, partition: int) -> dict[bytes, bytes]:
+        """The committed state of ``partition`` as changelog records."""
+
+    def replace_partition(self, conn: sqlite3.Connection, partition: int, records: dict[bytes, bytes]) -> None:
+        """Make ``partition``'s rows the state ``records`` describe (another worker wrote it)."""
 
 
 class ChangelogWriter(Protocol):
@@ -171,6 +190,11 @@ class Checkpoint:
         with self._lock:
             for p in self.participants:
                 p.load(self.conn, partitions)
+
+    def release(self, partitions: set[int]) -> None:
+        with self._lock:
+            for p in self.participants:
+                p.release(partitions)
 
     def close(self) -> None:
         self.conn.close()
@@ -291,6 +315,13 @@ class StreamStateStore:
                 out.setdefault(int(p), []).append((dedup_key(int(g), str(first)), None))
         conn.execute(f"DELETE FROM dedup_chunks WHERE generation < ? AND partition IN ({owned})", (dedup.forgotten_below,))
 
+    def release(self, partitions: set[int]) -> None:
+        self.state.drop_partitions(partitions)
+        self.dedup.drop_partitions(partitions)
+
+    def owns(self, key: bytes) -> bool:
+        return key in (CLOCK_KEY, WINDOWS_KEY) or key[:2] in (b"h:", b"d:", b"j:")
+
     def committed(self) -> None:
         self.state.clear_changes()
         self.dedup.clear_changes()
@@ -373,7 +404,7 @@ class StreamStateStore:
                 window = windows[float(start)] = OpenWindow(first_buffered_at=now)
                 part = state.partition(int(p))
                 part.next_close = min(part.next_close, float(start) + state.cfg.window_seconds)
-            window.samples.append(Sample.from_json(text))
+            window.samples.append(Sample.from_json(text)._replace(partition=int(p)))
         (newest,) = conn.execute(f"SELECT max(generation) FROM dedup_chunks WHERE partition IN ({parts})").fetchone()
         if newest is not None:
             rows = conn.execute(

@@ -216,8 +216,10 @@ class Pipeline:
         """
         if not lost:
             self.checkpoint_now()
-        self.state.drop_partitions(partitions)
-        self.dedup.drop_partitions(partitions)
+        if self._closing:  # the process ends: the stream state goes as ever; the stages keep theirs for its summary
+            self.store.release(partitions)
+        else:
+            self.checkpoint.release(partitions)
         for p in partitions:
             self.offsets.pop(p, None)
             if str(p) in self._lag_labels and not self._closing:  # at shutdown the last values stay visible

@@ -40,19 +40,21 @@ class Sample(NamedTuple):
     history: tuple[str, ...]
     target: str
     ts: float
+    partition: int = 0  # the source partition it came from: its selection state lives there (scale-out)
 
-    # the one codec of a sample (checkpoint rows, coreset state, snapshots): [id, user, history, target, ts]
+    # the one codec of a sample (checkpoint rows, coreset state, snapshots):
+    # [id, user, history, target, ts, partition]; state written before the partition was kept has five fields
 
     def to_json(self) -> list[Any]:
-        return [self.sample_id, self.user_id, list(self.history), self.target, self.ts]
+        return [self.sample_id, self.user_id, list(self.history), self.target, self.ts, self.partition]
 
     def encode(self) -> bytes:
         return orjson.dumps(self.to_json())
 
     @classmethod
     def from_json(cls, data: list[Any] | str | bytes) -> Sample:
-        sid, user, history, target, ts = orjson.loads(data) if isinstance(data, (str, bytes)) else data
-        return cls(int(sid), user, tuple(history), target, float(ts))
+        sid, user, history, target, ts, *partition = orjson.loads(data) if isinstance(data, (str, bytes)) else data
+        return cls(int(sid), user, tuple(history), target, float(ts), int(partition[0]) if partition else 0)
 
 
 def sample_id_for(user_id: str, event_id: str) -> int:
@@ -184,7 +186,8 @@ class StreamState:
             samples = window.samples
             if not samples:
                 window.first_buffered_at = time.monotonic() if now is None else now
-            samples.append(Sample(sample_id_for(user_id, event.event_id), user_id, tuple(history.items), event.item_id, ts))
+            samples.append(Sample(sample_id_for(user_id, event.event_id), user_id, tuple(history.items), event.item_id, ts,
+                                  partition))
             counts.samples += 1
             if len(samples) >= cfg.max_batch:
                 ready.append(samples)
@@ -312,6 +315,6 @@ class StreamState:
                 self.restore_user(int(p), user_id, items, touched_ts, seq)
             part.max_ts, part.next_close = float(data["max_ts"]), float(data["next_close"])
             part.counts = WindowCounts(**data["counts"])
-            part.windows = {float(start): OpenWindow([Sample.from_json(s) for s in samples], now)
+            part.windows = {float(start): OpenWindow([Sample.from_json(s)._replace(partition=int(p)) for s in samples], now)
                             for start, samples in data["windows"]}
         self.users, self._seq = state.meta["users"], state.meta["seq"]

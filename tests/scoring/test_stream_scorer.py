@@ -142,3 +142,47 @@ def test_the_stage_scores_fixed_size_batches_and_a_restart_forms_the_same_ones(t
     tail = received[-len(again):]
     assert [[s.sample.sample_id for s in b] for b in again] == [[s.sample.sample_id for s in b] for b in tail]
     assert [[s.score for s in b] for b in again] == [[s.score for s in b] for b in tail]
+
+
+def test_pending_samples_move_with_their_partition_and_a_restart_keeps_their_order(tmp_path: Path) -> None:
+    """Samples handed on but not yet scored belong to their partition: a revoked partition takes them along
+    (its row, and its changelog record), the next owner scores them, and a restart on the same partitions
+    forms exactly the batches an uninterrupted run forms."""
+    import zlib
+
+    from recsift.scoring.stage import ScoringStage
+
+    windows = [[s._replace(partition=zlib.crc32(s.user_id.encode()) % 3) for s in w] for w in sample_batches(3000)]
+    a = ScoringStage(make(), batch_size=150)
+    store_a = ScoringStore(a.scorer, a)
+    ckpt_a = Checkpoint(tmp_path / "a.sqlite", [store_a])
+    ckpt_a.load({0, 1, 2})
+    for w in windows[:5]:
+        a(w)
+    before = list(a.pending)
+    assert {s.partition for s in before} == {0, 1, 2}
+    ckpt_a.commit({})
+    assert {p for p, records in store_a.changes.items() if records} == {0, 1, 2}  # each partition's record
+
+    # a restart on the same partitions: the same samples in the same order
+    again = ScoringStage(make(), batch_size=150)
+    ckpt = Checkpoint(tmp_path / "a.sqlite", [ScoringStore(again.scorer, again)])
+    ckpt.load({0, 1, 2})
+    ckpt.close()
+    assert again.pending == before
+
+    # partition 2 is revoked after a checkpoint: its samples leave this worker and reach the next owner
+    ckpt_a.release({2})
+    assert a.pending == [s for s in before if s.partition != 2]
+    b = ScoringStage(make(), batch_size=150)
+    store_b = ScoringStore(b.scorer, b)
+    ckpt_b = Checkpoint(tmp_path / "b.sqlite", [store_b])
+    store_b.replace_partition(ckpt_b.conn, 2, store_a.partition_records(ckpt_a.conn, 2))  # a changelog restore
+    ckpt_b.load({2})
+    assert b.pending == [s for s in before if s.partition == 2]
+
+    # given back to the first worker with nothing written since, its own row brings them back
+    ckpt_a.load({2})
+    assert sorted(s.sample_id for s in a.pending) == sorted(s.sample_id for s in before)
+    ckpt_a.close()
+    ckpt_b.close()

@@ -183,3 +183,42 @@ def test_the_service_publishes_its_committed_coreset_and_a_restart_carries_on(
         assert view.invalid == 0
         assert metrics.registry.get_sample_value("recsift_coreset_topic_records_total", {"kind": "tombstone"}) > 0
         assert metrics.registry.get_sample_value("recsift_coreset_topic_publish_failures_total") == 0
+
+
+def partition_state(worker: str, members: dict[int, range]) -> dict[bytes, bytes]:
+    """A worker's records with these members per partition."""
+    held = [(sample(i)._replace(partition=p), 0.5, i % 4, 1) for p, ids in members.items() for i in ids]
+    return coreset_records(worker, held, (), offered=len(held))
+
+
+@pytest.mark.parametrize("adopts", [True, False])
+def test_a_moved_partition_s_members_are_answered_for_by_its_new_owner(
+    broker: EmbeddedBroker, make_topic: Callable[..., str], adopts: bool
+) -> None:
+    """Worker a publishes partitions 0 and 1; partition 1 moves to worker b, whose reservoir for it no longer
+    holds 10-14. b reads the partition's members before its first publish and tombstones them; a, having
+    released partition 1, leaves b's members alone. The control (``adopts=False``, b never reads what the
+    topic holds for its new partition) leaves a's stale members in the topic: the coreset exceeds its budget."""
+    topic = make_topic(1)
+    cfg = kafka_settings(broker, topic).stream
+    a = CoresetPublisher(cfg, True, topic, "a", partitioned=True)
+    b = CoresetPublisher(cfg, True, topic, "b", partitioned=True)
+    try:
+        assert a.catch_up() == 0
+        a.adopt({0, 1})
+        assert a.publish(partition_state("a", {0: range(0, 10), 1: range(10, 20)}))
+        assert b.catch_up() == 0  # b holds nothing of its own yet: a's members are not b's
+        if adopts:
+            b.adopt({1})
+        a.release({1})
+        assert b.publish(partition_state("b", {1: range(15, 25)}))
+        assert a.publish(partition_state("a", {0: range(0, 10)}))
+    finally:
+        a.close()
+        b.close()
+    members = read_view(broker, topic).members
+    if not adopts:
+        assert set(range(10, 15)) <= set(members)  # stale: 35 members where the partitions hold 20
+        return
+    assert set(members) == set(range(0, 10)) | set(range(15, 25))
+    assert {i: m["worker"] for i, m in members.items() if m["partition"] == 1} == dict.fromkeys(range(15, 25), "b")

@@ -225,10 +225,14 @@ def test_partition_budgets_add_up_to_the_global_budget() -> None:
         partition_budget(1024, 3, {3})
 
 
-def test_the_stage_applies_a_new_budget_before_its_next_batch() -> None:
+def test_the_stage_applies_a_partition_count_before_its_next_batch() -> None:
+    """The topic's partition count fixes each partition's share of the budget; the ingest thread learns it,
+    the selection thread applies it between batches."""
     from recsift.scoring.stage import ScoredSample
+    from recsift.selection.partitioned import PartitionedSelector
 
-    selector = StratifiedReservoir(200, 10, 0.1, seed=0)
+    selector = PartitionedSelector(lambda b: StratifiedReservoir(b, 10, 0.1, seed=0), budget=200)
+    selector.adopt(0, None)
     stage = SelectionStage(selector, validation_fraction=0.0)
     batches = synthetic_offers(2000, seed=0, batch=500)
 
@@ -236,8 +240,8 @@ def test_the_stage_applies_a_new_budget_before_its_next_batch() -> None:
         return [ScoredSample(o.sample, o.score, o.version, o.embedding) for o in batch]  # type: ignore[arg-type]
 
     stage(scored(batches[0]))
-    assert len(selector) == 200
-    stage.budget_target = 80  # set by the ingest thread when partitions move
+    assert len(selector) == 200  # the count unknown: partition 0 holds the whole budget
+    stage.partition_count_target = 3  # set by the ingest thread once it has read the topic's metadata
     assert len(selector) == 200  # nothing changes under the selection thread's feet
     stage(scored(batches[1]))
-    assert selector.budget == 80 and len(selector) == 80
+    assert selector.budget == 67 and len(selector) == 67  # partition 0's share: 66 + the remainder's one

@@ -93,6 +93,9 @@ class Exploding:
     def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
         pass
 
+    def release(self, partitions: set[int]) -> None:
+        pass
+
 
 def test_a_failed_save_rolls_back_state_and_offsets(tmp_path: Path) -> None:
     state, dedup, ckpt = fresh(tmp_path / "d.sqlite")
