@@ -48,7 +48,7 @@ from recsift.selection.reservoir import StratifiedConfig
 from recsift.selection.selector import Rescore, Selector
 from recsift.selection.stage import GoracsSettings, SelectionStage
 from recsift.selection.store import CoresetStore, read_snapshot, write_coreset
-from recsift.selection.validation import ValidationReservoir
+from recsift.selection.validation import PartitionedValidation, ValidationReservoir
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.catalog import Catalog, CatalogTopicReader
 from recsift.stream.changelog import KafkaChangelog, StreamChangelog
@@ -273,12 +273,14 @@ def build_selection(cfg: Settings, catalog: Catalog, *, rescore: Rescore | None 
     """Streaming selector, validation reservoir, coverage and drift, and their checkpoint participant."""
     sel = cfg.selection
     selector: Selector
+    validation: ValidationReservoir | PartitionedValidation
     if partitioned_selection(cfg):  # one reservoir per owned partition: a partition's share moves with it
         selector = PartitionedSelector(lambda budget: make_selector(sel.selector, budget=budget, seed=sel.seed),
                                        sel.budget)
+        validation = PartitionedValidation(sel.validation_size)
     else:
         selector = make_selector(sel.selector, budget=sel.budget, seed=sel.seed)
-    validation = ValidationReservoir(sel.validation_size)
+        validation = ValidationReservoir(sel.validation_size)
 
     def category(item_id: str) -> str | None:
         item = catalog.get(item_id)
@@ -304,8 +306,10 @@ def partitioned_selection(cfg: Settings) -> bool:
 class PartitionShare:
     """A loop tick that tells a partitioned selection the topic's partition count, which fixes each
     partition's share of ``selection.budget`` (``partition_budget``), so the workers of one group together
-    keep one budget. The count is read from the broker once the worker owns a partition (the topic exists by
-    then), and again when it owns a partition beyond the count it knows (partitions were added)."""
+    keep one budget. The count is read once before the worker joins its group (:meth:`prime`: so that no
+    partition's reservoir fills to the whole budget before its share is known), again once the worker owns a
+    partition if the topic did not exist then, and whenever it owns a partition beyond the count it knows
+    (partitions were added)."""
 
     RETRY_S = 30.0  # after a failed metadata read (the broker away): the loop must not block on it each turn
 
@@ -313,6 +317,22 @@ class PartitionShare:
         self.cfg, self.selection = cfg, selection
         self.partitions = 0
         self.retry_at = 0.0
+
+    def prime(self) -> int:
+        """Read the topic's partition count now, before the first assignment (0: the topic does not exist yet,
+        or the broker cannot be reached; the loop tick reads it later). The selection applies it before its
+        first batch."""
+        s = self.cfg.stream
+        try:
+            partitions = topic_partitions(s, s.source == "embedded", s.topic)
+        except Exception as exc:  # kafka-python's errors: the broker is not up yet; the tick retries
+            log.info("cannot read %r's partition count before joining (%s); it is read once partitions arrive",
+                     s.topic, exc)
+            return 0
+        if partitions:
+            self.partitions = partitions
+            self.selection.partition_count_target = partitions
+        return partitions
 
     def __call__(self, pipeline: Pipeline) -> None:
         owned = frozenset(pipeline.source.assignment()) if pipeline.source is not None else frozenset()
@@ -549,7 +569,9 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
             ticks.append(lambda _: reader.poll())
         if selection is not None and partitioned_selection(cfg):
-            ticks.append(PartitionShare(cfg, selection))
+            share = PartitionShare(cfg, selection)
+            share.prime()
+            ticks.append(share)
         if progress is not None:
             ticks.append(progress)
         ingest = Ingest(cfg, metrics, catalog, participants=participants, handlers=[stage] if stage else [],

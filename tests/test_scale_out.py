@@ -18,6 +18,7 @@ import pytest
 
 from recsift.config import WindowConfig
 from recsift.data.datasets import recbole_events
+from recsift.selection.stratified import partition_budget
 from recsift.state import State
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.checkpoint import Checkpoint, StreamStateStore
@@ -31,6 +32,7 @@ DEDUP = 400_000  # remembers every id of ml-100k: what each partition remembers 
 # window.idle_flush_s off: when that processing-time flush fires decides which samples are still buffered at
 # the end; the samples themselves never depend on it
 WINDOW = WindowConfig(idle_flush_s=1e9)
+VALIDATION_SIZE = 300  # each partition keeps its last 100 held-out samples: the reservoirs evict across the move
 
 
 def worker_cmd(state: Path, broker: EmbeddedBroker, topic: str, group: str, changelog: str) -> list[str]:
@@ -147,13 +149,16 @@ def partition_selection(state: Path) -> dict[int, dict[str, Any]]:
             journal.setdefault(int(p), []).append(int(sid))
         pending = {int(p): [int(s[0]) for s in orjson.loads(blob)]
                    for p, blob in conn.execute("SELECT partition, samples FROM partition_pending")}
-        parts = {int(p): State.from_bytes(blob).part("reservoir")
-                 for p, blob, _ in conn.execute("SELECT * FROM selection_partitions")}
+        rows = {int(p): State.from_bytes(blob) for p, blob, _ in conn.execute("SELECT * FROM selection_partitions")}
     finally:
         conn.close()
+    parts = {p: row.part("reservoir") for p, row in rows.items()}
+    checks = {p: row.part("validation").part("reservoir").meta for p, row in rows.items()}
     return {p: {"journal": journal.get(p, []), "pending": pending.get(p, []),
                 "members": {int(m[0][0]) for m in parts[p].meta["members"]} if p in parts else set(),
-                "offered": parts[p].meta["stats"]["offered"] if p in parts else 0} for p in range(3)}
+                "offered": parts[p].meta["stats"]["offered"] if p in parts else 0,
+                "validation": [int(v[0]) for v in checks[p]["samples"]] if p in checks else [],
+                "validation_seen": checks[p]["seen"] if p in checks else 0} for p in range(3)}
 
 
 @pytest.mark.slow
@@ -165,7 +170,8 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
     the samples waiting to be scored and each partition's coreset reservoir — and finishes. The coreset topic
     (what a trainer refreshes from) then holds exactly the survivor's committed coreset: one budget, ≥ 99%
     full, every member's partition's reservoir holding it; and every sample of every partition reached its
-    partition's reservoir exactly once (offered + waiting + held out for validation = journaled)."""
+    partition's reservoir exactly once (offered + waiting + held out for validation = journaled), and every
+    held-out sample its partition's validation reservoir, which the topic's validation records mirror."""
     from recsift.selection.validation import validation_mask
     from tests.selection.test_publish import read_view
 
@@ -182,7 +188,7 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
     sets = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0, "window.idle_flush_s": 1e9,
             "stream.stop_when_idle_s": 300, "monitoring.port": 0, "selection.budget": budget,
             "scoring.batch_size": 500, "scoring.scorer.depth": 20, "trainer.in_worker": "false",
-            "stream.coreset_topic": coreset_topic}
+            "stream.coreset_topic": coreset_topic, "selection.validation_size": VALIDATION_SIZE}
 
     def start(name: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "recsift.cli", "run", "--state-dir", str(dirs[name]), "--no-progress",
@@ -219,12 +225,15 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
         journal = s["journal"]
         assert len(set(journal)) == len(journal), p  # each sample handed on once
         scored = [sid for sid in journal if sid not in set(s["pending"])]
-        held_out = int(validation_mask(scored, 0.05, 0).sum())
-        assert s["offered"] == len(scored) - held_out, (p, s["offered"], len(scored), held_out)  # offered once
+        held_out = [sid for sid, v in zip(scored, validation_mask(scored, 0.05, 0).tolist(), strict=True) if v]
+        assert s["offered"] == len(scored) - len(held_out), (p, s["offered"], len(scored), held_out)  # offered once
+        assert s["validation_seen"] == len(held_out) and s["validation"] == held_out[-len(s["validation"]):], p
+        assert len(s["validation"]) == min(len(held_out), partition_budget(VALIDATION_SIZE, 3, {p})), p
         assert s["members"] <= set(scored), p
     committed = {sid for s in survivor.values() for sid in s["members"]}
     view = read_view(broker, coreset_topic)
     assert set(view.members) == committed  # the topic is the survivor's coreset: nothing left behind by a
+    assert set(view.validation) == {sid for s in survivor.values() for sid in s["validation"]}  # dead worker
     assert 0.99 * budget <= len(committed) <= budget
     assert all(body["partition"] in range(3) and int(ident) in survivor[body["partition"]]["members"]
                for ident, body in view.members.items())

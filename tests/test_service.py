@@ -254,9 +254,9 @@ def test_sigkill_of_the_whole_service_loses_and_duplicates_nothing(
 def component_states(state: Path, overrides: dict[str, object], restore_scorer: bool = True) -> dict[str, State]:
     """Every component's state as restored from a state directory: the stream state and dedup index of
     partition 0, the stream scorer (surrogate, scorer, reference reservoir, bounds), the scoring stage's
-    pending batch, the selection stage (selector, validation reservoir, recent window, coverage,
-    counters; partition 0's coreset reservoir), and the checkpointed offsets. Built by the service's own
-    builders, loaded by its stores."""
+    pending batch, the selection stage (selector and validation counters, recent window, coverage,
+    counters; partition 0's coreset and validation reservoirs), and the checkpointed offsets. Built by the
+    service's own builders, loaded by its stores."""
     from recsift.config import load_config
     from recsift.service import build_scoring, build_selection, build_stream_scorer
     from recsift.stream.catalog import Catalog
@@ -282,7 +282,8 @@ def component_states(state: Path, overrides: dict[str, object], restore_scorer: 
     assert isinstance(selector, PartitionedSelector) and sorted(selector.parts) == [0]
     return {"stream": stream.state_dict(), "dedup": dedup.state_dict(), "scorer": scoring.scorer.state_dict(),
             "scoring_stage": scoring.state_dict(), "selection": selection.state_dict(),
-            "reservoir": selector.part_state(0),  # partition 0's coreset reservoir: members, spares, sketch, ...
+            # partition 0's coreset reservoir (members, spares, sketch, ...) and its validation reservoir
+            "reservoir": coreset_store.part_state(0),
             "offsets": State(meta={"offsets": [list(r) for r in offsets]})}
 
 
@@ -356,6 +357,7 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
         del crashed["selection"].meta[name], uninterrupted["selection"].meta[name]
     assert uninterrupted["scorer"].meta["batches"] >= 20  # the scorer learnt and re-estimated on the way
     assert len(uninterrupted["reservoir"].part("reservoir").meta["members"]) == BUDGET
+    assert uninterrupted["reservoir"].part("validation").part("reservoir").meta["samples"]  # compared, not empty
     # exact: the same floating-point operations in the same order, on restored bit-exact tensors
     diffs = {name: differences(crashed[name], uninterrupted[name]) for name in uninterrupted}
     assert not any(diffs.values()), {k: v[:5] for k, v in diffs.items() if v}

@@ -12,12 +12,15 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recsift.config import SyntheticConfig
 from recsift.data.synthetic import SyntheticStream
+from recsift.selection.stratified import partition_budget
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.kafka import produce_events
+from recsift.stream.windows import Sample
 from tests.helpers import kafka_settings, save_tiny_llm, wait_for
 from tests.test_service import ENV, children, db_rows, kafka_args, refresh_in_flight, service_cmd
 
@@ -209,3 +212,33 @@ def test_a_partition_count_that_cannot_be_read_keeps_the_budget_and_is_retried_l
         assert len(warnings) == 1 and selection.partition_count_target is None and share.retry_at > 0
     finally:
         ingest.close()
+
+
+def test_a_worker_knows_its_partitions_shares_before_its_first_offer(
+    broker: EmbeddedBroker, make_topic: Callable[..., str]
+) -> None:
+    """The count is read before the worker joins (``PartitionShare.prime``), so an adopted partition's
+    reservoir never fills to the whole budget: the first batch already goes into its share. The control: a
+    stage that learns the count only later lets the partition hold the whole budget meanwhile."""
+    from recsift.scoring.stage import ScoredSample
+    from recsift.selection.partitioned import PartitionedSelector
+    from recsift.service import PartitionShare, build_selection
+    from recsift.stream.catalog import Catalog
+
+    topic = make_topic(partitions=3)
+    cfg = kafka_settings(broker, topic, **{"selection.budget": 1024, "selection.validation_fraction": 0.0})
+    rng = np.random.default_rng(0)
+
+    def first_batch(prime: bool) -> int:
+        selection, _ = build_selection(cfg, Catalog())
+        assert isinstance(selection.selector, PartitionedSelector)
+        if prime:
+            assert PartitionShare(cfg, selection).prime() == 3
+        selection.selector.adopt(1, None)  # the assignment, before any record
+        batch = [ScoredSample(Sample(sample_id=i, user_id="u", history=("1", "2"), target="3", ts=float(i), partition=1),
+                              float(rng.normal()), 0, rng.normal(size=8).astype(np.float32)) for i in range(2000)]
+        selection(batch)
+        return len(selection.selector)
+
+    assert first_batch(prime=True) == partition_budget(1024, 3, {1}) == 341
+    assert first_batch(prime=False) == 1024  # the control: the whole budget until the count arrives

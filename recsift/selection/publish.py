@@ -4,7 +4,8 @@ Every record is keyed by what it describes, so the topic compacts to the current
 
 - ``m:<sample id>`` a coreset member: ``{"worker", "sample", "score", "stratum", "version", "partition"}``
   (the source partition whose reservoir holds it);
-- ``v:<sample id>`` a validation sample: ``{"worker", "sample", "seq"}`` (``seq`` orders the reservoir);
+- ``v:<sample id>`` a validation sample: ``{"worker", "sample", "seq", "partition"}`` (read in
+  :func:`~recsift.selection.validation.validation_order`: event time, then ``seq``);
 - ``w:<worker id>`` the worker's counters: ``{"worker", "members", "validation", "offered", "samples",
   "drift"}`` (samples the selection stage saw; its last drift report, or null);
 - a key with no value (a tombstone) removes a member or validation sample that left.
@@ -16,10 +17,11 @@ outage between the steps costs nothing: the next publish sends whatever is still
 publisher reads the topic to learn what it holds for this worker (:meth:`CoresetPublisher.catch_up`).
 
 With partitioned selection (workers of one group, :mod:`recsift.selection.partitioned`) a worker answers
-for the members of the partitions it owns, whoever wrote them: when a partition is assigned it learns the
-partition's members from the topic before its next publish (:meth:`CoresetPublisher.adopt`), so members the
-previous owner published and the partition's reservoir no longer holds are tombstoned; when a partition is
-revoked it forgets them without a tombstone (:meth:`CoresetPublisher.release`): they are the next owner's.
+for the members and validation samples of the partitions it owns, whoever wrote them: when a partition is
+assigned it learns the partition's records from the topic before its next publish
+(:meth:`CoresetPublisher.adopt`), so those the previous owner published and the partition's reservoirs no
+longer hold are tombstoned; when a partition is revoked it forgets them without a tombstone
+(:meth:`CoresetPublisher.release`): they are the next owner's.
 
 Readers (a trainer on another host) rebuild the state with :class:`CoresetView`.
 """
@@ -35,6 +37,7 @@ from typing import Any
 import orjson
 
 from recsift.config import StreamConfig
+from recsift.selection.validation import validation_order
 from recsift.stream.kafka import kafka_client_config
 from recsift.stream.windows import Sample
 
@@ -100,21 +103,22 @@ class CoresetView:
         return kind
 
     def owned_by(self, worker: str, members: bool = True) -> dict[bytes, bytes]:
-        """key → encoded value of every live record this worker wrote (its members too, unless ``members`` is
-        false: with partitioned selection a member belongs to its partition's owner)."""
+        """key → encoded value of every live record this worker wrote (its members and validation samples too,
+        unless ``members`` is false: with partitioned selection those belong to their partition's owner)."""
         out: dict[bytes, bytes] = {}
         tables = ((MEMBER, self.members), (VALIDATION, self.validation), (WORKER, self.workers))
-        for kind, table in tables if members else tables[1:]:
+        for kind, table in tables if members else tables[2:]:
             for ident, body in table.items():
                 if body.get("worker") == worker:
                     out[record_key(kind, ident)] = orjson.dumps(body)
         return out
 
     def members_of(self, partitions: set[int]) -> dict[bytes, bytes]:
-        """key → encoded value of every live member of these source partitions (a record with no partition
-        was written before members carried one: partition 0)."""
-        return {record_key(MEMBER, ident): orjson.dumps(body) for ident, body in self.members.items()
-                if int(body.get("partition", 0)) in partitions}
+        """key → encoded value of every live member and validation sample of these source partitions (a
+        record with no partition was written before records carried one: partition 0)."""
+        return {record_key(kind, ident): orjson.dumps(body)
+                for kind, table in ((MEMBER, self.members), (VALIDATION, self.validation))
+                for ident, body in table.items() if int(body.get("partition", 0)) in partitions}
 
     def member_samples(self) -> list[tuple[Sample, float, int, int]]:
         """(sample, score, stratum, scorer version) of every member, by sample id."""
@@ -122,9 +126,9 @@ class CoresetView:
                 for _, b in sorted(self.members.items())]
 
     def validation_samples(self) -> list[Sample]:
-        """The validation samples, oldest first (by the worker's sequence number, then sample id)."""
-        rows = sorted(self.validation.items(), key=lambda kv: (kv[1]["seq"], kv[0]))
-        return [Sample.from_json(b["sample"]) for _, b in rows]
+        """The validation samples, oldest first (:func:`~recsift.selection.validation.validation_order`)."""
+        rows = [(Sample.from_json(b["sample"]), int(b["seq"])) for b in self.validation.values()]
+        return [sample for sample, _ in sorted(rows, key=validation_order)]
 
 
 def coreset_records(worker: str, members: Iterable[tuple[Sample, float, int, int]],
@@ -142,7 +146,7 @@ def coreset_records(worker: str, members: Iterable[tuple[Sample, float, int, int
         n_members += 1
     for sample, seq in validation:
         out[record_key(VALIDATION, sample.sample_id)] = orjson.dumps(
-            {"worker": worker, "sample": sample.to_json(), "seq": int(seq)})
+            {"worker": worker, "sample": sample.to_json(), "seq": int(seq), "partition": sample.partition})
         n_validation += 1
     out[record_key(WORKER, worker)] = orjson.dumps(
         {"worker": worker, "members": n_members, "validation": n_validation, "offered": int(offered),
@@ -214,7 +218,7 @@ class CoresetPublisher:
         self.topic, self.worker, self.partitioned = topic, worker, partitioned
         self.cfg, self.embedded = cfg, embedded
         self.published: dict[bytes, bytes] = {}
-        self.partition_of: dict[bytes, int] = {}  # member key → its partition (partitioned selection)
+        self.partition_of: dict[bytes, int] = {}  # member/validation key → its partition (partitioned)
         self.to_adopt: set[int] = set()  # assigned partitions whose members are not yet read from the topic
         self.on_publish, self.on_failure = on_publish, on_failure
         self.producer = KafkaProducer(**kafka_client_config(cfg, embedded), acks="all", linger_ms=5,
@@ -277,7 +281,7 @@ class CoresetPublisher:
                     self.partition_of.pop(k, None)
                 else:
                     self.published[k] = v
-                    if self.partitioned and k.startswith(b"m:"):
+                    if self.partitioned and not k.startswith(b"w:"):
                         self.partition_of[k] = int(orjson.loads(v)["partition"])
         except Exception as exc:  # a broker outage must not stop the worker: the next publish retries
             # what was sent and not confirmed may still land: the next publish must treat those keys as
@@ -285,7 +289,7 @@ class CoresetPublisher:
             for k, v in todo:
                 if v is not None and self.published.get(k) != v:
                     self.published[k] = UNCONFIRMED
-                    if self.partitioned and k.startswith(b"m:"):
+                    if self.partitioned and not k.startswith(b"w:"):
                         self.partition_of[k] = int(orjson.loads(v)["partition"])
             log.warning("coreset topic %r: publish failed (%s); the next checkpoint retries it", self.topic, exc)
             if self.on_failure is not None:

@@ -23,7 +23,7 @@ from recsift.selection.drift import DriftReport, RecentWindow, drift
 from recsift.selection.goracs import goracs_select
 from recsift.selection.partitioned import PartitionedSelector
 from recsift.selection.selector import Offer, Rescore, Selector
-from recsift.selection.validation import ValidationReservoir, validation_mask
+from recsift.selection.validation import PartitionedValidation, ValidationReservoir, validation_mask
 from recsift.state import State
 from recsift.vocab import Stage
 
@@ -40,7 +40,8 @@ class GoracsSettings:
 
 
 class SelectionStage:
-    def __init__(self, selector: Selector, *, validation: ValidationReservoir | None = None,
+    def __init__(self, selector: Selector, *,
+                 validation: ValidationReservoir | PartitionedValidation | None = None,
                  recent: RecentWindow | None = None, coverage: Coverage | None = None,
                  rescore: Rescore | None = None, metrics: Metrics | None = None,
                  validation_fraction: float = 0.05, seed: int = 0, coverage_constraint: bool = False,
@@ -72,6 +73,8 @@ class SelectionStage:
         count, sel = self.partition_count_target, self.selector
         if count is not None and isinstance(sel, PartitionedSelector) and count != sel.partitions:
             sel.set_partition_count(count)
+            if isinstance(self.validation, PartitionedValidation):
+                self.validation.set_partition_count(count)
             log.info("coreset: %d partitions in the topic; this worker's %s hold %d of the budget",
                      count, sorted(sel.parts), sel.budget)
         offers = []

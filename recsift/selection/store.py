@@ -31,6 +31,7 @@ from recsift.selection.partitioned import PartitionedSelector
 from recsift.selection.publish import CoresetPublisher, coreset_records
 from recsift.selection.selector import Member
 from recsift.selection.stage import SelectionStage
+from recsift.selection.validation import PartitionedValidation
 from recsift.state import State
 from recsift.stream.checkpoint import connect
 from recsift.stream.windows import Sample
@@ -94,7 +95,7 @@ class CoresetStore:
         self.changes, self._writing = {}, {}
         if (sel := self.partitioned) is not None:
             for p in sorted(sel.parts):
-                value = sel.part_state(p).to_bytes()
+                value = self.part_state(p).to_bytes()
                 if self._written.get(p) == value:
                     continue
                 conn.execute("INSERT OR REPLACE INTO selection_partitions VALUES (?, ?, 0)", (p, value))
@@ -105,9 +106,19 @@ class CoresetStore:
                          (_member_row(m, now) for m in self.stage.selector.members.values()))
         conn.execute("DELETE FROM validation_samples")
         conn.executemany("INSERT INTO validation_samples VALUES (?, ?)",
-                         enumerate(s.encode() for s in self.stage.validation.samples))
+                         enumerate(s.encode() for s, _ in self.stage.validation.ordered()))
         if self.publisher is not None:
             self._to_publish = self.records()
+
+    def part_state(self, partition: int) -> State:
+        """What moves with a partition: its coreset reservoir and, when kept per partition, its validation
+        reservoir (the ``s`` changelog record)."""
+        sel = self.partitioned
+        assert sel is not None
+        state = sel.part_state(partition)
+        if isinstance(val := self.stage.validation, PartitionedValidation):
+            state.put("validation", val.part_state(partition))
+        return state
 
     def committed(self) -> None:
         self._written.update(self._writing)
@@ -140,7 +151,11 @@ class CoresetStore:
         for p in sorted(partitions):
             row = conn.execute("SELECT state, foreign_writer FROM selection_partitions WHERE partition = ?",
                                (p,)).fetchone()
-            sel.adopt(p, State.from_bytes(row[0]) if row is not None else None, foreign=bool(row and row[1]))
+            state = State.from_bytes(row[0]) if row is not None else None
+            sel.adopt(p, state, foreign=bool(row and row[1]))
+            if isinstance(val := self.stage.validation, PartitionedValidation):
+                # a reservoir saved before validation moved with its partition brings none: a new, empty one
+                val.adopt(p, state.part("validation") if state is not None and "validation" in state.meta else None)
             self._written.pop(p, None)
         if self.publisher is not None:
             self.publisher.adopt(set(partitions))
@@ -150,6 +165,8 @@ class CoresetStore:
         if (sel := self.partitioned) is None:
             return
         sel.release(partitions)
+        if isinstance(val := self.stage.validation, PartitionedValidation):
+            val.release(partitions)
         for p in partitions:
             self._written.pop(p, None)
         if self.publisher is not None:

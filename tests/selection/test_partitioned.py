@@ -155,3 +155,55 @@ def test_a_stage_with_a_partitioned_selector_round_trips_through_its_checkpoint(
     for p in (0, 2):
         assert not differences(again.part_state(p), sel.part_state(p))
     assert again.stats == sel.stats and np.isclose(len(again), len(sel))
+
+
+def test_the_validation_reservoir_moves_with_its_partition_and_is_the_same_whoever_owns_what(
+    tmp_path: Path
+) -> None:
+    """Each partition keeps its share of the validation reservoir beside its coreset share (``s`` record):
+    one worker owning all three partitions, and two workers that split them, the second taking partition 1
+    over half-way through, hold the same validation samples and the same reservoirs, partition by partition."""
+    from recsift.scoring.stage import ScoredSample
+    from recsift.selection.validation import PartitionedValidation
+
+    stream = [[ScoredSample(o.sample, o.score, o.version, o.embedding) for o in batch]  # type: ignore[arg-type]
+              for batch in partitioned_stream()]
+    half = len(stream) // 2
+
+    def stage(path: Path) -> tuple[Checkpoint, CoresetStore]:
+        store = CoresetStore(SelectionStage(PartitionedSelector(make, 96, partitions=PARTITIONS),
+                                            validation=PartitionedValidation(30, partitions=PARTITIONS),
+                                            validation_fraction=0.2, seed=5))
+        return Checkpoint(path, [store]), store
+
+    def feed(store: CoresetStore, batches: list[list[ScoredSample]]) -> None:
+        for batch in batches:
+            if mine := [s for s in batch if s.sample.partition in store.stage.selector.parts]:  # type: ignore[attr-defined]
+                store.stage(mine)
+
+    ckpt_one, one = stage(tmp_path / "one.sqlite")
+    ckpt_one.load({0, 1, 2})
+    feed(one, stream)
+
+    ckpt_a, a = stage(tmp_path / "a.sqlite")
+    ckpt_a.load({0, 1, 2})
+    feed(a, stream[:half])
+    ckpt_a.commit({})
+    ckpt_a.release({1})  # revoked after its checkpoint: the row is what the next owner restores
+    moved = ckpt_a.conn.execute("SELECT state FROM selection_partitions WHERE partition = 1").fetchone()[0]
+    assert 1 not in a.stage.validation.parts  # type: ignore[union-attr]
+    ckpt_b, b = stage(tmp_path / "b.sqlite")
+    ckpt_b.conn.execute("INSERT INTO selection_partitions VALUES (1, ?, 0)", (moved,))  # as the changelog brings it
+    ckpt_b.load({1})
+    feed(a, stream[half:])
+    feed(b, stream[half:])
+
+    for p in range(PARTITIONS):
+        owner = b if p == 1 else a
+        assert not differences(owner.part_state(p), one.part_state(p)), p
+    split = a.stage.validation.samples + b.stage.validation.samples
+    assert sorted(s.sample_id for s in split) == sorted(s.sample_id for s in one.stage.validation.samples)
+    assert len(one.stage.validation) == 30  # the shares add up to the size (10 each)
+    assert one.stage.validation.seen == a.stage.validation.seen + b.stage.validation.seen
+    for ckpt in (ckpt_one, ckpt_a, ckpt_b):
+        ckpt.close()
