@@ -51,8 +51,8 @@ from recsift.selection.store import CoresetStore, read_snapshot, write_coreset
 from recsift.selection.validation import PartitionedValidation, ValidationReservoir
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.catalog import Catalog, CatalogTopicReader
-from recsift.stream.changelog import KafkaChangelog, StreamChangelog
-from recsift.stream.checkpoint import Checkpoint, Participant, PartitionStore
+from recsift.stream.changelog import KafkaChangelog, StreamChangelog, WorkerStateLog
+from recsift.stream.checkpoint import Checkpoint, Participant
 from recsift.stream.deadletter import DeadLetterSink, FileDeadLetterSink, KafkaDeadLetterSink
 from recsift.stream.dedup import DedupIndex
 from recsift.stream.fetcher import ProcessKafkaSource
@@ -161,10 +161,9 @@ class Ingest:
         self.pipeline = Pipeline(cfg, validator=validator, dead_letters=dead_letters, checkpoint=self.checkpoint,
                                  sink=sink, metrics=metrics, participants=participants, ticks=ticks)
         self.changelog = build_changelog(cfg, self.pipeline, metrics) if cfg.checkpoint.changelog_topic else None
-        if self.changelog is not None:  # the stages' per-partition state moves with its partition too
-            for participant in participants:
-                if isinstance(participant, PartitionStore):
-                    self.changelog.add(participant)
+        if self.changelog is not None:  # the stages' per-partition state moves with its partition too, and the
+            for participant in participants:  # scorer's (this worker's own) is kept in the worker topic
+                self.changelog.add(participant)
 
     def source(self) -> Source:
         s = self.cfg.stream
@@ -186,6 +185,11 @@ class Ingest:
         if self.changelog is not None:
             self.changelog.close()
         self.checkpoint.close()
+
+
+def worker_id(cfg: Settings) -> str:
+    """This worker's name in the coreset and worker topics (``stream.worker_id``, else the host name)."""
+    return cfg.stream.worker_id or socket.gethostname()
 
 
 def build_changelog(cfg: Settings, pipeline: Pipeline, metrics: Metrics) -> StreamChangelog:
@@ -214,8 +218,11 @@ def build_changelog(cfg: Settings, pipeline: Pipeline, metrics: Metrics) -> Stre
         metrics.changelog_records.inc(records)
         metrics.changelog_bytes.inc(size)
 
+    workers = f"{topic}.workers"  # this worker's own state (the stream scorer), keyed by worker id
+    ensure_topic(s, embedded, workers, 1, {"cleanup.policy": "compact"})
     changelog = StreamChangelog(KafkaChangelog(s, embedded, topic), pipeline.store, s.topic, on_restore=restored,
-                                on_progress=metrics.changelog_restore_records.inc, on_write=written)
+                                on_progress=metrics.changelog_restore_records.inc, on_write=written,
+                                workers=WorkerStateLog(KafkaChangelog(s, embedded, workers), worker_id(cfg)))
     pipeline.checkpoint.attach_changelog(changelog)
     return changelog
 
@@ -261,7 +268,7 @@ def build_publisher(cfg: Settings, metrics: Metrics) -> CoresetPublisher:
         records.labels("upsert").inc(upserts)
         records.labels("tombstone").inc(tombstones)
 
-    publisher = CoresetPublisher(cfg.stream, embedded, topic, cfg.stream.worker_id or socket.gethostname(),
+    publisher = CoresetPublisher(cfg.stream, embedded, topic, worker_id(cfg),
                                  on_publish=published, on_failure=lambda _: metrics.coreset_topic_failures.inc(),
                                  partitioned=partitioned_selection(cfg))
     log.info("coreset topic %r: %d records of worker %r", topic, publisher.catch_up(), publisher.worker)

@@ -45,9 +45,11 @@ def test_compose_validates_and_wires_kafka_workers_trainer_prometheus_grafana(st
     worker, trainer = services["recsift-worker"], services["recsift-trainer"]
     env = worker["environment"]
     topics = [env["RECSIFT_STREAM__TOPIC"], env["RECSIFT_STREAM__DEAD_LETTER_TOPIC"], env["RECSIFT_STREAM__CATALOG_TOPIC"],
-              env["RECSIFT_STREAM__CORESET_TOPIC"], env["RECSIFT_CHECKPOINT__CHANGELOG_TOPIC"]]
+              env["RECSIFT_STREAM__CORESET_TOPIC"], env["RECSIFT_CHECKPOINT__CHANGELOG_TOPIC"],
+              env["RECSIFT_CHECKPOINT__CHANGELOG_TOPIC"] + ".workers"]  # the workers' own state (the scorer)
     assert set(topics) == set(created)  # every topic recsift reads or writes is created, and no other
-    assert compacted == set(topics[2:])  # the catalogue, the coreset and the changelog keep the last value per key
+    assert compacted == set(topics[2:])  # the catalogue, the coreset and the changelogs keep the last value per key
+    assert created[topics[-1]] == "1"
     assert created[env["RECSIFT_CHECKPOINT__CHANGELOG_TOPIC"]] == created[env["RECSIFT_STREAM__TOPIC"]]  # one per partition
     assert env["RECSIFT_TRAINER__IN_WORKER"] == "false"  # workers never refresh; the trainer does
     assert env["RECSIFT_STREAM__SOURCE"] == "kafka" and env["RECSIFT_STREAM__BOOTSTRAP_SERVERS"] == "kafka:9092"

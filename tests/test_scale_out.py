@@ -188,6 +188,7 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
     sets = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0, "window.idle_flush_s": 1e9,
             "stream.stop_when_idle_s": 300, "monitoring.port": 0, "selection.budget": budget,
             "scoring.batch_size": 500, "scoring.scorer.depth": 20, "trainer.in_worker": "false",
+            "scoring.item_capacity": 2000,  # ml-100k's 1,682 items: the scorer's state is 4 MB, not 82
             "stream.coreset_topic": coreset_topic, "selection.validation_size": VALIDATION_SIZE}
 
     def start(name: str) -> subprocess.Popen[bytes]:

@@ -297,13 +297,17 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """One partition (a fixed order), scoring and selection on, killed at three seeded points and once
-    during a refresh, then run to the end: every component's state equals an uninterrupted run's."""
+    during a refresh, then run to the end: every component's state equals an uninterrupted run's. The killed
+    worker writes a changelog (the reference does not): then a worker on an empty disk with its worker id
+    restores everything from it, its own state (scorer, selection) included, and goes on over more events
+    exactly as the reference does on its kept disk."""
     from recsift.config import SyntheticConfig
     from recsift.data.synthetic import SyntheticStream
     from recsift.state import differences
 
-    topic = make_topic(1)
-    events = list(SyntheticStream(SyntheticConfig(seed=5, users=400, items=300, events=16_000)).payloads())
+    topic, changelog = make_topic(1), make_topic(1, prefix="changelog")
+    everything = list(SyntheticStream(SyntheticConfig(seed=5, users=400, items=300, events=18_000)).payloads())
+    events, later = everything[:16_000], everything[16_000:]
     produce_events(kafka_settings(broker, topic).stream, True, events, topic)  # (user key, payload) pairs
     tiny = save_tiny_llm(tmp_path / "tiny")
     # window.idle_flush_s is off: that flush is a processing-time latency bound, so when it fires decides
@@ -311,13 +315,16 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     # The set of samples never depends on it, their order (and so what the surrogate learns when) does.
     overrides = {"scoring.batch_size": 500, "scoring.scorer.depth": 20, "scoring.reestimate_every": 4,
                  "scoring.train_rows": 256, "selection.budget": BUDGET, "selection.selector.strata": 8,
-                 "selection.coverage_clusters": 4, "window.idle_flush_s": 1e9}
+                 "selection.coverage_clusters": 4, "window.idle_flush_s": 1e9,
+                 "scoring.item_capacity": 1000}  # the scorer's state, written to the worker topic: 5 MB, not 82
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
 
-    def cmd(state: Path, group: str) -> list[str]:
+    def cmd(state: Path, group: str, *extra: str) -> list[str]:
         return service_cmd(state, tiny, 0, *kafka_args(broker, topic, group), *sets,
                            "--set", "trainer.refresh_every_samples=8000", "--set", "stream.stop_when_idle_s=6",
-                           "--set", "stream.backpressure_high=1500", "--set", "stream.backpressure_low=500")
+                           "--set", "stream.backpressure_high=1500", "--set", "stream.backpressure_low=500", *extra)
+
+    logged = ("--set", f"checkpoint.changelog_topic={changelog}", "--set", "stream.worker_id=crashy")
 
     # the uninterrupted reference runs beside the crashing runs (its own group and state directory): the
     # final states do not depend on timing, and the two share the machine's idle moments
@@ -330,7 +337,7 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     rnd = random.Random(int(os.environ.get("RECSIFT_CRASH_SEED", "13")))
     kills, during_refresh = 0, 0
     for i in range(4):
-        proc = subprocess.Popen(cmd(state, group), env=ENV, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd(state, group, *logged), env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=(tmp_path / f"run{i}.log").open("w"))
         if i == 0:  # the first kill lands while a refresh is running
             wait_for(lambda: refresh_in_flight(state) or proc.poll() is not None, 300, "a refresh to start")
@@ -346,24 +353,40 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
         proc.wait(30)
         kills += 1
     assert kills >= 3 and during_refresh >= 1, (kills, during_refresh)
-    last = subprocess.run(cmd(state, group), env=ENV, capture_output=True, text=True, timeout=600)
+    last = subprocess.run(cmd(state, group, *logged), env=ENV, capture_output=True, text=True, timeout=600)
     assert last.returncode == 0, last.stderr[-3000:]
     assert ref.wait(600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     assert offsets_done(reference, topic) == len(events)
 
-    crashed, uninterrupted = component_states(state, overrides), component_states(reference, overrides)
-    for name in REFRESH_BOOKKEEPING:
-        assert name in uninterrupted["selection"].meta  # what is left out exists: the exclusion is not stale
-        del crashed["selection"].meta[name], uninterrupted["selection"].meta[name]
-    assert uninterrupted["scorer"].meta["batches"] >= 20  # the scorer learnt and re-estimated on the way
-    assert len(uninterrupted["reservoir"].part("reservoir").meta["members"]) == BUDGET
-    assert uninterrupted["reservoir"].part("validation").part("reservoir").meta["samples"]  # compared, not empty
-    # exact: the same floating-point operations in the same order, on restored bit-exact tensors
-    diffs = {name: differences(crashed[name], uninterrupted[name]) for name in uninterrupted}
-    assert not any(diffs.values()), {k: v[:5] for k, v in diffs.items() if v}
+    def equal_states(run: Path, uninterrupted: Path) -> None:
+        got, want = component_states(run, overrides), component_states(uninterrupted, overrides)
+        for name in REFRESH_BOOKKEEPING:
+            assert name in want["selection"].meta  # what is left out exists: the exclusion is not stale
+            del got["selection"].meta[name], want["selection"].meta[name]
+        assert want["scorer"].meta["batches"] >= 20  # the scorer learnt and re-estimated on the way
+        assert len(want["reservoir"].part("reservoir").meta["members"]) == BUDGET
+        assert want["reservoir"].part("validation").part("reservoir").meta["samples"]  # compared, not empty
+        # exact: the same floating-point operations in the same order, on restored bit-exact tensors
+        diffs = {name: differences(got[name], want[name]) for name in want}
+        assert not any(diffs.values()), {k: v[:5] for k, v in diffs.items() if v}
+
+    equal_states(state, reference)
     # negative control: a restart that forgets the scorer's state (surrogate, estimate, reference set) is caught
     forgetful = component_states(state, overrides, restore_scorer=False)
-    assert differences(forgetful["scorer"], uninterrupted["scorer"])
+    assert differences(forgetful["scorer"], component_states(reference, overrides)["scorer"])
+
+    # the killed worker's host is lost: a worker with its id on an empty disk, and the reference on its kept
+    # disk, both go on over more events
+    produce_events(kafka_settings(broker, topic).stream, True, later, topic)
+    empty = tmp_path / "empty"
+    with (tmp_path / "reference.log").open("a") as log:
+        ref = subprocess.Popen(cmd(reference, f"ref-{topic}"), env=ENV, stdout=subprocess.DEVNULL, stderr=log)
+        fresh = subprocess.run(cmd(empty, group, *logged), env=ENV, capture_output=True, text=True, timeout=600)
+        assert fresh.returncode == 0, fresh.stderr[-3000:]
+        assert ref.wait(600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    assert "changelog partition 0 restored" in fresh.stderr and "its own state restored" in fresh.stderr
+    assert offsets_done(empty, topic) == len(everything)
+    equal_states(empty, reference)
 
 
 def test_a_30s_broker_outage_is_reported_and_survived(tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ class Metrics:
         self.changelog_syncs = Counter(
             "recsift_changelog_syncs_total", "Assigned partitions whose state needed the changelog, by outcome",
             ["outcome"], registry=worker)
-        for outcome in ("restored", "repaired", "published"):
+        for outcome in ("restored", "repaired", "published", "worker_restored", "worker_missing"):
             self.changelog_syncs.labels(outcome)
         self.changelog_restore_records = Counter(
             "recsift_changelog_restore_records_total", "Changelog records read to restore or repair partitions",

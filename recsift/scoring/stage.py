@@ -244,12 +244,16 @@ class ScoringStore:
     included) and the stage's pending samples, each as the bytes of its ``state_dict()``.
 
     The scorer's state is rewritten only when it has changed since the last checkpoint (every change
-    comes with a surrogate update or an exclusion count). The scorer belongs to this worker; the pending
+    comes with a surrogate update or an exclusion count). The scorer belongs to this worker (with a changelog,
+    the scorer and the stage's order of its pending samples are also this worker's own state in the worker
+    topic: :class:`~recsift.stream.checkpoint.WorkerStore`, so an empty disk continues from them); the pending
     samples belong to their partitions: each owned partition's are also kept in a row of their own and, with
     a changelog, as its ``p`` record (:class:`~recsift.stream.checkpoint.PartitionStore`), so that when a
     partition moves to another worker its samples that were handed on but not yet scored go with it and are
     scored there, once.
     """
+
+    worker_part_names = ("scorer", "stage")  # its rows of scoring_state, this worker's own state
 
     def __init__(self, stream_scorer: StreamScorer, stage: ScoringStage | None = None) -> None:
         self.stream_scorer = stream_scorer
@@ -261,6 +265,8 @@ class ScoringStore:
         self.changes: dict[int, list[tuple[bytes, bytes | None]]] = {}
         self._written: dict[int, bytes] = {}  # partition → its last committed pending record
         self._writing: dict[int, bytes] = {}
+        self.worker_changes: dict[str, bytes] = {}  # this worker's own parts that this checkpoint changed
+        self._stage_written: bytes | None = None
 
     def _fingerprint(self) -> tuple[int, int]:
         return self.stream_scorer.surrogate.version, self.stream_scorer.excluded
@@ -270,9 +276,12 @@ class ScoringStore:
         conn.execute("CREATE TABLE IF NOT EXISTS partition_pending (partition INTEGER PRIMARY KEY, samples BLOB NOT NULL)")
 
     def save(self, conn: sqlite3.Connection) -> None:
-        self.changes, self._writing = {}, {}
+        self.changes, self._writing, self.worker_changes = {}, {}, {}
         if self.stage is not None:
-            conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('stage', ?)", (self.stage.state_dict().to_bytes(),))
+            stage = self.stage.state_dict().to_bytes()
+            conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('stage', ?)", (stage,))
+            if stage != self._stage_written:
+                self.worker_changes["stage"] = stage
             for p in sorted(self.owned):
                 value = orjson.dumps([s.to_json() for s in self.stage.pending if s.partition == p])
                 conn.execute("INSERT OR REPLACE INTO partition_pending VALUES (?, ?)", (p, value))
@@ -281,12 +290,14 @@ class ScoringStore:
                     self._writing[p] = value
         if self._fingerprint() == self._saved_at:
             return
-        conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('scorer', ?)",
-                     (self.stream_scorer.state_dict().to_bytes(),))
+        scorer = self.stream_scorer.state_dict().to_bytes()
+        conn.execute("INSERT OR REPLACE INTO scoring_state VALUES ('scorer', ?)", (scorer,))
+        self.worker_changes["scorer"] = scorer
         self._pending = self._fingerprint()
 
     def committed(self) -> None:
         self._saved_at = self._pending
+        self._stage_written = self.worker_changes.get("stage", self._stage_written)
         self._written.update(self._writing)
         self._writing = {}
 
@@ -324,7 +335,17 @@ class ScoringStore:
         if self.stage is not None:
             self.stage.pending = [s for s in self.stage.pending if s.partition not in partitions]
 
-    # ------------------------------------------------------------------ the changelog (PartitionStore)
+    # ------------------------------------------------------------------ the changelog (PartitionStore, WorkerStore)
+
+    def worker_parts(self, conn: sqlite3.Connection) -> dict[str, bytes]:
+        return {str(name): bytes(blob) for name, blob in conn.execute("SELECT name, state FROM scoring_state")
+                if name in self.worker_part_names}
+
+    def replace_worker_parts(self, conn: sqlite3.Connection, parts: dict[str, bytes]) -> None:
+        conn.executemany("INSERT OR REPLACE INTO scoring_state VALUES (?, ?)", list(parts.items()))
+
+    def restored_own(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
+        """Nothing to do: pending samples carry no scores."""
 
     def owns(self, key: bytes) -> bool:
         return key == PENDING_KEY

@@ -71,6 +71,8 @@ class CoresetStore:
     With a ``publisher``, every committed state is also published to the coreset topic (after the
     transaction commits, before offsets go to Kafka: :mod:`recsift.selection.publish`)."""
 
+    worker_part_names = ("selection",)  # the selection_state row: this worker's own state
+
     def __init__(self, stage: SelectionStage, publisher: CoresetPublisher | None = None) -> None:
         self.stage = stage
         self.publisher = publisher
@@ -79,6 +81,8 @@ class CoresetStore:
         self.changes: dict[int, list[tuple[bytes, bytes | None]]] = {}
         self._written: dict[int, bytes] = {}  # partition → its last committed reservoir record
         self._writing: dict[int, bytes] = {}
+        self.worker_changes: dict[str, bytes] = {}
+        self._own_written: bytes | None = None
 
     @property
     def partitioned(self) -> PartitionedSelector | None:
@@ -91,7 +95,9 @@ class CoresetStore:
 
     def save(self, conn: sqlite3.Connection) -> None:
         now = time.time()
-        conn.execute("INSERT OR REPLACE INTO selection_state VALUES (1, ?)", (self.stage.state_dict().to_bytes(),))
+        own = self.stage.state_dict().to_bytes()
+        conn.execute("INSERT OR REPLACE INTO selection_state VALUES (1, ?)", (own,))
+        self.worker_changes = {"selection": own} if own != self._own_written else {}
         self.changes, self._writing = {}, {}
         if (sel := self.partitioned) is not None:
             for p in sorted(sel.parts):
@@ -121,6 +127,7 @@ class CoresetStore:
         return state
 
     def committed(self) -> None:
+        self._own_written = self.worker_changes.get("selection", self._own_written)
         self._written.update(self._writing)
         self._writing = {}
         if self.publisher is not None and self._to_publish is not None:
@@ -172,7 +179,21 @@ class CoresetStore:
         if self.publisher is not None:
             self.publisher.release(set(partitions))
 
-    # ------------------------------------------------------------------ the changelog (PartitionStore)
+    # ------------------------------------------------------------------ the changelog (PartitionStore, WorkerStore)
+
+    def worker_parts(self, conn: sqlite3.Connection) -> dict[str, bytes]:
+        row = conn.execute("SELECT state FROM selection_state WHERE id = 1").fetchone()
+        return {"selection": bytes(row[0])} if row is not None else {}
+
+    def replace_worker_parts(self, conn: sqlite3.Connection, parts: dict[str, bytes]) -> None:
+        if "selection" in parts:
+            conn.execute("INSERT OR REPLACE INTO selection_state VALUES (1, ?)", (parts["selection"],))
+
+    def restored_own(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
+        """These reservoirs hold scores of this worker's own scorer, restored with them: not foreign, so their
+        members are re-scored exactly when they would have been on the kept disk."""
+        conn.executemany("UPDATE selection_partitions SET foreign_writer = 0 WHERE partition = ?",
+                         [(p,) for p in sorted(partitions)])
 
     def owns(self, key: bytes) -> bool:
         return key == SELECTION_KEY

@@ -27,10 +27,21 @@ Either way the records after the state that stands are then undone (each key get
 state, or a tombstone), followed by a marker of this writer, so the changelog again ends in a whole
 checkpoint. A partition with local state and no position yet (the changelog was switched on later, or its
 topic is new) is first published whole.
+
+**The worker's own state** (the stream scorer with its surrogate, the selection stage's counters, recent
+window and coverage: :class:`~recsift.stream.checkpoint.WorkerStore`) belongs to no partition. It goes to the
+compacted *worker topic* ``<changelog topic>.workers``, keyed by worker id (:class:`WorkerStateLog`), first
+in each checkpoint that changed it; every owned partition's marker then names the versions it goes with
+(``"worker": {"id", "seq", "parts"}``). A worker with no state of its own on disk (an empty disk) takes, after
+restoring its partitions, the versions that the newest of their markers written under its id names, and so
+continues exactly where it stopped; a worker that takes over another one's partitions keeps its own scorer
+and re-scores what it adopted. The cost: every checkpoint that updated the surrogate writes its whole state
+(weights, Adam moments, replay buffer: 82 MB at ``scoring.item_capacity`` = 100,000, about 4 MB at 2,000).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import time
@@ -41,7 +52,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from recsift.config import StreamConfig
-from recsift.stream.checkpoint import PartitionStore
+from recsift.stream.checkpoint import PartitionStore, WorkerStore
 from recsift.stream.kafka import kafka_client_config
 
 log = logging.getLogger(__name__)
@@ -55,14 +66,23 @@ class ChangelogUnavailable(RuntimeError):
     """The changelog topic could not be written or read (broker away, topic missing)."""
 
 
+class WorkerStateMissing(LookupError):
+    """A version of a worker's own state that a marker names is not (whole) in the worker topic."""
+
+
 class LogRecord(NamedTuple):
     offset: int
     key: bytes
     value: bytes | None
 
 
-def marker(writer: str, offset: int | None) -> bytes:
-    return orjson.dumps({"writer": writer, "offset": offset})
+def marker(writer: str, offset: int | None, worker: dict[str, Any] | None = None) -> bytes:
+    """A partition's checkpoint marker; ``worker``: the versions of the writing worker's own state that the
+    checkpoint goes with (``{"id", "seq", "parts": {name: seq}}``, :class:`WorkerStateLog`)."""
+    body: dict[str, Any] = {"writer": writer, "offset": offset}
+    if worker is not None:
+        body["worker"] = worker
+    return orjson.dumps(body)
 
 
 def collapse(records: Iterable[LogRecord], last_offset: int) -> dict[bytes, bytes]:
@@ -108,14 +128,38 @@ class KafkaChangelog:
             raise ChangelogUnavailable(f"changelog topic {self.topic!r}: the broker did not confirm a write ({exc})") from exc
 
     def read(self, partition: int, start: int, progress: Callable[[int], object] | None = None) -> list[LogRecord]:
-        """Every record of ``partition`` from offset ``start`` to its end as of now.
+        """Every record of ``partition`` from offset ``start`` to its end as of now."""
+        out: list[LogRecord] = []
+        self.scan(partition, start, out.append, progress)
+        return out
+
+    def latest(self, partition: int, keep: Callable[[bytes], bool],
+               progress: Callable[[int], object] | None = None) -> dict[bytes, bytes]:
+        """The last value of every key ``keep`` accepts in the whole of ``partition`` (tombstoned keys left out),
+        holding one value per key while reading: a topic not yet compacted may hold many."""
+        state: dict[bytes, bytes] = {}
+
+        def apply(r: LogRecord) -> None:
+            if keep(r.key):
+                if r.value is None:
+                    state.pop(r.key, None)
+                else:
+                    state[r.key] = r.value
+
+        self.scan(partition, 0, apply, progress)
+        return state
+
+    def scan(self, partition: int, start: int, sink: Callable[[LogRecord], object],
+             progress: Callable[[int], object] | None = None) -> int:
+        """Hand every record of ``partition`` from offset ``start`` to its end as of now to ``sink``; returns
+        how many.
 
         The end is the fetch responses' high-water mark (tansu's end_offsets reports the base offset of a
         partition's last batch instead); ``ChangelogUnavailable`` when it is not reached in ``timeout_s``."""
         from kafka import KafkaConsumer, TopicPartition
         from kafka.errors import KafkaError
 
-        out: list[LogRecord] = []
+        count = 0
         try:
             consumer = KafkaConsumer(**kafka_client_config(self.cfg, self.embedded), group_id=None,
                                      enable_auto_commit=False, max_poll_records=10_000,
@@ -130,9 +174,11 @@ class KafkaChangelog:
             while True:
                 if time.monotonic() > deadline:
                     raise ChangelogUnavailable(f"changelog topic {self.topic!r} partition {partition}: not read to "
-                                               f"its end within {self.timeout_s:.0f} s ({len(out)} records read)")
+                                               f"its end within {self.timeout_s:.0f} s ({count} records read)")
                 got = consumer.poll(timeout_ms=200).get(tp, [])
-                out.extend(LogRecord(r.offset, r.key, r.value) for r in got)
+                for r in got:
+                    sink(LogRecord(r.offset, r.key, r.value))
+                count += len(got)
                 if got:
                     deadline = time.monotonic() + self.timeout_s  # progress: the limit is on a stall
                     if progress is not None:
@@ -140,7 +186,7 @@ class KafkaChangelog:
                     continue
                 high = consumer.highwater(tp)
                 if high is not None and consumer.position(tp) >= high:
-                    return out
+                    return count
         except KafkaError as exc:
             raise ChangelogUnavailable(f"changelog topic {self.topic!r} partition {partition}: {exc}") from exc
         finally:
@@ -150,6 +196,92 @@ class KafkaChangelog:
         self.producer.close(timeout=5)
 
 
+class WorkerStateLog:
+    """A worker's own state (:class:`~recsift.stream.checkpoint.WorkerStore`) in the compacted worker topic.
+
+    Each part is written in chunks of ``chunk_bytes`` under ``<worker>/<part>/<slot>/<i>``, then a header
+    ``<worker>/<part>/<slot>/h`` = ``{"writer", "seq", "chunks", "sha256"}``. A part has two slots and a
+    write always goes to the one that does not hold its committed version, so a write whose checkpoint never
+    committed can only overwrite an older version, never the one the partitions' markers name. The local table
+    ``worker_slots`` remembers what each slot holds (in the checkpoint transaction)."""
+
+    def __init__(self, log: KafkaChangelog, worker: str, chunk_bytes: int = 512 * 1024) -> None:
+        if not worker:
+            raise ValueError("the worker topic needs a worker id (stream.worker_id)")
+        self.log, self.worker, self.chunk_bytes = log, worker, chunk_bytes
+
+    def key(self, part: str, slot: int, suffix: int | str) -> bytes:
+        return f"{self.worker}/{part}/{slot}/{suffix}".encode()
+
+    @staticmethod
+    def create_schema(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS worker_slots (part TEXT NOT NULL, slot INTEGER NOT NULL,"
+                     " seq INTEGER NOT NULL, chunks INTEGER NOT NULL, writer TEXT NOT NULL, PRIMARY KEY (part, slot))")
+
+    @staticmethod
+    def committed(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
+        """part → (seq, writer) of its committed (newest) version; the writer (a state directory) tells two
+        workers that were given the same id apart."""
+        rows = conn.execute("SELECT part, seq, writer FROM worker_slots AS w WHERE seq ="
+                            " (SELECT MAX(seq) FROM worker_slots WHERE part = w.part)").fetchall()
+        return {str(part): (int(seq), str(writer)) for part, seq, writer in rows}
+
+    @staticmethod
+    def target_slot(conn: sqlite3.Connection, part: str) -> int:
+        """The slot the next write of ``part`` goes to: the one that does not hold its committed version."""
+        held = dict(conn.execute("SELECT slot, seq FROM worker_slots WHERE part = ?", (part,)).fetchall())
+        return min((0, 1), key=lambda k: held.get(k, -1))
+
+    def write(self, conn: sqlite3.Connection, writer: str, seq: int, parts: dict[str, bytes]) -> None:
+        """Produce ``parts`` as version ``seq`` and wait for the acknowledgement (``ChangelogUnavailable``)."""
+        records: Records = []
+        rows = []
+        for name, blob in sorted(parts.items()):
+            slot = self.target_slot(conn, name)
+            old = conn.execute("SELECT chunks FROM worker_slots WHERE part = ? AND slot = ?", (name, slot)).fetchone()
+            chunks = [blob[i:i + self.chunk_bytes] for i in range(0, len(blob), self.chunk_bytes)] or [b""]
+            records += [(self.key(name, slot, i), chunk) for i, chunk in enumerate(chunks)]
+            records += [(self.key(name, slot, i), None) for i in range(len(chunks), int(old[0]) if old else 0)]
+            header = {"writer": writer, "seq": seq, "chunks": len(chunks), "sha256": hashlib.sha256(blob).hexdigest()}
+            records.append((self.key(name, slot, "h"), orjson.dumps(header)))
+            rows.append((name, slot, seq, len(chunks), writer))
+        self.log.write({0: records})
+        conn.executemany("INSERT OR REPLACE INTO worker_slots VALUES (?, ?, ?, ?, ?)", rows)
+
+    def read(self, versions: dict[str, tuple[int, str]],
+             progress: Callable[[int], object] | None = None) -> dict[str, tuple[int, bytes]]:
+        """part → (slot, bytes) of the parts at the given versions (part → (seq, writer)), read from the topic;
+        ``WorkerStateMissing`` when one is missing or does not match its checksum."""
+        prefix = f"{self.worker}/".encode()
+        state = self.log.latest(0, lambda k: k.startswith(prefix), progress)
+        out: dict[str, tuple[int, bytes]] = {}
+        for name, (seq, writer) in versions.items():
+            for slot in (0, 1):
+                raw = state.get(self.key(name, slot, "h"))
+                header = orjson.loads(raw) if raw else {}
+                if header.get("seq") != seq or header.get("writer") != writer:
+                    continue
+                chunks = [state.get(self.key(name, slot, i)) for i in range(int(header["chunks"]))]
+                blob = b"".join(c for c in chunks if c is not None)
+                if None in chunks or hashlib.sha256(blob).hexdigest() != header["sha256"]:
+                    raise WorkerStateMissing(f"worker {self.worker!r}: part {name!r} version {seq} is incomplete")
+                out[name] = (slot, blob)
+                break
+            else:
+                raise WorkerStateMissing(f"worker {self.worker!r}: part {name!r} version {seq} is not in the topic")
+        return out
+
+    def restored(self, conn: sqlite3.Connection, seq: int, versions: dict[str, tuple[int, str]],
+                 found: dict[str, tuple[int, bytes]]) -> None:
+        """Record the restored versions locally: the next write of each part goes to its other slot."""
+        conn.execute("DELETE FROM worker_slots")
+        for name, (slot, blob) in found.items():
+            chunks = max(1, -(-len(blob) // self.chunk_bytes))
+            seq_of, writer = versions[name]
+            conn.execute("INSERT INTO worker_slots VALUES (?, ?, ?, ?, ?)", (name, slot, seq_of, chunks, writer))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('worker_seq', ?)", (str(seq),))
+
+
 class StreamChangelog:
     """Keeps the changelog topic equal to the stream state's checkpoints and restores partitions from it
     (the :class:`~recsift.stream.checkpoint.ChangelogWriter` of a checkpoint)."""
@@ -157,8 +289,13 @@ class StreamChangelog:
     def __init__(self, log: KafkaChangelog, store: PartitionStore, source_topic: str,
                  on_restore: Callable[[str, int, float], object] | None = None,
                  on_progress: Callable[[int], object] | None = None,
-                 on_write: Callable[[int, int], object] | None = None) -> None:
+                 on_write: Callable[[int, int], object] | None = None,
+                 workers: WorkerStateLog | None = None) -> None:
         self.log = log
+        self.workers = workers  # this worker's own state (the stream scorer), None: not kept in Kafka
+        self.worker_stores: list[WorkerStore] = []
+        self.worker_seq = 0  # the last version of this worker's own state written
+        self._restored_markers: dict[int, dict[str, Any]] = {}  # partition → its last marker, restored by a sync
         self.stores: list[PartitionStore] = [store]  # the stream state's; the scoring and selection stores join
         self.source_topic = source_topic
         self.writer = ""  # this state directory's id, read or made by create_schema
@@ -168,9 +305,16 @@ class StreamChangelog:
         self.records_written = 0
         self._marked: dict[int, int | None] = {}  # partition → source offset of its last marker
 
-    def add(self, store: PartitionStore) -> None:
-        """Another store whose per-partition state moves with the partition (its keys are its own)."""
-        self.stores.append(store)
+    def add(self, store: object) -> None:
+        """A participant whose per-partition state moves with the partition (a ``PartitionStore``, its keys its
+        own) and/or whose worker state the worker topic keeps (a ``WorkerStore``, its part names its own)."""
+        if isinstance(store, PartitionStore):
+            self.stores.append(store)
+        if isinstance(store, WorkerStore) and self.workers is not None:
+            taken = {n for w in self.worker_stores for n in w.worker_part_names}
+            if clash := taken & set(store.worker_part_names):
+                raise ValueError(f"worker state parts {sorted(clash)} are already kept by another store")
+            self.worker_stores.append(store)
 
     def _local(self, conn: sqlite3.Connection, p: int) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
@@ -198,18 +342,38 @@ class StreamChangelog:
             row = (uuid.uuid4().hex,)
             conn.execute("INSERT INTO meta VALUES ('changelog_writer', ?)", row)
         self.writer = str(row[0])
+        if self.workers is not None:
+            self.workers.create_schema(conn)
+            seq = conn.execute("SELECT value FROM meta WHERE key = 'worker_seq'").fetchone()
+            self.worker_seq = int(seq[0]) if seq is not None else 0
 
     # ------------------------------------------------------------------ writing
 
     def publish(self, conn: sqlite3.Connection, offsets: dict[int, int]) -> None:
+        """The worker's own state first (when it changed), then each partition's changes and its marker, which
+        names the worker state's versions that go with it: a marker is written for every owned partition when
+        the worker state changed, so that each one's last marker names the current versions."""
+        worker, changed = self._publish_worker(conn)
         batch: dict[int, Records] = {}
         for p, offset in offsets.items():
             records = [r for store in self.stores for r in store.changes.get(p, ())]
-            if records or self._marked.get(p) != offset:
-                batch[p] = [*records, (MARKER_KEY, marker(self.writer, offset))]
+            if records or self._marked.get(p) != offset or changed:
+                batch[p] = [*records, (MARKER_KEY, marker(self.writer, offset, worker))]
         if batch:
             self._write(conn, batch)
             self._marked.update((p, offsets[p]) for p in batch)
+
+    def _publish_worker(self, conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, bool]:
+        """Write the worker state's changed parts as a new version; returns the marker's worker entry."""
+        if self.workers is None or not self.worker_stores:
+            return None, False
+        changed = {name: blob for w in self.worker_stores for name, blob in w.worker_changes.items()}
+        if changed:
+            seq = self.worker_seq + 1
+            self.workers.write(conn, self.writer, seq, changed)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('worker_seq', ?)", (str(seq),))
+            self.worker_seq = seq  # also when the transaction fails later: a version number is never reused
+        return {"id": self.workers.worker, "seq": self.worker_seq, "parts": self.workers.committed(conn)}, bool(changed)
 
     def _write(self, conn: sqlite3.Connection, batch: dict[int, Records]) -> None:
         before = self.log.bytes_written
@@ -226,7 +390,38 @@ class StreamChangelog:
     def sync(self, conn: sqlite3.Connection, partitions: set[int]) -> dict[int, str]:
         """Bring each partition's local rows to the changelog's last whole checkpoint (module docstring).
         Runs inside the open transaction; returns partition → outcome (current, published, restored, repaired)."""
-        return {p: self._sync(conn, p) for p in sorted(partitions)}
+        outcomes = {p: self._sync(conn, p) for p in sorted(partitions)}
+        self._restore_worker(conn)
+        return outcomes
+
+    def _restore_worker(self, conn: sqlite3.Connection) -> None:
+        """A worker with no state of its own here (an empty disk) takes the versions that the last marker this
+        worker wrote names, among the partitions just restored: it continues exactly where it stopped."""
+        markers, self._restored_markers = self._restored_markers, {}
+        if self.workers is None or not self.worker_stores or any(w.worker_parts(conn) for w in self.worker_stores):
+            return
+        mine = {p: w for p, m in markers.items()
+                if isinstance(w := m.get("worker"), dict) and w.get("id") == self.workers.worker}
+        if not mine:
+            return  # a new worker, or partitions from other workers: the scorer starts fresh
+        latest = max(mine.values(), key=lambda w: int(w["seq"]))
+        versions = {str(name): (int(seq), str(writer)) for name, (seq, writer) in latest["parts"].items()}
+        started = time.perf_counter()
+        try:
+            found = self.workers.read(versions, self.on_progress)
+        except WorkerStateMissing as exc:  # compacted away or cut short: nothing to continue from
+            log.error("cannot restore this worker's own state (%s); its scorer starts fresh", exc)
+            self._done("worker_missing", 0, started)
+            return
+        for store in self.worker_stores:
+            store.replace_worker_parts(conn, {n: b for n, (_, b) in found.items() if n in store.worker_part_names})
+            store.restored_own(conn, set(mine))
+        self.workers.restored(conn, int(latest["seq"]), versions, found)
+        self.worker_seq = int(latest["seq"])
+        log.info("worker %r: its own state restored from the changelog (version %d: %s) in %.2f s",
+                 self.workers.worker, self.worker_seq, ", ".join(f"{n} {len(b):,} bytes" for n, (_, b) in found.items()),
+                 time.perf_counter() - started)
+        self._done("worker_restored", sum(len(b) for _, b in found.values()), started)
 
     def _sync(self, conn: sqlite3.Connection, p: int) -> str:
         started = time.perf_counter()
@@ -248,7 +443,9 @@ class StreamChangelog:
             cut = markers[-1].offset
             state = collapse(history, cut)
             self._replace(conn, p, state)
-            offset = orjson.loads(markers[-1].value or b"{}").get("offset")
+            last = orjson.loads(markers[-1].value or b"{}")
+            self._restored_markers[p] = last
+            offset = last.get("offset")
             if offset is not None:
                 conn.execute("INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition)"
                              " DO UPDATE SET next_offset = excluded.next_offset", (self.source_topic, p, int(offset)))
@@ -279,6 +476,8 @@ class StreamChangelog:
 
     def close(self) -> None:
         self.log.close()
+        if self.workers is not None:
+            self.workers.log.close()
 
 
 def changelog_summary(outcomes: dict[int, str]) -> dict[str, Any]:

@@ -86,6 +86,27 @@ class PartitionStore(Protocol):
         """Make ``partition``'s rows the state ``records`` describe (another worker wrote it)."""
 
 
+@runtime_checkable
+class WorkerStore(Protocol):
+    """A participant with state of this worker's own, not of a partition (the stream scorer: its surrogate is
+    trained on whatever this worker owned), which the changelog keeps in its worker topic so that the worker,
+    restarted on an empty disk, continues exactly where it stopped (:mod:`recsift.stream.changelog`).
+    The state is a few named parts (each store's names its own), each written when it changed."""
+
+    worker_part_names: tuple[str, ...]
+    worker_changes: dict[str, bytes]  # after save(): part name → its bytes, for the parts that changed
+
+    def worker_parts(self, conn: sqlite3.Connection) -> dict[str, bytes]:
+        """The committed parts in this state directory (empty: it has none, an empty disk)."""
+
+    def replace_worker_parts(self, conn: sqlite3.Connection, parts: dict[str, bytes]) -> None:
+        """Make the local rows these parts (restored from the changelog)."""
+
+    def restored_own(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
+        """After :meth:`replace_worker_parts`: these restored partitions were last written by this very worker
+        (its state just restored), not by another one."""
+
+
 class ChangelogWriter(Protocol):
     """Writes the changes a checkpoint commits to a changelog topic and restores partitions from it
     (:mod:`recsift.stream.changelog`)."""

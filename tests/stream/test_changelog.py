@@ -5,15 +5,17 @@ undone, in the local file and in the topic."""
 from __future__ import annotations
 
 import copy
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from recsift.stream.broker import EmbeddedBroker
-from recsift.stream.changelog import MARKER_KEY, ChangelogUnavailable, KafkaChangelog, StreamChangelog
+from recsift.stream.changelog import MARKER_KEY, ChangelogUnavailable, KafkaChangelog, StreamChangelog, WorkerStateLog
 from recsift.stream.checkpoint import Checkpoint, StreamStateStore
 from recsift.stream.dedup import DedupIndex
+from recsift.stream.kafka import ensure_topic
 from recsift.stream.windows import Sample, StreamState
 from tests.helpers import kafka_settings
 from tests.stream.test_checkpoint import CFG, feed, stream
@@ -199,3 +201,104 @@ def test_a_write_the_broker_does_not_confirm_rolls_the_checkpoint_back(
     assert ckpt.offsets(TOPIC) == {} and ckpt.conn.execute("SELECT count(*) FROM histories").fetchone() == (0,)
     assert state.partitions[2].dirty  # the next checkpoint retries all of it
     log.close()
+
+
+class Blobs:
+    """A participant with worker state of its own (a ``WorkerStore``): named byte strings, in one table. The
+    real ones (the scorer, the selection stage) are checked end to end in tests/test_service.py."""
+
+    worker_part_names = ("big", "small")
+
+    def __init__(self) -> None:
+        self.parts: dict[str, bytes] = {}
+        self.worker_changes: dict[str, bytes] = {}
+        self.own: set[int] = set()
+
+    def create_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+
+    def save(self, conn: sqlite3.Connection) -> None:
+        self.worker_changes = dict(self.parts)
+        conn.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?)", list(self.parts.items()))
+
+    def committed(self) -> None: ...
+
+    def load(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
+        self.parts = self.worker_parts(conn)
+
+    def release(self, partitions: set[int]) -> None: ...
+
+    def worker_parts(self, conn: sqlite3.Connection) -> dict[str, bytes]:
+        return {str(n): bytes(v) for n, v in conn.execute("SELECT name, value FROM blobs")}
+
+    def replace_worker_parts(self, conn: sqlite3.Connection, parts: dict[str, bytes]) -> None:
+        conn.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?)", list(parts.items()))
+
+    def restored_own(self, conn: sqlite3.Connection, partitions: set[int]) -> None:
+        self.own |= partitions
+
+
+class OneSlot(WorkerStateLog):
+    """Negative control: every version of a part overwrites the same slot."""
+
+    @staticmethod
+    def target_slot(conn: sqlite3.Connection, part: str) -> int:
+        return 0
+
+
+def worker_host(hosts, broker: EmbeddedBroker, name: str, worker: str, log: type[WorkerStateLog] = WorkerStateLog,
+                ) -> tuple[Host, Blobs]:  # type: ignore[no-untyped-def]
+    host = hosts(name)
+    topic = f"{host.log.topic}.workers"
+    ensure_topic(kafka_settings(broker, topic).stream, True, topic, 1, {"cleanup.policy": "compact"})
+    host.changelog.workers = log(KafkaChangelog(kafka_settings(broker, topic).stream, True, topic, timeout_s=20),
+                                 worker, chunk_bytes=1000)
+    with host.ckpt._transaction() as conn:
+        host.changelog.create_schema(conn)
+    blobs = Blobs()
+    host.ckpt.add(blobs)
+    host.changelog.add(blobs)
+    return host, blobs
+
+
+def crash_while_writing_worker_state(hosts, broker: EmbeddedBroker, log: type[WorkerStateLog]
+                                     ) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    """Worker "w" commits its state twice, then dies after a third version of its own state reached the
+    worker topic, before its partitions' records and markers did; returns the committed parts. (Had the markers
+    gone out too, a new host would take that third checkpoint whole, its partitions and worker state alike.)"""
+    events = stream(900)
+    a, blobs = worker_host(hosts, broker, "a", "w", log)
+    a.feed(events[:300])
+    blobs.parts = {"big": b"1" * 3500, "small": b"one"}
+    a.commit({0: 300, 1: 300, 2: 300})
+    a.feed(events[300:600])
+    blobs.parts = {"big": b"2" * 2500, "small": b"two"}
+    a.commit({0: 600, 1: 600, 2: 600})
+    committed = dict(blobs.parts)
+    blobs.parts = {"big": b"3" * 4100, "small": b"three"}
+    with pytest.raises(RuntimeError, match="killed"), a.ckpt._transaction() as conn:
+        blobs.save(conn)
+        a.changelog._publish_worker(conn)  # the first step of publish(): the worker state goes out first
+        raise RuntimeError("killed")
+    return committed
+
+
+def test_an_empty_disk_restores_the_workers_own_state_that_its_partitions_checkpoint_names(
+    hosts, broker: EmbeddedBroker
+) -> None:  # type: ignore[no-untyped-def]
+    """A worker's own state (scorer, selection) is versioned in the worker topic, two slots per part: the
+    unconfirmed third version cannot overwrite the committed second, which the partitions' markers name."""
+    committed = crash_while_writing_worker_state(hosts, broker, WorkerStateLog)
+    c, blobs = worker_host(hosts, broker, "c", "w")  # the same worker, its host lost: an empty disk
+    assert c.assign({0, 1, 2}) == {0: "restored", 1: "restored", 2: "restored"}
+    assert blobs.parts == committed and blobs.own == {0, 1, 2}
+    other, theirs = worker_host(hosts, broker, "d", "another")  # another worker: its own state starts empty
+    assert other.assign({1}) == {1: "restored"}
+    assert theirs.parts == {} and theirs.own == set()
+
+
+def test_negative_control_one_slot_per_part_loses_the_committed_worker_state(hosts, broker: EmbeddedBroker) -> None:  # type: ignore[no-untyped-def]
+    committed = crash_while_writing_worker_state(hosts, broker, OneSlot)
+    c, blobs = worker_host(hosts, broker, "c", "w", OneSlot)
+    c.assign({0, 1, 2})
+    assert blobs.parts != committed  # the unconfirmed write took the committed version's place
