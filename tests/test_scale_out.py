@@ -26,7 +26,7 @@ from recsift.stream.dedup import DedupIndex
 from recsift.stream.kafka import keyed, produce_events
 from recsift.stream.windows import StreamState
 from tests.helpers import kafka_settings, wait_for
-from tests.test_service import ENV, kafka_args, offsets_done
+from tests.test_service import ENV, db_rows, kafka_args, offsets_done
 
 DEDUP = 400_000  # remembers every id of ml-100k: what each partition remembers does not depend on the split
 # window.idle_flush_s off: when that processing-time flush fires decides which samples are still buffered at
@@ -165,15 +165,18 @@ def partition_selection(state: Path) -> dict[int, dict[str, Any]]:
 def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
     broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path, ml100k: Path
 ) -> None:
-    """Two scoring workers on ml-100k over 3 partitions, publishing their coreset to the coreset topic; one is
-    SIGKILLed mid-stream. The survivor restores the dead one's partitions from the changelog — stream state,
+    """Two scoring workers on ml-100k over 3 partitions, publishing their coreset to the coreset topic, which
+    a trainer materialises and refreshes from; one worker is SIGKILLed mid-stream. The survivor restores the dead one's partitions from the changelog — stream state,
     the samples waiting to be scored and each partition's coreset reservoir — and finishes. The coreset topic
     (what a trainer refreshes from) then holds exactly the survivor's committed coreset: one budget, ≥ 99%
     full, every member's partition's reservoir holding it; and every sample of every partition reached its
     partition's reservoir exactly once (offered + waiting + held out for validation = journaled), and every
-    held-out sample its partition's validation reservoir, which the topic's validation records mirror."""
+    held-out sample its partition's validation reservoir, which the topic's validation records mirror. The
+    trainer's mirror is that coreset, and every snapshot it refreshed from was within the budget."""
     from recsift.selection.validation import validation_mask
+    from tests.helpers import save_tiny_llm
     from tests.selection.test_publish import read_view
+    from tests.test_trainer_role import members, trainer_cmd
 
     budget = 240
     topic, changelog, coreset_topic = make_topic(3), make_topic(3, prefix="changelog"), make_topic(1, prefix="coreset")
@@ -197,6 +200,10 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=logs[name].open("a"))
 
+    trainer_dir = tmp_path / "trainer"
+    trainer = subprocess.Popen(trainer_cmd(trainer_dir, save_tiny_llm(tmp_path / "tiny"), broker, coreset_topic,
+                                           "--set", "trainer.refresh_every_samples=12000"),
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=(tmp_path / "trainer.log").open("w"))
     a, b = start("a"), start("b")
     try:
         target = random.Random(11).randrange(2_000, 5_000)  # a owns one or two of three partitions
@@ -211,8 +218,13 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
         wait_for(lambda: offsets_done(dirs["b"], topic) >= len(events) or b.poll() is not None, 240, "the survivor")
         b.send_signal(signal.SIGTERM)
         run_to_idle(b, logs=[logs["b"]], timeout=120)
+        survivor_coreset = members(dirs["b"] / "recsift.sqlite")
+        wait_for(lambda: members(trainer_dir / "recsift.sqlite") == survivor_coreset or trainer.poll() is not None,
+                 60, "the trainer's mirror of the last publish")
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(120) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
     finally:
-        for proc in (a, b):
+        for proc in (a, b, trainer):
             if proc.poll() is None:
                 proc.kill()
     lost = {int(p) for p, in Checkpoint(dirs["a"] / "recsift.sqlite").conn.execute("SELECT partition FROM offsets")}
@@ -238,3 +250,8 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
     assert 0.99 * budget <= len(committed) <= budget
     assert all(body["partition"] in range(3) and int(ident) in survivor[body["partition"]]["members"]
                for ident, body in view.members.items())
+    # the trainer: its mirror is the survivor's coreset (scores, strata, versions), and it refreshed from
+    # snapshots that never held more than the budget
+    assert set(members(trainer_dir / "recsift.sqlite")) == committed
+    sizes = [n for n, in db_rows(trainer_dir, "SELECT size FROM coreset_snapshots")]
+    assert sizes and all(0 < n <= budget for n in sizes), sizes

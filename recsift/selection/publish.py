@@ -155,10 +155,12 @@ def coreset_records(worker: str, members: Iterable[tuple[Sample, float, int, int
 
 
 def changes(published: Mapping[bytes, bytes], current: Mapping[bytes, bytes]) -> list[tuple[bytes, bytes | None]]:
-    """The records that turn ``published`` into ``current``: new or changed values, tombstones for the rest."""
-    upserts = [(k, v) for k, v in current.items() if published.get(k) != v]
+    """The records that turn ``published`` into ``current``: tombstones for what left, then new or changed
+    values. Tombstones first, so that a reader part-way through them (a trainer polling, or a publish cut short
+    by a crash) never sees more members than the budget: evictions land before the members that replaced them."""
     tombstones: list[tuple[bytes, bytes | None]] = [(k, None) for k in published if k not in current]
-    return upserts + tombstones
+    upserts = [(k, v) for k, v in current.items() if published.get(k) != v]
+    return tombstones + upserts
 
 
 class CoresetTopicReader:

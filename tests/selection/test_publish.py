@@ -222,3 +222,24 @@ def test_a_moved_partition_s_members_are_answered_for_by_its_new_owner(
         return
     assert set(members) == set(range(0, 10)) | set(range(15, 25))
     assert {i: m["worker"] for i, m in members.items() if m["partition"] == 1} == dict.fromkeys(range(15, 25), "b")
+
+
+def test_a_reader_part_way_through_a_publish_never_sees_more_members_than_the_budget() -> None:
+    """A trainer polls the topic while a worker publishes, and a worker killed mid-publish leaves a prefix of
+    its records: every prefix of the records that replace 40 members by 40 others holds at most 40. The control,
+    values before tombstones, passes through 60."""
+
+    def worst(records: list[tuple[bytes, bytes | None]]) -> int:
+        view = CoresetView()
+        for key, value in old.items():
+            view.apply(key, value)
+        most = len(view.members)
+        for key, value in records:
+            view.apply(key, value)
+            most = max(most, len(view.members))
+        return most
+
+    old, new = state(range(0, 40)), state(range(20, 60))
+    assert worst(changes(old, new)) == 40
+    values_first = sorted(changes(old, new), key=lambda kv: kv[1] is None)  # upserts, then tombstones
+    assert worst(values_first) == 60
