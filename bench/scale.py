@@ -10,6 +10,10 @@ the workers start, so the rate is the workers' own):
 - ``cpu_s_per_event``: the workers' user + system CPU seconds (their fetch children included) over the same
   span, per event of it (start-up, imports and the group join, is left out);
 - ``changelog_bytes_per_event``: key + value bytes in the changelog topic afterwards, per event;
+- ``worker_state_bytes_per_event``: the same for the worker topic (each worker's own state, scorer and
+  selection, written in every checkpoint that changed it; ``--mode full`` only). The scorer's size follows
+  ``scoring.item_capacity``, which the bench sizes to the dataset's items (×1.25, at least 1,000), as a
+  deployment would;
 - ``restore_s_per_100k``: a worker on an empty directory then restores every partition from the changelog
   (its log says how long each took); seconds per 100k events of stream that built that state.
 
@@ -70,7 +74,7 @@ def committed(state: Path, topic: str) -> dict[int, int]:
 
 
 def worker_cmd(state: Path, bootstrap: str, topic: str, group: str, changelog: str, mode: str,
-               coreset: str, idle_s: float) -> list[str]:
+               coreset: str, idle_s: float, item_capacity: int) -> list[str]:
     sets: dict[str, Any] = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0,
                             "stream.worker_id": state.name,  # one host here: the host name would be shared
                             "stream.stop_when_idle_s": idle_s, "monitoring.port": 0,
@@ -78,7 +82,7 @@ def worker_cmd(state: Path, bootstrap: str, topic: str, group: str, changelog: s
     if mode == "ingest":
         sets["scoring.enabled"] = "false"
     else:
-        sets.update({"trainer.in_worker": "false", "stream.coreset_topic": coreset})
+        sets.update({"trainer.in_worker": "false", "stream.coreset_topic": coreset, "scoring.item_capacity": item_capacity})
     return [sys.executable, "-m", "recsift.cli", "run", "--state-dir", str(state), "--no-progress", "--source", "kafka",
             "--bootstrap-servers", bootstrap, "--topic", topic, "--group-id", group,
             "--set", f"stream.dead_letter_topic={topic}.dlq", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
@@ -110,7 +114,7 @@ def changelog_size(bootstrap: str, topic: str, partitions: int) -> tuple[int, in
 
 
 def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: int, mode: str, work: Path,
-              timeout_s: float) -> dict[str, Any]:
+              timeout_s: float, item_capacity: int) -> dict[str, Any]:
     from recsift.config import load_config
     from recsift.stream.kafka import ensure_topic
 
@@ -123,7 +127,7 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
     logs = [work / tag / f"w{i}.log" for i in range(k)]
     for d in dirs:
         d.mkdir(parents=True)
-    procs = [subprocess.Popen(worker_cmd(d, bootstrap, topic, group, changelog, mode, coreset, 5.0), env=ENV,
+    procs = [subprocess.Popen(worker_cmd(d, bootstrap, topic, group, changelog, mode, coreset, 5.0, item_capacity), env=ENV,
                               stdout=subprocess.DEVNULL, stderr=log.open("w")) for d, log in zip(dirs, logs, strict=True)]
     first: float | None = None
     first_done = 0
@@ -174,12 +178,14 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
     per_worker = [(n1 - s[1]) / (t1 - s[0]) if s is not None and t1 > s[0] else 0.0
                   for s, (t1, n1) in zip(start, last, strict=True)]
     records, size = changelog_size(bootstrap, changelog, partitions)
+    _, worker_size = changelog_size(bootstrap, f"{changelog}.workers", 1)
 
     # a worker on an empty directory restores every partition (nothing new to read: it stops when idle). Its
     # own group: tansu sometimes never completes a join to a group whose members have all just left (seen
     # here; the changelog, not the group, is where the state and offsets come from)
     fresh, fresh_log = work / tag / "restore", work / tag / "restore.log"
-    proc = subprocess.Popen(worker_cmd(fresh, bootstrap, topic, f"{group}-restore", changelog, mode, coreset, 2.0), env=ENV,
+    proc = subprocess.Popen(worker_cmd(fresh, bootstrap, topic, f"{group}-restore", changelog, mode, coreset, 2.0,
+                                       item_capacity), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=fresh_log.open("w"))
     proc.wait(timeout=timeout_s)
     restored = RESTORED.findall(fresh_log.read_text())
@@ -189,10 +195,12 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
     out: dict[str, Any] = {"workers": k, "mode": mode, "events": events, "events_per_s": (events - first_done) / span,
            "per_worker_events_per_s": per_worker, "seconds": span, "cpu_s": cpu, "cpu_s_per_event": cpu / (events - first_done),
            "changelog_records": records, "changelog_bytes_per_event": size / events,
+           "worker_state_bytes_per_event": worker_size / events, "item_capacity": item_capacity,
            "restore_s": restore_s, "restore_records": sum(int(n) for _, n, _ in restored),
            "restore_s_per_100k": restore_s / (events / 100_000)}
     say(f"{tag}: {out['events_per_s']:,.0f} events/s, {out['cpu_s_per_event'] * 1e6:,.1f} µs CPU/event, "
-        f"{out['changelog_bytes_per_event']:,.1f} changelog B/event, restore {restore_s:.2f} s")
+        f"{out['changelog_bytes_per_event']:,.1f} changelog B/event, {out['worker_state_bytes_per_event']:,.1f} worker "
+        f"state B/event, restore {restore_s:.2f} s")
     return out
 
 
@@ -225,6 +233,8 @@ def main() -> None:
     from recsift.stream.kafka import ensure_topic, produce_events
 
     name, data = payloads(args.dataset, args.events)
+    items = len({json.loads(value)["item_id"] for _, value in data})
+    item_capacity = max(1_000, int(items * 1.25))
     work = Path(tempfile.mkdtemp(prefix="recsift-scale-"))
     modes = ["ingest", "full"] if args.mode == "both" else [args.mode]
     runs = []
@@ -238,7 +248,8 @@ def main() -> None:
         for mode in modes:
             for k in args.workers:
                 runs.append(run_count(k, bootstrap=broker.bootstrap_servers, topic=topic, events=n,
-                                      partitions=args.partitions, mode=mode, work=work, timeout_s=args.timeout))
+                                      partitions=args.partitions, mode=mode, work=work, timeout_s=args.timeout,
+                                      item_capacity=item_capacity))
     for r in runs:
         base = next((b for b in runs if b["mode"] == r["mode"] and b["workers"] == min(args.workers)), r)
         r["cpu_growth_vs_1"] = r["cpu_s_per_event"] / base["cpu_s_per_event"] - 1.0
@@ -251,11 +262,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'mode':<7} {'workers':>7} {'events/s':>10} {'per worker':>24} {'CPU µs/event':>13} {'growth':>7} "
-          f"{'changelog B/event':>18} {'restore s/100k':>15}")
+          f"{'changelog B/event':>18} {'worker B/event':>15} {'restore s/100k':>15}")
     for r in runs:
         per = ", ".join(f"{x:,.0f}" for x in r["per_worker_events_per_s"])
         print(f"{r['mode']:<7} {r['workers']:>7} {r['events_per_s']:>10,.0f} {per:>24} {r['cpu_s_per_event'] * 1e6:>13,.1f} "
-              f"{r['cpu_growth_vs_1']:>+7.1%} {r['changelog_bytes_per_event']:>18,.1f} {r['restore_s_per_100k']:>15.2f}")
+              f"{r['cpu_growth_vs_1']:>+7.1%} {r['changelog_bytes_per_event']:>18,.1f} "
+              f"{r.get('worker_state_bytes_per_event', float('nan')):>15,.1f} {r['restore_s_per_100k']:>15.2f}")
     print(f"wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
 

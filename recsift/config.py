@@ -173,6 +173,11 @@ class CheckpointConfig(_Section):
     changelog_topic: str | None = Field(
         None, description="write the stream state's changes to this compacted topic and restore assigned "
                           "partitions from it (recsift.stream.changelog): workers on separate hosts; None: off")
+    worker_state: bool = Field(
+        True, description="with a changelog, also keep this worker's own state (scorer, selection) in "
+                          "<changelog_topic>.workers, so a worker restarted on an empty disk continues exactly; "
+                          "each checkpoint after a surrogate update then writes the scorer's whole state "
+                          "(recsift_changelog_worker_state_bytes_total). false: an empty disk starts a new scorer")
 
     @property
     def path(self) -> Path:

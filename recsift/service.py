@@ -218,11 +218,13 @@ def build_changelog(cfg: Settings, pipeline: Pipeline, metrics: Metrics) -> Stre
         metrics.changelog_records.inc(records)
         metrics.changelog_bytes.inc(size)
 
-    workers = f"{topic}.workers"  # this worker's own state (the stream scorer), keyed by worker id
-    ensure_topic(s, embedded, workers, 1, {"cleanup.policy": "compact"})
+    workers = None
+    if cfg.checkpoint.worker_state:  # this worker's own state (scorer, selection), keyed by worker id
+        ensure_topic(s, embedded, f"{topic}.workers", 1, {"cleanup.policy": "compact"})
+        workers = WorkerStateLog(KafkaChangelog(s, embedded, f"{topic}.workers"), worker_id(cfg),
+                                 on_write=metrics.changelog_worker_state_bytes.inc)
     changelog = StreamChangelog(KafkaChangelog(s, embedded, topic), pipeline.store, s.topic, on_restore=restored,
-                                on_progress=metrics.changelog_restore_records.inc, on_write=written,
-                                workers=WorkerStateLog(KafkaChangelog(s, embedded, workers), worker_id(cfg)))
+                                on_progress=metrics.changelog_restore_records.inc, on_write=written, workers=workers)
     pipeline.checkpoint.attach_changelog(changelog)
     return changelog
 

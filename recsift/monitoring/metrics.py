@@ -120,6 +120,10 @@ class Metrics:
             "recsift_changelog_records_total", "Records written to the changelog topic", registry=worker)
         self.changelog_bytes = Counter(
             "recsift_changelog_bytes_total", "Key and value bytes written to the changelog topic", registry=worker)
+        self.changelog_worker_state_bytes = Counter(
+            "recsift_changelog_worker_state_bytes_total",
+            "Bytes of this worker's own state (scorer, selection) written to the changelog's worker topic",
+            registry=worker)
         self.changelog_failures = Counter(
             "recsift_changelog_failures_total",
             "Checkpoints not committed because the changelog topic did not confirm a write (retried)", registry=worker)

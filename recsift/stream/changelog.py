@@ -205,10 +205,11 @@ class WorkerStateLog:
     committed can only overwrite an older version, never the one the partitions' markers name. The local table
     ``worker_slots`` remembers what each slot holds (in the checkpoint transaction)."""
 
-    def __init__(self, log: KafkaChangelog, worker: str, chunk_bytes: int = 512 * 1024) -> None:
+    def __init__(self, log: KafkaChangelog, worker: str, chunk_bytes: int = 512 * 1024,
+                 on_write: Callable[[int], object] | None = None) -> None:
         if not worker:
             raise ValueError("the worker topic needs a worker id (stream.worker_id)")
-        self.log, self.worker, self.chunk_bytes = log, worker, chunk_bytes
+        self.log, self.worker, self.chunk_bytes, self.on_write = log, worker, chunk_bytes, on_write
 
     def key(self, part: str, slot: int, suffix: int | str) -> bytes:
         return f"{self.worker}/{part}/{slot}/{suffix}".encode()
@@ -245,7 +246,10 @@ class WorkerStateLog:
             header = {"writer": writer, "seq": seq, "chunks": len(chunks), "sha256": hashlib.sha256(blob).hexdigest()}
             records.append((self.key(name, slot, "h"), orjson.dumps(header)))
             rows.append((name, slot, seq, len(chunks), writer))
+        before = self.log.bytes_written
         self.log.write({0: records})
+        if self.on_write is not None:
+            self.on_write(self.log.bytes_written - before)
         conn.executemany("INSERT OR REPLACE INTO worker_slots VALUES (?, ?, ?, ?, ?)", rows)
 
     def read(self, versions: dict[str, tuple[int, str]],
