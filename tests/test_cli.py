@@ -50,8 +50,9 @@ def test_embedded_default_run_consumes_the_synthetic_stream(tmp_path: Path, caps
 @pytest.mark.slow
 def test_embedded_run_on_ml100k(tmp_path: Path, ml100k: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data_dir = ml100k.parent.parent
-    assert main(["run", "--dataset", "ml-100k", "--max-events", "5000", "--no-progress", "--state-dir", str(tmp_path), "--set", "monitoring.port=0",
-                 "--set", f"stream.data_dir={data_dir}"]) == 0
+    assert main(["run", "--dataset", "ml-100k", "--max-events", "5000", "--no-progress", "--state-dir", str(tmp_path),
+                 "--set", "monitoring.port=0", "--set", f"stream.data_dir={data_dir}",
+                 "--set", "scoring.batch_size=500", "--set", "scoring.scorer.depth=20"]) == 0
     assert "events consumed             5,000" in capsys.readouterr().out
 
 

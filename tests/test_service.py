@@ -188,7 +188,7 @@ def test_sigkill_of_the_whole_service_loses_and_duplicates_nothing(
     tiny = save_tiny_llm(tmp_path / "tiny")
     state = tmp_path / "state"
     cmd = service_cmd(state, tiny, 0, *kafka_args(broker, topic), "--journal",
-                      "--set", "trainer.refresh_every_samples=2000", "--set", "stream.stop_when_idle_s=8",
+                      "--set", "trainer.refresh_every_samples=4000", "--set", "stream.stop_when_idle_s=8",
                       # ingest no further ahead of scoring than this, so the kills land mid-stream
                       "--set", "stream.backpressure_high=1500", "--set", "stream.backpressure_low=500")
     rnd = random.Random(int(os.environ.get("RECSIFT_CRASH_SEED", "11")))
@@ -306,7 +306,7 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     from recsift.state import differences
 
     topic, changelog = make_topic(1), make_topic(1, prefix="changelog")
-    everything = list(SyntheticStream(SyntheticConfig(seed=5, users=400, items=300, events=18_000)).payloads())
+    everything = list(SyntheticStream(SyntheticConfig(seed=5, users=400, items=300, events=17_000)).payloads())
     events, later = everything[:16_000], everything[16_000:]
     produce_events(kafka_settings(broker, topic).stream, True, events, topic)  # (user key, payload) pairs
     tiny = save_tiny_llm(tmp_path / "tiny")
