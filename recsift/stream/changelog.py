@@ -78,7 +78,7 @@ class LogRecord(NamedTuple):
 
 def marker(writer: str, offset: int | None, worker: dict[str, Any] | None = None) -> bytes:
     """A partition's checkpoint marker; ``worker``: the versions of the writing worker's own state that the
-    checkpoint goes with (``{"id", "seq", "parts": {name: seq}}``, :class:`WorkerStateLog`)."""
+    checkpoint goes with (``{"id", "seq", "parts": {name: [seq, writer]}}``, :class:`WorkerStateLog`)."""
     body: dict[str, Any] = {"writer": writer, "offset": offset}
     if worker is not None:
         body["worker"] = worker
@@ -376,7 +376,9 @@ class StreamChangelog:
             seq = self.worker_seq + 1
             self.workers.write(conn, self.writer, seq, changed)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('worker_seq', ?)", (str(seq),))
-            self.worker_seq = seq  # also when the transaction fails later: a version number is never reused
+            # kept when the transaction fails later; after a crash the file's number is reused, which is safe:
+            # the rewrite goes to the same uncommitted slot, and a marker names a version by (seq, writer)
+            self.worker_seq = seq
         return {"id": self.workers.worker, "seq": self.worker_seq, "parts": self.workers.committed(conn)}, bool(changed)
 
     def _write(self, conn: sqlite3.Connection, batch: dict[int, Records]) -> None:
