@@ -14,6 +14,10 @@ state directory that wrote it and the partition's next source offset); the trans
 the broker acknowledged them, and it records each partition's *position* (the changelog offset after its
 marker). Records after a partition's last marker belong to a checkpoint that did not finish.
 
+A value larger than about half a megabyte (a partition's coreset reservoir with its validation share, for
+example) goes out as chunk records followed by a header under its key (:func:`split_large`), so no message
+reaches the brokers' size limit; a restore joins them again (:func:`join_large`).
+
 **Syncing** (when partitions are assigned, before their state is loaded), per partition:
 
 - nothing after the local position: the local state is the changelog's state;
@@ -58,6 +62,9 @@ from recsift.stream.kafka import kafka_client_config
 log = logging.getLogger(__name__)
 
 MARKER_KEY = b"o"
+CHUNKED = b"\x00recsift-chunked\x00"  # the value under a key whose value went out as chunk records
+CHUNK_PREFIX = b"\x00chunk\x00"  # the keys of those chunk records; no store's key starts with a NUL
+CHUNK_BYTES = 512 * 1024  # a value above this is split: brokers refuse messages over about 1 MB
 
 Records = list[tuple[bytes, bytes | None]]
 
@@ -83,6 +90,37 @@ def marker(writer: str, offset: int | None, worker: dict[str, Any] | None = None
     if worker is not None:
         body["worker"] = worker
     return orjson.dumps(body)
+
+
+def split_large(records: Records, limit: int = CHUNK_BYTES) -> Records:
+    """The records as written: a value over ``limit`` bytes goes out as chunk records followed, under its own
+    key, by a header naming them (so the key's last value is always whole once the header is there)."""
+    out: Records = []
+    for key, value in records:
+        if value is None or len(value) <= limit:
+            out.append((key, value))
+            continue
+        parts = [value[i:i + limit] for i in range(0, len(value), limit)]
+        out += [(CHUNK_PREFIX + key + b"\x00" + str(i).encode(), part) for i, part in enumerate(parts)]
+        out.append((key, CHUNKED + orjson.dumps({"chunks": len(parts), "sha256": hashlib.sha256(value).hexdigest()})))
+    return out
+
+
+def join_large(state: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The stores' records of a collapsed changelog state: chunked values joined, chunk records left out;
+    ``ChangelogUnavailable`` when a value's chunks are not all there."""
+    out: dict[bytes, bytes] = {}
+    for key, value in state.items():
+        if key.startswith(CHUNK_PREFIX):
+            continue
+        if value.startswith(CHUNKED):
+            head = orjson.loads(value[len(CHUNKED):])
+            parts = [state.get(CHUNK_PREFIX + key + b"\x00" + str(i).encode()) for i in range(int(head["chunks"]))]
+            value = b"".join(p for p in parts if p is not None)
+            if None in parts or hashlib.sha256(value).hexdigest() != head["sha256"]:
+                raise ChangelogUnavailable(f"changelog record {key!r}: its chunks are incomplete")
+        out[key] = value
+    return out
 
 
 def collapse(records: Iterable[LogRecord], last_offset: int) -> dict[bytes, bytes]:
@@ -307,6 +345,7 @@ class StreamChangelog:
         self.on_progress = on_progress  # records read, while reading
         self.on_write = on_write  # (records, bytes) of each acknowledged write
         self.records_written = 0
+        self.chunk_bytes = CHUNK_BYTES  # larger values go out in chunks (split_large)
         self._marked: dict[int, int | None] = {}  # partition → source offset of its last marker
 
     def add(self, store: object) -> None:
@@ -360,7 +399,7 @@ class StreamChangelog:
         worker, changed = self._publish_worker(conn)
         batch: dict[int, Records] = {}
         for p, offset in offsets.items():
-            records = [r for store in self.stores for r in store.changes.get(p, ())]
+            records = split_large([r for store in self.stores for r in store.changes.get(p, ())], self.chunk_bytes)
             if records or self._marked.get(p) != offset or changed:
                 batch[p] = [*records, (MARKER_KEY, marker(self.writer, offset, worker))]
         if batch:
@@ -437,7 +476,8 @@ class StreamChangelog:
         offset = self._source_offset(conn, p)
         if not tail:
             if row is None and (local := self._local(conn, p)):
-                self._write(conn, {p: [*local.items(), (MARKER_KEY, marker(self.writer, offset))]})
+                self._write(conn, {p: [*split_large(list(local.items()), self.chunk_bytes),
+                                       (MARKER_KEY, marker(self.writer, offset))]})
                 self._marked[p] = offset
                 log.info("published partition %d's local state to the changelog (%d records)", p, len(local))
                 return self._done("published", len(local), started)
@@ -448,7 +488,7 @@ class StreamChangelog:
         if any(orjson.loads(m.value or b"{}").get("writer") != self.writer for m in markers):
             cut = markers[-1].offset
             state = collapse(history, cut)
-            self._replace(conn, p, state)
+            self._replace(conn, p, join_large(state))
             last = orjson.loads(markers[-1].value or b"{}")
             self._restored_markers[p] = last
             offset = last.get("offset")
@@ -463,7 +503,7 @@ class StreamChangelog:
         after = dict.fromkeys(r.key for r in history if r.offset > cut and r.key != MARKER_KEY)
         records: Records = [(k, state.get(k)) for k in after]
         if row is None and outcome == "repaired":
-            records.extend(self._local(conn, p).items())
+            records.extend(split_large(list(self._local(conn, p).items()), self.chunk_bytes))
         self._write(conn, {p: [*records, (MARKER_KEY, marker(self.writer, offset))]})
         self._marked[p] = offset
         log.info("changelog partition %d %s: %d records read in %.2f s, %d keys after the last whole checkpoint "

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from recsift.stream.broker import EmbeddedBroker
-from recsift.stream.changelog import MARKER_KEY, ChangelogUnavailable, KafkaChangelog, StreamChangelog, WorkerStateLog
+from recsift.stream.changelog import (
+    CHUNK_BYTES,
+    CHUNK_PREFIX,
+    MARKER_KEY,
+    ChangelogUnavailable,
+    KafkaChangelog,
+    StreamChangelog,
+    WorkerStateLog,
+)
 from recsift.stream.checkpoint import Checkpoint, StreamStateStore
 from recsift.stream.dedup import DedupIndex
 from recsift.stream.kafka import ensure_topic
@@ -86,9 +94,13 @@ def hosts(broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path
         h.close()
 
 
-def test_a_partition_moves_to_an_empty_host_and_continues_identically(hosts) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("chunk_bytes", [CHUNK_BYTES, 40])
+def test_a_partition_moves_to_an_empty_host_and_continues_identically(hosts, chunk_bytes: int) -> None:  # type: ignore[no-untyped-def]
+    """Also with values split into chunk records (40 bytes: most histories and every journal chunk are), as
+    a partition's coreset reservoir is when it outgrows a broker's message size limit."""
     events = stream(1500)
     a = hosts("a")
+    a.changelog.chunk_bytes = chunk_bytes
     a.feed(events[:400])
     a.commit({0: 400, 1: 380, 2: 390})
     a.feed(events[400:900])  # evictions, generation rolls and forgotten dedup chunks in between
@@ -98,6 +110,9 @@ def test_a_partition_moves_to_an_empty_host_and_continues_identically(hosts) -> 
     b = hosts("b")  # another host: an empty directory
     assert b.assign({1, 2}) == {1: "restored", 2: "restored"}
     assert b.snapshot({1, 2}) == a.snapshot({1, 2})
+    written = [r for p in (0, 1, 2) for r in a.log.read(p, 0)]
+    chunks = [r for r in written if r.key.startswith(CHUNK_PREFIX)]
+    assert bool(chunks) == (chunk_bytes == 40) and all(len(r.value or b"") <= chunk_bytes for r in chunks)
     # the same future: both make the same samples for those partitions from here on
     rest = [(e, p) for e, p in events[900:] if p in (1, 2)]
     assert feed(a.state, a.dedup, rest) == feed(b.state, b.dedup, rest)
