@@ -81,8 +81,8 @@ def test_a_killed_workers_partitions_move_with_their_state_and_an_empty_disk_res
     partitions from the changelog and finishes in exactly the state of an uninterrupted single worker. Then a
     worker on an empty disk restores everything and continues exactly as the reference on its kept disk."""
     topic, changelog, ref_changelog = make_topic(3), make_topic(3, prefix="changelog"), make_topic(3, prefix="changelog")
-    events = recbole_events(ml100k)[:60_000]
-    first, second = events[:50_000], events[50_000:]
+    events = recbole_events(ml100k)
+    first, second = events[:80_000], events[80_000:]
     cfg = kafka_settings(broker, topic).stream
     feed = threading.Thread(target=produce_events, args=(cfg, True, keyed(first), topic), kwargs={"rate": 8000.0})
     feed.start()
@@ -99,7 +99,7 @@ def test_a_killed_workers_partitions_move_with_their_state_and_an_empty_disk_res
     a, b = start("a", group), start("b", group)
     try:
         rnd = random.Random(7)
-        target = rnd.randrange(5_000, 12_000)
+        target = rnd.randrange(8_000, 20_000)
         wait_for(lambda: offsets_done(dirs["a"], topic) >= target or a.poll() is not None, 120, "worker a's progress")
         time.sleep(rnd.uniform(0.0, 1.0))  # between two of its checkpoints
         assert a.poll() is None, logs["a"].read_text()[-3000:]
@@ -119,7 +119,7 @@ def test_a_killed_workers_partitions_move_with_their_state_and_an_empty_disk_res
     everything = {0, 1, 2}
     reference = stream_state(dirs["reference"], everything, topic)
     assert sum(o for o in reference["offsets"].values()) == len(first)
-    assert len(reference["journal"]) > 40_000
+    assert len(reference["journal"]) > 70_000
     survivor = stream_state(dirs["b"], everything, topic)
     assert survivor == reference  # every sample journaled exactly once; every partition's state equal
 
@@ -191,7 +191,7 @@ def test_a_killed_scoring_workers_coreset_share_moves_to_the_survivor(
     sets = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0, "window.idle_flush_s": 1e9,
             "stream.stop_when_idle_s": 300, "monitoring.port": 0, "selection.budget": budget,
             "scoring.batch_size": 500, "scoring.scorer.depth": 20, "trainer.in_worker": "false",
-            "scoring.item_capacity": 2000,  # ml-100k's 1,682 items: the scorer's state is 4 MB, not 82
+            "scoring.item_capacity": 2000,  # ml-100k's 1,682 items: a scorer state far smaller than at 100,000
             "stream.coreset_topic": coreset_topic, "selection.validation_size": VALIDATION_SIZE}
 
     def start(name: str) -> subprocess.Popen[bytes]:

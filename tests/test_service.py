@@ -316,7 +316,7 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     overrides = {"scoring.batch_size": 500, "scoring.scorer.depth": 20, "scoring.reestimate_every": 4,
                  "scoring.train_rows": 256, "selection.budget": BUDGET, "selection.selector.strata": 8,
                  "selection.coverage_clusters": 4, "window.idle_flush_s": 1e9,
-                 "scoring.item_capacity": 1000}  # the scorer's state, written to the worker topic: 5 MB, not 82
+                 "scoring.item_capacity": 1000}  # 300 items: a scorer state far smaller than at 100,000
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
 
     def cmd(state: Path, group: str, *extra: str) -> list[str]:
