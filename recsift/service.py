@@ -331,16 +331,14 @@ class PartitionShare:
         """Read the topic's partition count now, before the first assignment (0: the topic does not exist yet,
         or the broker cannot be reached; the loop tick reads it later). The selection applies it before its
         first batch."""
-        s = self.cfg.stream
         try:
-            partitions = topic_partitions(s, s.source == "embedded", s.topic)
+            partitions = self._read()
         except Exception as exc:  # kafka-python's errors: the broker is not up yet; the tick retries
             log.info("cannot read %r's partition count before joining (%s); it is read once partitions arrive",
-                     s.topic, exc)
+                     self.cfg.stream.topic, exc)
             return 0
         if partitions:
-            self.partitions = partitions
-            self.selection.partition_count_target = partitions
+            self._learn(partitions)
         return partitions
 
     def __call__(self, pipeline: Pipeline) -> None:
@@ -349,16 +347,21 @@ class PartitionShare:
             return
         if time.monotonic() < self.retry_at:
             return
-        s = self.cfg.stream
         try:
-            partitions = topic_partitions(s, s.source == "embedded", s.topic)
+            partitions = self._read()
         except Exception as exc:  # kafka-python's errors; the shares stay as they are until the next try
             self.retry_at = time.monotonic() + self.RETRY_S
             log.warning("cannot read %r's partition count (%s); keeping the coreset budget, retrying in %.0f s",
-                        s.topic, exc, self.RETRY_S)
+                        self.cfg.stream.topic, exc, self.RETRY_S)
             return
-        if max(owned) >= partitions:
-            return  # the broker's metadata is behind the assignment: try again next loop
+        if max(owned) < partitions:  # else the broker's metadata is behind the assignment: next loop
+            self._learn(partitions)
+
+    def _read(self) -> int:
+        s = self.cfg.stream
+        return topic_partitions(s, s.source == "embedded", s.topic)
+
+    def _learn(self, partitions: int) -> None:
         self.partitions = partitions
         self.selection.partition_count_target = partitions
 

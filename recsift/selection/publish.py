@@ -113,7 +113,7 @@ class CoresetView:
                     out[record_key(kind, ident)] = orjson.dumps(body)
         return out
 
-    def members_of(self, partitions: set[int]) -> dict[bytes, bytes]:
+    def partition_records(self, partitions: set[int]) -> dict[bytes, bytes]:
         """key → encoded value of every live member and validation sample of these source partitions (a
         record with no partition was written before records carried one: partition 0)."""
         return {record_key(kind, ident): orjson.dumps(body)
@@ -253,11 +253,16 @@ class CoresetPublisher:
             del self.partition_of[key]
 
     def _learn_adopted(self, timeout_s: float) -> None:
-        held = self._read(timeout_s).members_of(self.to_adopt)
-        for key, value in held.items():
+        for key, value in self._read(timeout_s).partition_records(self.to_adopt).items():
             self.published[key] = value
-            self.partition_of[key] = int(orjson.loads(value).get("partition", 0))
+            self._track(key, value)
         self.to_adopt = set()
+
+    def _track(self, key: bytes, value: bytes) -> None:
+        """Remember the partition of a member or validation record (partitioned selection: ``release``
+        forgets a revoked partition's records); a record with no partition predates them: partition 0."""
+        if self.partitioned and not key.startswith(b"w:"):
+            self.partition_of[key] = int(orjson.loads(value).get("partition", 0))
 
     def publish(self, current: Mapping[bytes, bytes], timeout_s: float = 30.0) -> bool:
         """Produce the changes and wait for the broker to acknowledge them; False when it did not."""
@@ -283,16 +288,14 @@ class CoresetPublisher:
                     self.partition_of.pop(k, None)
                 else:
                     self.published[k] = v
-                    if self.partitioned and not k.startswith(b"w:"):
-                        self.partition_of[k] = int(orjson.loads(v)["partition"])
+                    self._track(k, v)
         except Exception as exc:  # a broker outage must not stop the worker: the next publish retries
             # what was sent and not confirmed may still land: the next publish must treat those keys as
             # possibly held (resend the value, or tombstone a key that has left since)
             for k, v in todo:
                 if v is not None and self.published.get(k) != v:
                     self.published[k] = UNCONFIRMED
-                    if self.partitioned and not k.startswith(b"w:"):
-                        self.partition_of[k] = int(orjson.loads(v)["partition"])
+                    self._track(k, v)
             log.warning("coreset topic %r: publish failed (%s); the next checkpoint retries it", self.topic, exc)
             if self.on_failure is not None:
                 self.on_failure(exc)

@@ -40,8 +40,8 @@ in each checkpoint that changed it; every owned partition's marker then names th
 restoring its partitions, the versions that the newest of their markers written under its id names, and so
 continues exactly where it stopped; a worker that takes over another one's partitions keeps its own scorer
 and re-scores what it adopted. The cost: every checkpoint that updated the surrogate writes its whole state
-(weights, Adam moments, replay buffer: 82 MB in a ``make run`` state file, ``scoring.item_capacity`` = 100,000;
-its embedding rows, and their moments, grow with the capacity).
+(weights, Adam moments, replay buffer; its embedding rows, and their moments, grow with
+``scoring.item_capacity``).
 """
 
 from __future__ import annotations
