@@ -35,9 +35,10 @@ WINDOW = WindowConfig(idle_flush_s=1e9)
 VALIDATION_SIZE = 300  # each partition keeps its last 100 held-out samples: the reservoirs evict across the move
 
 
-def worker_cmd(state: Path, broker: EmbeddedBroker, topic: str, group: str, changelog: str) -> list[str]:
+def worker_cmd(state: Path, broker: EmbeddedBroker, topic: str, group: str, changelog: str,
+               idle_s: float = 5) -> list[str]:
     sets = {"scoring.enabled": "false", "checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0,
-            "window.idle_flush_s": WINDOW.idle_flush_s, "stream.dedup_capacity": DEDUP, "stream.stop_when_idle_s": 5,
+            "window.idle_flush_s": WINDOW.idle_flush_s, "stream.dedup_capacity": DEDUP, "stream.stop_when_idle_s": idle_s,
             "monitoring.port": 0}
     return [sys.executable, "-m", "recsift.cli", "run", "--state-dir", str(state), "--no-progress", "--journal",
             *kafka_args(broker, topic, group), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
@@ -90,13 +91,15 @@ def test_a_killed_workers_partitions_move_with_their_state_and_an_empty_disk_res
     dirs = {name: tmp_path / name for name in ("a", "b", "reference", "empty")}
     logs = {name: tmp_path / f"{name}.log" for name in dirs}
 
-    def start(name: str, grp: str, log: str | None = None, cl: str = changelog) -> subprocess.Popen[bytes]:
+    def start(name: str, grp: str, log: str | None = None, cl: str = changelog, idle_s: float = 5) -> subprocess.Popen[bytes]:
         out = logs[log or name].open("a")
-        return subprocess.Popen(worker_cmd(dirs[name], broker, topic, grp, cl), env=ENV,
+        return subprocess.Popen(worker_cmd(dirs[name], broker, topic, grp, cl, idle_s), env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=out)
 
     ref = start("reference", ref_group, cl=ref_changelog)
-    a, b = start("a", group), start("b", group)
+    # the survivor may finish its own partitions before the group notices the death (a tansu rejoin has taken
+    # ~15 s): it must not stop idle meanwhile
+    a, b = start("a", group), start("b", group, idle_s=25)
     try:
         rnd = random.Random(7)
         target = rnd.randrange(8_000, 20_000)
