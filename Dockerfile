@@ -7,7 +7,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     RECSIFT_CHECKPOINT__STATE_DIR=/var/lib/recsift \
     RECSIFT_TRAINER__CACHE_DIR=/var/cache/recsift \
-    RECSIFT_MONITORING__HOST=0.0.0.0
+    RECSIFT_MONITORING__HOST=0.0.0.0 \
+    RECSIFT_SERVE__HOST=0.0.0.0
 
 WORKDIR /src
 # torch first, from the CPU index, so nothing pulls a CUDA build
@@ -24,7 +25,8 @@ USER recsift
 WORKDIR /var/lib/recsift
 # state (checkpoint, coreset, snapshots), adapters (the registry), model cache (dequantised weights, titles)
 VOLUME ["/var/lib/recsift", "/var/lib/recsift/adapters", "/var/cache/recsift"]
-EXPOSE 9400
+# 9400: a worker's or trainer's metrics and admin; 9500: recsift serve
+EXPOSE 9400 9500
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9400/healthz', timeout=4)"
 ENTRYPOINT ["recsift"]

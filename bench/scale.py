@@ -22,8 +22,17 @@ with scoring and selection (refreshes off: ``trainer.in_worker=false``, coreset 
 On two cores the totals cannot grow linearly with workers; what should hold is the per-event CPU cost
 (growth over one worker ≤ 15%), reported as ``cpu_growth_vs_1``.
 
+The workers checkpoint every ``--checkpoint-interval`` seconds (default 10, the configuration's default;
+each checkpoint rewrites every owned partition's reservoir and the worker's scorer state, so 1 s costs
+several times the changelog bytes). Each worker has its own surrogate, whose first influence estimate (and
+one per ``scoring.reestimate_every`` of its batches) is a fixed cost: over a short stream it weighs on more
+workers more, so full mode needs about a million events before the per-event cost is the steady one. The
+result records whether kafka-python checked record batches with the native ``crc32c`` package
+(``native_crc32c``; the Docker image installs it), since in pure Python that check costs ~0.1 s per MB of
+changelog.
+
 Usage:  python bench/scale.py --mode ingest --events 1000000     synthetic stream, no scoring
-        python bench/scale.py --mode full --events 300000         synthetic stream, scoring and selection
+        python bench/scale.py --mode full --events 1000000        synthetic stream, scoring and selection
         python bench/scale.py --dataset ../shared/data/ml-100k/ml-100k.inter --mode ingest
 Writes ``bench/results/scale.json`` (``--out`` to change it): one entry per mode, each with its command.
 """
@@ -74,8 +83,8 @@ def committed(state: Path, topic: str) -> dict[int, int]:
 
 
 def worker_cmd(state: Path, bootstrap: str, topic: str, group: str, changelog: str, mode: str,
-               coreset: str, idle_s: float, item_capacity: int) -> list[str]:
-    sets: dict[str, Any] = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": 1.0,
+               coreset: str, idle_s: float, item_capacity: int, interval_s: float) -> list[str]:
+    sets: dict[str, Any] = {"checkpoint.changelog_topic": changelog, "checkpoint.interval_s": interval_s,
                             "stream.worker_id": state.name,  # one host here: the host name would be shared
                             "stream.stop_when_idle_s": idle_s, "monitoring.port": 0,
                             "stream.session_timeout_ms": 6000, "stream.heartbeat_interval_ms": 1000}
@@ -114,7 +123,7 @@ def changelog_size(bootstrap: str, topic: str, partitions: int) -> tuple[int, in
 
 
 def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: int, mode: str, work: Path,
-              timeout_s: float, item_capacity: int) -> dict[str, Any]:
+              timeout_s: float, item_capacity: int, interval_s: float) -> dict[str, Any]:
     from recsift.config import load_config
     from recsift.stream.kafka import ensure_topic
 
@@ -127,7 +136,8 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
     logs = [work / tag / f"w{i}.log" for i in range(k)]
     for d in dirs:
         d.mkdir(parents=True)
-    procs = [subprocess.Popen(worker_cmd(d, bootstrap, topic, group, changelog, mode, coreset, 5.0, item_capacity), env=ENV,
+    procs = [subprocess.Popen(worker_cmd(d, bootstrap, topic, group, changelog, mode, coreset, 5.0, item_capacity,
+                                                interval_s), env=ENV,
                               stdout=subprocess.DEVNULL, stderr=log.open("w")) for d, log in zip(dirs, logs, strict=True)]
     first: float | None = None
     first_done = 0
@@ -185,7 +195,7 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
     # here; the changelog, not the group, is where the state and offsets come from)
     fresh, fresh_log = work / tag / "restore", work / tag / "restore.log"
     proc = subprocess.Popen(worker_cmd(fresh, bootstrap, topic, f"{group}-restore", changelog, mode, coreset, 2.0,
-                                       item_capacity), env=ENV,
+                                       item_capacity, interval_s), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=fresh_log.open("w"))
     proc.wait(timeout=timeout_s)
     restored = RESTORED.findall(fresh_log.read_text())
@@ -202,6 +212,14 @@ def run_count(k: int, *, bootstrap: str, topic: str, events: int, partitions: in
         f"{out['changelog_bytes_per_event']:,.1f} changelog B/event, {out['worker_state_bytes_per_event']:,.1f} worker "
         f"state B/event, restore {restore_s:.2f} s")
     return out
+
+
+def native_crc32c() -> bool:
+    """Whether kafka-python checks record batches with the native ``crc32c`` package (``recsift[fast-crc]``, as
+    the Docker image installs it) rather than in pure Python, which costs about 0.1 s of CPU per MB."""
+    from kafka.record import util
+
+    return util.crc32c_c is not None
 
 
 def payloads(dataset: str, events: int) -> tuple[str, list[tuple[bytes | None, bytes]]]:
@@ -224,6 +242,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--mode", choices=["ingest", "full", "both"], default="both")
+    ap.add_argument("--checkpoint-interval", type=float, default=10.0,
+                    help="the workers' checkpoint.interval_s (10 s: the default config's)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed for one worker count")
     ap.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = ap.parse_args()
@@ -249,7 +269,7 @@ def main() -> None:
             for k in args.workers:
                 runs.append(run_count(k, bootstrap=broker.bootstrap_servers, topic=topic, events=n,
                                       partitions=args.partitions, mode=mode, work=work, timeout_s=args.timeout,
-                                      item_capacity=item_capacity))
+                                      item_capacity=item_capacity, interval_s=args.checkpoint_interval))
     for r in runs:
         base = next((b for b in runs if b["mode"] == r["mode"] and b["workers"] == min(args.workers)), r)
         r["cpu_growth_vs_1"] = r["cpu_s_per_event"] / base["cpu_s_per_event"] - 1.0
@@ -258,7 +278,8 @@ def main() -> None:
     for mode in modes:
         result.setdefault("modes", {})[mode] = {
             "command": "python bench/scale.py " + " ".join(sys.argv[1:]), "dataset": name, "events": n,
-            "partitions": args.partitions, "cores": os.cpu_count(), "runs": [r for r in runs if r["mode"] == mode]}
+            "partitions": args.partitions, "cores": os.cpu_count(), "checkpoint_interval_s": args.checkpoint_interval,
+            "native_crc32c": native_crc32c(), "runs": [r for r in runs if r["mode"] == mode]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'mode':<7} {'workers':>7} {'events/s':>10} {'per worker':>24} {'CPU µs/event':>13} {'growth':>7} "

@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the trainer's own directory: the coreset mirror and the adapter registry")
     trainer.add_argument("--catalog", dest="stream.catalog_path", type=Path, help="item titles for the prompts")
 
+    serve = sub.add_parser("serve", help="answer recommendation requests over HTTP on the base model + the serving "
+                           "adapter, swapping adapters as they are promoted")
+    _common(serve)
+    serve.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path,
+                       help="where the registry (adapters/) and a worker's histories are, unless set apart")
+    serve.add_argument("--registry", dest="serve.registry_dir", type=Path, help="the adapter registry directory")
+    serve.add_argument("--catalog", dest="stream.catalog_path", type=Path, help="the item catalogue")
+    serve.add_argument("--host", dest="serve.host")
+    serve.add_argument("--port", dest="serve.port", type=int)
+    serve.add_argument("--follow", dest="serve.follow", choices=["registry", "api"],
+                       help="registry: serve its current version; api: what /v1/load_lora_adapter loaded")
+
     evaluate = sub.add_parser("evaluate", help="Recall/NDCG@10,20 of an adapter on a DEALRec dataset's test users")
     _common(evaluate)
     evaluate.add_argument("--dataset", default="games")
@@ -296,6 +308,20 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recsift.serving.app import run_serve
+
+    cfg = settings_from(args)
+    logging.getLogger().setLevel(cfg.monitoring.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    summary = run_serve(cfg, stop, on_ready=lambda url: print(f"recsift serve: listening on {url}", flush=True))
+    print_table("recsift serve summary", [("url", summary.url), ("serving", summary.version),
+                                          ("requests", f"{summary.requests:,}")])
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from recsift.data.datasets import (
         detect_format,
@@ -424,8 +450,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from recsift.data.catalogs import load_catalog
     from recsift.lock import DirectoryLock
-    from recsift.service import load_catalog
     from recsift.trainer.refresh import refresh, registry_for
 
     cfg = settings_from(args)
@@ -538,7 +564,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "trainer": cmd_trainer, "replay": cmd_replay, "prune": cmd_prune, "coreset": cmd_coreset,
             "adapters": cmd_adapters, "refresh": cmd_refresh, "evaluate": cmd_evaluate, "admin": cmd_admin,
-            "broker": cmd_broker, "config": cmd_config}
+            "serve": cmd_serve, "broker": cmd_broker, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

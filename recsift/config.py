@@ -237,6 +237,30 @@ class SelectionConfig(_Section):
     goracs_exchange_candidates: int = Field(5, gt=0)
 
 
+class HookTarget(_Section):
+    """One place ``trainer.on_promote`` tells about each change of the serving adapter (recsift.trainer.hooks)."""
+
+    type: Literal["vllm", "webhook"] = Field(description="vllm: its runtime LoRA API (recsift serve answers it "
+                                             "too); webhook: a signed JSON POST")
+    url: str = Field(description="vllm: the server's base URL (http://vllm:8000); webhook: the URL posted to")
+    name: str | None = Field(None, description="the metric label; default: <type>-<position in the list>")
+    api_key: SecretStr | None = Field(None, description="vllm: sent as Authorization: Bearer (vLLM's --api-key, "
+                                      "recsift serve's admin.token)")
+    secret: SecretStr | None = Field(None, description="webhook: the HMAC-SHA256 key of X-Recsift-Signature")
+    lora_root: str | None = Field(None, description="vllm: the registry directory as that server sees it (a "
+                                  "mounted volume); unset: the registry's own absolute path")
+    timeout_s: float = Field(10.0, gt=0)
+    max_backoff_s: float = Field(60.0, gt=0, description="retries back off exponentially from 1 s up to this")
+
+    @model_validator(mode="after")
+    def _complete(self) -> HookTarget:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must be http:// or https:// (got {self.url!r})")
+        if self.type == "webhook" and self.secret is None:
+            raise ValueError("a webhook target needs a secret (its requests are signed)")
+        return self
+
+
 class TrainerConfig(_Section):
     """Few-shot LoRA refresh of the LLM recommender (consumed by recsift.trainer)."""
 
@@ -287,6 +311,9 @@ class TrainerConfig(_Section):
     refresh_samples: int | None = Field(None, gt=0, description="train on a seeded uniform subset of this many "
                                         "snapshot members (CPU demos); unset: the whole snapshot")
     refresh_timeout_s: float = Field(3600.0, gt=0, description="a refresh process running longer is killed (failed)")
+    on_promote: tuple[HookTarget, ...] = Field((), description="targets told about every promotion and rollback "
+                                               "(recsift.trainer.hooks): [{type: vllm, url: ...}, {type: webhook, "
+                                               "url: ..., secret: ...}]")
 
     @field_validator("drift_thresholds")
     @classmethod
@@ -295,6 +322,30 @@ class TrainerConfig(_Section):
         if unknown:  # a misspelt name would never trigger
             raise ValueError(f"unknown drift metrics {unknown}; known: {', '.join(Drift.values())}")
         return value
+
+
+class ServeConfig(_Section):
+    """``recsift serve``: the HTTP recommender on the base model + the serving adapter (recsift.serving)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9500, ge=0, le=65535, description="0 picks a free port")
+    follow: Literal["registry", "api"] = Field(
+        "registry", description="registry: serve the registry's current version, swapping on promotion and "
+        "rollback; api: serve what POST /v1/load_lora_adapter loaded last (a trainer's vllm hook drives it)")
+    registry_dir: Path | None = Field(None, description="the adapter registry (a shared volume); unset: "
+                                      "<checkpoint.state_dir>/adapters")
+    history_dirs: tuple[Path, ...] = Field((), description="workers' state directories that {user_id} requests "
+                                           "read histories from (read-only); unset: checkpoint.state_dir")
+    generate: bool = Field(True, description="generation + grounding (BIGRec); false: ground the prompt's own "
+                           "last-token state (no generation: fast, weaker)")
+    max_batch: int = Field(8, gt=0, description="requests run together in one batch")
+    max_wait_ms: float = Field(10.0, ge=0, description="how long the first request of a batch waits for more")
+    queue_size: int = Field(64, gt=0, description="requests waiting beyond this are answered 503 at once")
+    request_timeout_s: float = Field(120.0, gt=0, description="a request not answered by then gets 503")
+    max_k: int = Field(100, gt=0)
+    max_items: int = Field(200, gt=0, description="most history items or candidates one request may name")
+    max_body_bytes: int = Field(65_536, gt=0)
+    watch_interval_s: float = Field(1.0, gt=0, description="how often the registry pointer is read")
 
 
 class MonitoringConfig(_Section):
@@ -324,6 +375,7 @@ class Settings(BaseSettings):
     scoring: ScoringConfig = ScoringConfig()
     selection: SelectionConfig = SelectionConfig()
     trainer: TrainerConfig = TrainerConfig()
+    serve: ServeConfig = ServeConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     admin: AdminConfig = AdminConfig()
 
@@ -373,6 +425,19 @@ def _nest(overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
     return tree
 
 
+def _secret(name: str) -> bool:
+    return any(w in name for w in ("password", "token", "secret", "api_key"))
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with the values of secret-named keys masked, at any depth (for error messages)."""
+    if isinstance(value, dict):
+        return {k: "<secret>" if _secret(str(k)) else _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
+
+
 def load_config(yaml_file: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Settings:
     """Build the frozen settings from a YAML file, the environment and overrides (``section.key`` → value).
 
@@ -389,7 +454,7 @@ def load_config(yaml_file: str | Path | None = None, overrides: dict[str, Any] |
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "(root)"
             bad = err.get("input")
-            shown = "<secret>" if "password" in loc or "token" in loc else repr(bad)
+            shown = "<secret>" if _secret(loc) else repr(_masked(bad))
             lines.append(f"{loc}: {err['msg']} (got {shown})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     except yaml.YAMLError as exc:

@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 
 from recsift.config import ConfigError, Settings
+from recsift.data.catalogs import load_catalog
 from recsift.data.datasets import (
     catalog_for,
     detect_format,
@@ -62,9 +63,11 @@ from recsift.stream.pipeline import DirectSink, Pipeline, RunSummary, ThreadedSi
 from recsift.stream.sources import Source
 from recsift.stream.validator import Validator
 from recsift.stream.windows import Batch
+from recsift.trainer.hooks import PromotionNotifier, build_targets
 from recsift.trainer.llm import add_lora, load_llm
 from recsift.trainer.prompts import builder_for
 from recsift.trainer.refresh import RefreshOutcome, record_interrupted, refresh_in_process, registry_for
+from recsift.trainer.registry import version_number
 from recsift.trainer.scheduler import RefreshScheduler, RefreshSignals
 from recsift.vocab import AdminAction, LossMetric, Outcome, Role, Trigger
 
@@ -117,15 +120,6 @@ def stratified_options(cfg: Settings) -> StratifiedConfig:
     another selector is configured."""
     spec = cfg.selection.selector
     return StratifiedConfig.model_validate(spec.model_dump()) if spec.type == "stratified" else StratifiedConfig()
-
-
-def load_catalog(cfg: Settings) -> Catalog:
-    s = cfg.stream
-    if s.catalog_path is not None:
-        return Catalog.load(s.catalog_path)
-    if s.source == "file" and s.file_path is not None:
-        return catalog_for(Path(s.file_path)) or Catalog()
-    return Catalog()
 
 
 class Ingest:
@@ -379,6 +373,7 @@ class Operations:
         self.pipeline, self.selection, self.coreset = pipeline, selection, coreset
         self.registry = registry_for(cfg)
         self.scheduler: RefreshScheduler | None = None
+        self.notifier: PromotionNotifier | None = None
         self.interrupted: RefreshOutcome | None = None
         if refreshes:
             if leftovers := self.registry.discard_partial():
@@ -390,19 +385,33 @@ class Operations:
                             "failed, and it runs again now", lost.trigger, lost.snapshot_id)
             self.scheduler = RefreshScheduler(self.refresh_job, t.refresh_interval_s, t.drift_thresholds,
                                               t.drift_cooldown_s, signals=signals, every_samples=t.refresh_every_samples)
+            if t.on_promote:
+                self.notifier = PromotionNotifier(self.registry, build_targets(t.on_promote, self.registry.root, metrics),
+                                                  metrics, cfg.checkpoint.state_dir / "hooks.json")
         self.outcomes: list[RefreshOutcome] = []
         self._serving_gauge()
 
     def start(self) -> None:
-        """Start the refresh scheduler; a refresh found interrupted at start runs again at once."""
+        """Start the refresh scheduler and the promotion hooks; a refresh found interrupted at start runs
+        again at once."""
         assert self.scheduler is not None
         self.scheduler.start()
+        if self.notifier is not None:
+            self.notifier.start()
         if self.interrupted is not None:
             self.scheduler.trigger(self.interrupted.trigger)
 
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop scheduling (a running refresh finishes when ``wait``), then the hooks (after one more try
+        at a change not yet delivered)."""
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=wait)
+        if self.notifier is not None:
+            self.notifier.close()
+
     def _serving_gauge(self) -> None:
         current = self.registry.current()
-        self.metrics.serving_version.set(int(current.name[1:]) if current else 0)
+        self.metrics.serving_version.set(version_number(current.name if current else None))
 
     def refresh_job(self, trigger: Trigger) -> RefreshOutcome:
         """The scheduler's job: one refresh in its own process, then metrics and turnover bookkeeping."""
@@ -552,8 +561,6 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             broker = stack.enter_context(EmbeddedBroker())
             cfg = cfg.model_copy(update={"stream": cfg.stream.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})})
             feed = embedded_feed(cfg, max_events)
-            if not len(catalog):
-                catalog = feed.catalog
             ensure_topic(cfg.stream, True, cfg.stream.topic, cfg.stream.partitions)
             ensure_topic(cfg.stream, True, cfg.stream.dead_letter_topic, 1)
             log.info("embedded broker on %s, feeding %s into %r", broker.bootstrap_servers, feed.name, cfg.stream.topic)
@@ -599,13 +606,13 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
                                                     cfg.admin.token))
         if ops.scheduler is not None:
             ops.start()
-            stack.callback(ops.scheduler.shutdown)  # waits for a running refresh
+            stack.callback(ops.shutdown)  # waits for a running refresh
         summary = ingest.pipeline.run(ingest.source(), max_events=max_events)
         url = http.url if http else None
         if stage is None or selection is None:
             return ServiceSummary(summary, http_url=url)
         if ops.scheduler is not None:
-            ops.scheduler.shutdown(wait=True)  # a refresh that is running finishes and is reported
+            ops.shutdown(wait=True)  # a refresh that is running finishes and is reported
         scorer = stage.scorer
         report = selection.measure()
         current = ops.registry.current() if refreshes else None  # a worker beside a trainer serves nothing
@@ -698,12 +705,12 @@ def run_trainer(cfg: Settings, metrics: Metrics | None = None, stop: threading.E
             serve_http(cfg, stack, Endpoints(metrics, lambda: mirror.heartbeat, dict, lambda: True, ops.status,
                                              ops.actions(), cfg.admin.token))
         ops.start()
-        stack.callback(ops.scheduler.shutdown)
+        stack.callback(ops.shutdown)
         while not stop.is_set():
             mirror.sync(500)
             if catalog_reader is not None:
                 catalog_reader.poll()
-        ops.scheduler.shutdown(wait=True)  # a refresh that is running finishes and is reported
+        ops.shutdown(wait=True)  # a refresh that is running finishes and is reported
         current = ops.registry.current()
         view = mirror.reader.view
         return TrainerSummary(ops.outcomes, len(view.members), len(view.validation), len(view.workers),

@@ -1,6 +1,6 @@
 """The labels every layer shares, spelled once: reject reasons, pipeline stages, eviction reasons,
 rebalance outcomes, refresh triggers, outcomes and reasons, admin actions, drift metric names,
-evaluation metric names and process roles.
+evaluation metric names, process roles, serving errors and attempt outcomes.
 
 They are Prometheus label values, log words and JSON values, so each is a ``str`` enum: a member
 compares equal to its value, formats as its value, and iterating the class gives the full label set
@@ -134,3 +134,26 @@ class Role(Label):
 
     WORKER = "worker"  # consume, window, score, select, publish the coreset (`recsift run`)
     TRAINER = "trainer"  # refresh and promote (`recsift trainer`, or `recsift run` with trainer.in_worker)
+    SERVER = "server"  # answer recommendation requests on the serving adapter (`recsift serve`)
+
+
+class ServeError(Label):
+    """Why ``recsift serve`` refused or failed a recommendation request (a metric label)."""
+
+    MALFORMED_JSON = "malformed_json"
+    INVALID_REQUEST = "invalid_request"
+    BODY_TOO_LARGE = "body_too_large"
+    EMPTY_HISTORY = "empty_history"
+    UNKNOWN_ITEM = "unknown_item"
+    UNKNOWN_USER = "unknown_user"
+    K_OUT_OF_RANGE = "k_out_of_range"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+class Attempt(Label):
+    """How an attempt ended: an adapter swap in ``recsift serve``, a promotion hook delivery."""
+
+    OK = "ok"
+    FAILED = "failed"

@@ -101,3 +101,19 @@ def test_component_sections_take_a_type_and_its_options_and_the_registry_checks_
         check_components(load_config(overrides={"selection.selector": "fifo"}))
     with pytest.raises(ConfigError, match="drift metrics"):
         load_config(overrides={"trainer.drift_thresholds": {"target_jss": 0.3}})
+
+
+def test_promotion_hook_targets_are_checked_and_their_secrets_never_printed(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    hooks = ('[{"type": "vllm", "url": "http://vllm:8000", "api_key": "key-very-secret"},'
+             ' {"type": "webhook", "url": "https://hooks.example/recsift", "secret": "hmac-very-secret"}]')
+    monkeypatch.setenv("RECSIFT_TRAINER__ON_PROMOTE", hooks)
+    cfg = load_config()
+    assert [t.type for t in cfg.trainer.on_promote] == ["vllm", "webhook"]
+    assert main(["config", "show"]) == 0
+    assert "very-secret" not in capsys.readouterr().out and "very-secret" not in repr(cfg)
+    with pytest.raises(ConfigError, match="needs a secret"):  # an unsigned webhook is refused
+        load_config(overrides={"trainer.on_promote": [{"type": "webhook", "url": "https://x"}]})
+    with pytest.raises(ConfigError, match="http") as bad:  # a bad URL; the error masks the secret beside it
+        load_config(overrides={"trainer.on_promote": [{"type": "webhook", "url": "ftp://x", "secret": "s-very-secret"}]})
+    assert "very-secret" not in str(bad.value)

@@ -34,7 +34,8 @@ def stack() -> dict[str, Any]:
 
 def test_compose_validates_and_wires_kafka_workers_trainer_prometheus_grafana(stack: dict[str, Any]) -> None:
     services = stack["services"]
-    assert set(services) == {"kafka", "kafka-init", "recsift-worker", "recsift-trainer", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "kafka-init", "recsift-worker", "recsift-trainer", "recsift-serve", "prometheus",
+                             "grafana"}
     kafka = services["kafka"]["environment"]
     assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller" and "ZOOKEEPER" not in json.dumps(kafka)  # KRaft
     assert "PLAINTEXT://kafka:9092" in kafka["KAFKA_ADVERTISED_LISTENERS"]
@@ -67,7 +68,15 @@ def test_compose_validates_and_wires_kafka_workers_trainer_prometheus_grafana(st
     assert {"/var/lib/recsift", "/var/lib/recsift/adapters", "/var/cache/recsift"} <= set(targets)
     assert all(targets[t]["type"] == "volume" and targets[t]["source"] for t in targets)
     assert [(p["target"], p["host_ip"]) for p in trainer["ports"]] == [(9400, "127.0.0.1")]
-    # Prometheus and Grafana mount files that exist; Prometheus finds every worker replica and the trainer
+    # the server reads the trainer's registry volume read-only and publishes its port on the host's loopback
+    serve = services["recsift-serve"]
+    registry = next(v for v in serve["volumes"] if v["target"] == "/var/lib/recsift/adapters")
+    assert registry["source"] == targets["/var/lib/recsift/adapters"]["source"] and registry["read_only"]
+    assert serve["environment"]["RECSIFT_SERVE__REGISTRY_DIR"] == "/var/lib/recsift/adapters"
+    assert serve["command"] == ["serve"] and [(p["target"], p["host_ip"]) for p in serve["ports"]] == [(9500, "127.0.0.1")]
+    assert serve["environment"]["RECSIFT_STREAM__CATALOG_TOPIC"] == env["RECSIFT_STREAM__CATALOG_TOPIC"]
+    assert "RECSIFT_SERVE__HOST=0.0.0.0" in (ROOT / "Dockerfile").read_text()
+    # Prometheus and Grafana mount files that exist; Prometheus finds every worker replica, the trainer, the server
     for name in ("prometheus", "grafana"):
         for v in services[name]["volumes"]:
             if v["type"] == "bind":
@@ -75,6 +84,7 @@ def test_compose_validates_and_wires_kafka_workers_trainer_prometheus_grafana(st
     mounted = {v["target"]: Path(v["source"]) for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
     scrape = mounted["/etc/prometheus/prometheus.yml"].read_text()
     assert "names: [recsift-worker]" in scrape and "recsift-trainer:9400" in scrape and "rules.yml" in scrape
+    assert "recsift-serve:9500" in scrape
     assert [(p["target"], p["host_ip"]) for p in services["prometheus"]["ports"]] == [(9090, "127.0.0.1")]
     assert "url: http://prometheus:9090" in (ROOT / "recsift" / "monitoring" / "grafana" / "datasource.yml").read_text()
     prom = (ROOT / "recsift" / "monitoring" / "prometheus" / "prometheus.yml").read_text()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -89,26 +90,46 @@ def value(port: int, expr: str) -> float:
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (.ci/run installs it)")
 def test_an_ml100k_run_scraped_by_prometheus_fills_every_dashboard_query(tmp_path: Path, ml100k: Path) -> None:
+    """`recsift run` on ml-100k and a `recsift serve` that its promotion hook drives, both scraped by the real
+    Prometheus with the shipped rules: every dashboard query has data, the serving row's included."""
     tiny = save_tiny_llm(tmp_path / "tiny")
-    port, prom_port = free_port(), free_port()
+    port, prom_port, serve_port = free_port(), free_port(), free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "recsift.cli", "serve", "--port", str(serve_port), "--follow", "api",
+         "--registry", str(tmp_path / "state" / "adapters"), "--catalog", str(ml100k.with_suffix(".item")),
+         "--set", f"trainer.base_model={tiny}", "--set", "trainer.dtype=fp32", "--set", "trainer.domain=movies",
+         "--set", "trainer.max_new_tokens=4", "--set", "trainer.num_beams=2", "--set", "admin.token=hook-token",
+         "--set", f"trainer.cache_dir={tmp_path / 'cache'}"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("w"))
+    hook = f"trainer.on_promote=[{{type: vllm, url: 'http://127.0.0.1:{serve_port}', api_key: hook-token}}]"
     proc = subprocess.Popen(
         service_cmd(tmp_path / "state", tiny, port, "--dataset", str(ml100k), "--set", "trainer.domain=movies",
                     # the drift trigger starts the one refresh the test waits for (its cooldown keeps a
                     # second from delaying the shutdown); the samples trigger is the fallback
                     "--set", "trainer.refresh_every_samples=40000",
                     # a short scoring backlog: the refresh's checkpoint waits for it to drain
-                    "--set", "stream.backpressure_high=3000", "--set", "stream.backpressure_low=1000"),
+                    "--set", "stream.backpressure_high=3000", "--set", "stream.backpressure_low=1000",
+                    "--set", hook),
         env=ENV, stdout=subprocess.DEVNULL, stderr=(tmp_path / "service.log").open("w"))
-    prom = start_prometheus(tmp_path, port, prom_port, scrape_interval="1s")
+    prom = start_prometheus(tmp_path, port, prom_port, scrape_interval="1s", serve_port=serve_port)
     queries = dashboard_queries()
+
+    def ask(body: dict[str, object]) -> None:  # clients of the server: answers and a refusal
+        req = urllib.request.Request(f"http://127.0.0.1:{serve_port}/recommend", data=json.dumps(body).encode())
+        with contextlib.suppress(OSError):  # a refusal (HTTPError), or the server still starting
+            urllib.request.urlopen(req, timeout=30).read()
+
     try:
         deadline = time.monotonic() + 300
         missing = queries
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and proc.poll() is None and serve.poll() is None:
+            ask({"history": ["1", "2", "3"], "k": 5})
+            ask({"history": ["1", "not-an-item"]})
             missing = [q for q in queries if not has_data(prom_port, q)]
-            if not missing and value(prom_port, "recsift_serving_adapter_version") >= 1:
+            if not missing and value(prom_port, "max(recsift_serve_adapter_version)") >= 1:
                 break
-            time.sleep(2)
+            time.sleep(1)
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
         assert not missing, f"dashboard queries without data: {missing}"
         # the data is the run's, not zero-initialised gauges
@@ -124,12 +145,19 @@ def test_an_ml100k_run_scraped_by_prometheus_fills_every_dashboard_query(tmp_pat
         with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/rules") as r:
             rules = [rule for g in json.loads(r.read())["data"]["groups"] for rule in g["rules"]]
         assert rules and all(rule["health"] == "ok" for rule in rules), rules
+        # the promotion reached the server through the hook, and it answers with that version
+        assert value(prom_port, "max(recsift_serve_adapter_version)") == value(prom_port, "recsift_serving_adapter_version")
+        assert value(prom_port, 'sum(recsift_promotion_hook_deliveries_total{outcome="ok"})') >= 1
+        assert value(prom_port, 'sum(recsift_serve_errors_total{reason="unknown_item"})') >= 1
     finally:
         proc.send_signal(signal.SIGTERM)
+        serve.send_signal(signal.SIGTERM)
         proc.wait(120)
+        serve.wait(60)
         prom.terminate()
         prom.wait(10)
     assert proc.returncode == 0, (tmp_path / "service.log").read_text()[-3000:]
+    assert serve.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
 def db_rows(state: Path, sql: str) -> list[tuple]:

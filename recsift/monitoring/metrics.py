@@ -5,8 +5,9 @@ small fixed label sets, never user/item/sample ids as labels, histograms for dur
 series initialised at start-up so dashboards show 0 rather than "no data".
 
 A process exports the metrics of its roles (``Role``): a worker the ingest, checkpoint, scoring and
-selection series, a trainer the refresh and serving series, both the admin series and the coreset and
-validation sizes. The embedded default is both. So a trainer exports no ``recsift_events_consumed_total``
+selection series, a trainer the refresh, serving-version and promotion-hook series, a server (``recsift
+serve``) the request, batch and adapter-swap series; the worker and trainer both the admin series and the
+coreset and validation sizes. The embedded default is both. So a trainer exports no ``recsift_events_consumed_total``
 for ``RecsiftNoEvents`` to fire on, and a worker no refresh timestamp for ``RecsiftNoRecentRefresh``.
 """
 
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from recsift import __version__
 from recsift.vocab import (
     AdminAction,
+    Attempt,
     CandidateMetric,
     Drift,
     Eviction,
@@ -28,6 +30,7 @@ from recsift.vocab import (
     Rebalance,
     RejectReason,
     Role,
+    ServeError,
     Stage,
     Trigger,
 )
@@ -45,6 +48,8 @@ class Metrics:
         # roles register theirs, so only those are exported
         worker = shared if Role.WORKER in self.roles else None
         trainer = shared if Role.TRAINER in self.roles else None
+        server = shared if Role.SERVER in self.roles else None
+        pipeline = shared if self.roles & {Role.WORKER, Role.TRAINER} else None  # a server has no coreset
         self.build_info = Info("recsift_build", "recsift version, runtime and process roles", registry=shared)
         self.build_info.info({"version": __version__, "python": platform.python_version(),
                               "roles": ",".join(sorted(self.roles))})
@@ -156,13 +161,13 @@ class Metrics:
         )
 
         # selection
-        self.coreset_size = Gauge("recsift_coreset_size", "Samples in the coreset", registry=shared)
+        self.coreset_size = Gauge("recsift_coreset_size", "Samples in the coreset", registry=pipeline)
         self.coreset_capacity = Gauge("recsift_coreset_capacity", "Coreset budget", registry=worker)
         self.coreset_stratum_members = Gauge(
             "recsift_coreset_stratum_members", "Coreset members per score stratum", ["stratum"], registry=worker
         )
         self.validation_size = Gauge(
-            "recsift_validation_samples", "Samples in the recent validation reservoir", registry=shared
+            "recsift_validation_samples", "Samples in the recent validation reservoir", registry=pipeline
         )
         self.coreset_topic_records = Counter(
             "recsift_coreset_topic_records_total", "Records published to the coreset topic, by kind", ["kind"], registry=worker
@@ -199,7 +204,45 @@ class Metrics:
                                  ["metric"], registry=trainer)
         for metric in (*LossMetric, *CandidateMetric):
             self.eval_metric.labels(metric.value)
-        self.admin_requests = Counter("recsift_admin_requests_total", "Admin actions performed", ["action"], registry=shared)
+        self.hook_deliveries = Counter(
+            "recsift_promotion_hook_deliveries_total", "Promotion hook deliveries by target and outcome (a failed "
+            "one is retried with backoff)", ["target", "outcome"], registry=trainer)
+        self.hook_unload_failures = Counter(
+            "recsift_promotion_hook_unload_failures_total", "vllm targets that did not unload the adapter a "
+            "delivery replaced (not retried: the new one serves)", ["target"], registry=trainer)
+        self.hook_pending = Gauge("recsift_promotion_hook_pending",
+                                  "1 while a target does not yet know the serving adapter", ["target"], registry=trainer)
+        self.hook_version = Gauge("recsift_promotion_hook_delivered_version",
+                                  "Adapter version a target was last told about (0: none)", ["target"], registry=trainer)
+
+        # serving (recsift serve)
+        self.serve_requests = Counter("recsift_serve_requests_total", "Recommendation requests received",
+                                      registry=server)
+        self.serve_errors = Counter("recsift_serve_errors_total", "Recommendation requests refused or failed, by "
+                                    "reason", ["reason"], registry=server)
+        for error in ServeError:
+            self.serve_errors.labels(error.value)
+        self.serve_latency = Histogram("recsift_serve_request_duration_seconds", "Time from a recommendation "
+                                       "request's arrival to its answer (answered requests)",
+                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+                                       registry=server)
+        self.serve_batch = Histogram("recsift_serve_batch_size", "Requests run together in one batch",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=server)
+        self.serve_queue = Gauge("recsift_serve_queue_depth", "Requests waiting for a batch", registry=server)
+        self.serve_version = Gauge("recsift_serve_adapter_version", "Adapter version serving requests (0: base model)",
+                                   registry=server)
+        self.serve_swaps = Counter("recsift_serve_adapter_swaps_total", "Adapter swaps by outcome (a failed one "
+                                   "keeps the old adapter serving)", ["outcome"], registry=server)
+        for attempt in Attempt:
+            self.serve_swaps.labels(attempt.value)
+        self.serve_swap_duration = Histogram("recsift_serve_swap_duration_seconds", "Load + switch + unload of an "
+                                             "adapter, between batches", buckets=_DURATION_BUCKETS, registry=server)
+        self.serve_adapters_loaded = Gauge("recsift_serve_adapters_loaded", "Adapters held in memory",
+                                           registry=server)
+        self.serve_adapter_bytes = Gauge("recsift_serve_adapter_bytes", "Bytes of the adapter weights held in memory",
+                                         registry=server)
+        self.admin_requests = Counter("recsift_admin_requests_total", "Admin actions performed", ["action"],
+                                      registry=pipeline)
         for action in AdminAction:
             if action is not AdminAction.STATUS:  # reading the status is not an action
                 self.admin_requests.labels(action.value)

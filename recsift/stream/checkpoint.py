@@ -70,6 +70,23 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def read_history(path: str | Path, user_id: str) -> tuple[float, list[str]] | None:
+    """A user's history in a worker's checkpoint database, opened read-only (``recsift serve`` reads beside
+    running workers): (the time of its last event, its items oldest first); None if the user is not there.
+    A partition that moved away may leave an older copy behind: the newest one wins."""
+    if not Path(path).is_file():
+        return None
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    try:
+        row = conn.execute("SELECT touched_ts, items FROM histories WHERE user_id = ? ORDER BY touched_ts DESC, seq DESC"
+                           " LIMIT 1", (user_id,)).fetchone()
+    except sqlite3.OperationalError:  # no histories table yet (a worker that has not checkpointed)
+        return None
+    finally:
+        conn.close()
+    return (float(row[0]), [str(i) for i in orjson.loads(row[1])]) if row is not None else None
+
+
 @runtime_checkable
 class PartitionStore(Protocol):
     """A participant whose state is kept per source partition in the changelog (:mod:`recsift.stream.changelog`):

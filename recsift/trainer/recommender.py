@@ -15,7 +15,8 @@ Title embeddings depend on the base model only, so they are cached per base mode
 contents (``.npy`` under the cache directory) and rebuilt when the catalogue changes. Batches are sorted by
 title length (3.2x faster on
 Games than id order). ``use_adapter`` hot-swaps to a newly promoted adapter without a restart (peft
-``load_adapter`` + ``set_adapter``).
+``load_adapter`` beside the serving one, ``set_adapter``, ``delete_adapter`` of the old one); ``recsift
+serve`` (:mod:`recsift.serving`) calls it between batches.
 """
 
 from __future__ import annotations
@@ -94,8 +95,16 @@ class Recommender:
         if path is not None and path.is_file():
             vectors = np.load(path, allow_pickle=False)
         else:
+            done, step = [0, 0.0], max(len(items) // 10, 1)
+
+            def progress(n: int) -> None:  # a large catalogue takes minutes on a CPU: say how far it is
+                done[0] += n
+                if done[0] >= done[1] + step or done[0] == len(items):
+                    done[1] = done[0]
+                    log.info("embedding catalogue titles: %d / %d", done[0], len(items))
+
             with self._base_only():
-                vectors = last_token_states(self.llm, self.model, [it.title for it in items])
+                vectors = last_token_states(self.llm, self.model, [it.title for it in items], progress=progress)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.npy")
@@ -110,22 +119,54 @@ class Recommender:
         disable = getattr(self.model, "disable_adapter", None)
         return disable() if callable(disable) else contextlib.nullcontext()
 
-    def use_adapter(self, path: str | Path, name: str) -> None:
-        """Hot-swap to an adapter directory (a registry version) without reloading the base model."""
-        if name not in getattr(self.model, "peft_config", {}):
+    def use_adapter(self, path: str | Path, name: str, keep_previous: bool = False) -> None:
+        """Serve a registry version without reloading the base model: load it beside the serving adapter
+        (wrapping the base model in peft on the first), switch to it, then unload the one it replaced unless
+        ``keep_previous``. The directory is checked first (:func:`check_adapter_dir`), so a bad one raises and
+        changes nothing."""
+        check_adapter_dir(path)
+        previous = self.adapter
+        if not hasattr(self.model, "peft_config"):
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        elif name not in self.model.peft_config:
             self.model.load_adapter(str(path), adapter_name=name)
         self.model.set_adapter(name)
+        self.model.eval()
         self.adapter = name
+        if not keep_previous and previous is not None and previous != name and previous in self.model.peft_config:
+            self.model.delete_adapter(previous)
         log.info("serving adapter %s", name)
 
+    def unload_adapter(self, name: str, then: str) -> None:
+        """Free a loaded adapter; ``then`` (another loaded one) serves if ``name`` was serving."""
+        if self.adapter == name:
+            self.model.set_adapter(then)
+            self.adapter = then
+        self.model.delete_adapter(name)
+
+    def adapter_bytes(self) -> int:
+        """Bytes of the LoRA weights held in memory (every loaded adapter)."""
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if "lora_" in n)
+
     def generate(self, history: Sequence[str]) -> str:
-        ids, _ = self.builder.prompt_ids(history)
-        prompt = torch.tensor([ids], device=self.llm.device)
+        return self.generate_batch([history])[0]
+
+    def generate_batch(self, histories: Sequence[Sequence[str]]) -> list[str]:
+        """The generated response per history: beam search over the prompts, left-padded into one batch."""
+        prompts = [self.builder.prompt_ids(h)[0] for h in histories]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.llm.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
         with torch.no_grad(), self.llm.autocast():
-            out = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+            out = self.model.generate(input_ids=ids.to(self.llm.device), attention_mask=mask.to(self.llm.device),
                                       max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False,
                                       eos_token_id=self.llm.eos_token_id, pad_token_id=self.llm.pad_token_id)
-        return str(self.llm.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)).strip()
+        return [str(self.llm.tokenizer.decode(row[width:], skip_special_tokens=True)).strip() for row in out]
 
     def ground(self, vectors: np.ndarray, k: int) -> list[list[str]]:
         assert self.index is not None
@@ -134,22 +175,76 @@ class Recommender:
 
     def rank_from_prompts(self, histories: Sequence[Sequence[str]], k: int, batch_size: int = 32) -> list[list[str]]:
         """Top-``k`` items per history, grounded from each prompt's last-token state (no generation), batched."""
-        texts = [self.builder.prompt_text(h[len(h) - self.builder.prompt_ids(h)[1]:]) for h in histories]
+        texts = [self.fitted_prompt(h) for h in histories]
         return self.ground(last_token_states(self.llm, self.model, texts, batch_size), k)
+
+    def fitted_prompt(self, history: Sequence[str]) -> str:
+        """The prompt text of the longest recent suffix of ``history`` that fits the prompt budget."""
+        return self.builder.prompt_text(history[len(history) - self.builder.prompt_ids(history)[1]:])
 
     def recommend(self, history: Sequence[str], k: int = 10, generate: bool = True) -> list[str]:
         """The top-``k`` catalogue items for a history (oldest first)."""
+        return [item for item, _ in self.recommend_batch([history], k, generate)[0]]
+
+    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10,
+                        generate: bool = True) -> list[list[tuple[str, float]]]:
+        """The top-``k`` catalogue items per history with their scores (minus the squared L2 distance of the
+        item's title embedding to the response's: higher is closer)."""
         if generate:
-            text = self.generate(history)
+            texts = self.generate_batch(histories)
             with self._base_only():  # both sides of the grounding come from the base model (BIGRec)
-                vector = last_token_states(self.llm, self.model, [text])
+                vectors = last_token_states(self.llm, self.model, texts)
         else:
-            vector = last_token_states(self.llm, self.model, [self.builder.prompt_text(history)])
-        return self.ground(vector, k)[0]
+            vectors = last_token_states(self.llm, self.model, [self.fitted_prompt(h) for h in histories])
+        assert self.index is not None
+        distances, idx = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.item_ids)))
+        return [[(self.item_ids[j], -float(d)) for j, d in zip(row, dist, strict=True)]
+                for row, dist in zip(idx, distances, strict=True)]
+
+    def rank_candidates(self, history: Sequence[str], items: Sequence[str], k: int,
+                        rule: str = "pmi") -> list[tuple[str, float]]:
+        """The top-``k`` of ``items`` for a history by their likelihood (``evaluate.candidate_scores``'s rule:
+        ``pmi`` subtracts each title's prior under the same model, ``loglik`` does not)."""
+        from recsift.trainer.evaluate import candidate_scores
+
+        distinct = list(dict.fromkeys(items))
+        logliks, _ = self.score_candidates(history, distinct)
+        priors = None
+        if rule == "pmi":
+            prior = title_priors(self.llm, self.model, self.builder, distinct)
+            priors = np.array([[prior[i] for i in distinct]])
+        scores = candidate_scores(logliks[None], priors, rule)[0]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [(distinct[j], float(scores[j])) for j in order]
 
     def score_candidates(self, history: Sequence[str], items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Log-likelihood of each item's title + end-of-sequence given the prompt, and its token count."""
         return candidate_logliks(self.llm, self.model, self.builder, history, items)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class InvalidAdapter(ValueError):
+    """An adapter directory that cannot be served (missing or unreadable files, non-finite weights)."""
+
+
+def check_adapter_dir(path: str | Path) -> None:
+    """Raise :class:`InvalidAdapter` unless ``path`` holds a readable peft LoRA config and finite safetensors
+    weights. Only safetensors are accepted: peft would unpickle an ``adapter_model.bin`` instead."""
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise InvalidAdapter(f"{folder} has no {ADAPTER_WEIGHTS}")
+    try:
+        PeftConfig.from_pretrained(str(folder))
+        weights = load_file(str(folder / ADAPTER_WEIGHTS))
+    except Exception as exc:  # a truncated file, bad JSON, a half-written copy
+        raise InvalidAdapter(f"cannot read the adapter in {folder}: {type(exc).__name__}: {exc}") from exc
+    if not weights or not all(torch.isfinite(t).all() for t in weights.values()):
+        raise InvalidAdapter(f"the adapter in {folder} has no weights or non-finite ones")
 
 
 def candidate_logliks(llm: LLM, model: Any, builder: PromptBuilder, history: Sequence[str],

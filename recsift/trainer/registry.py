@@ -27,6 +27,12 @@ from typing import Any
 _VERSION = re.compile(r"^v(\d{4,})$")
 
 
+def version_number(name: str | None) -> int:
+    """``v0007`` → 7; None (the base model) or a name that is not a registry version → 0."""
+    m = _VERSION.match(name or "")
+    return int(m.group(1)) if m else 0
+
+
 class AdapterNotFound(LookupError):
     """An adapter version that is not in the registry (or no earlier version to roll back to)."""
 
@@ -82,11 +88,16 @@ class AdapterRegistry:
                 p.unlink()
         return [p.name for p in leftovers]
 
-    def current(self) -> AdapterVersion | None:
-        pointer = self.root / "current"
-        if not pointer.is_file():
+    def pointer(self) -> str | None:
+        """The name ``current`` holds (one small read: ``recsift serve`` checks it before every batch)."""
+        try:
+            return (self.root / "current").read_text().strip() or None
+        except FileNotFoundError:
             return None
-        return self.get(pointer.read_text().strip())
+
+    def current(self) -> AdapterVersion | None:
+        name = self.pointer()
+        return self.get(name) if name is not None else None
 
     def promote(self, name: str, reason: str = "promote") -> AdapterVersion:
         version = self.get(name)
@@ -98,6 +109,12 @@ class AdapterRegistry:
             fh.write(json.dumps({"at": time.time(), "from": previous.name if previous else None, "to": name,
                                  "reason": reason}) + "\n")
         return version
+
+    def last_change(self) -> dict[str, Any] | None:
+        """The newest pointer change (``{"at", "from", "to", "reason"}``), or None."""
+        history = self.root / "history"
+        lines = history.read_text().splitlines() if history.is_file() else []
+        return json.loads(lines[-1]) if lines else None
 
     def rollback(self) -> AdapterVersion:
         """Point ``current`` back at the version served before the current one."""

@@ -40,7 +40,8 @@ def test_every_queried_metric_exists_and_drift_panels_show_thresholds() -> None:
     missing = {m for m in used if m not in exported_names()}
     assert not missing, f"queried but not exported: {sorted(missing)}"
     titles = {p["title"] for p in dash["panels"] if p["type"] == "row"}
-    assert titles == {"Ingestion", "Scoring", "Coreset", "Drift", "Refreshes", "Scale-out (one series per worker instance)"}
+    assert titles == {"Ingestion", "Scoring", "Coreset", "Drift", "Refreshes", "Scale-out (one series per worker instance)",
+                      "Serving (recsift serve)"}
     drift = [p for p in dash["panels"] if "drift" in json.dumps(p.get("targets", []))
              and p["title"].startswith(("Target", "Embedding"))]
     assert drift and all(p["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] > 0 for p in drift)

@@ -1,0 +1,1 @@
+"""``recsift serve``: recommendations over HTTP from the base model + the serving adapter (see ``app``)."""
