@@ -293,15 +293,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set: a long-running command stops cleanly and prints its summary."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def cmd_trainer(args: argparse.Namespace) -> int:
     from recsift import service
 
     cfg = settings_from(args)
     logging.getLogger().setLevel(cfg.monitoring.log_level)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    summary = service.run_trainer(cfg, stop=stop)
+    summary = service.run_trainer(cfg, stop=stop_on_signals())
     print_table("recsift trainer summary", [
         ("workers", f"{summary.workers:,}"), ("coreset", f"{summary.members:,}"),
         ("validation samples", f"{summary.validation:,}"), *refresh_summary_rows(summary.refreshes, summary.adapter)])
@@ -313,10 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = settings_from(args)
     logging.getLogger().setLevel(cfg.monitoring.log_level)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    summary = run_serve(cfg, stop, on_ready=lambda url: print(f"recsift serve: listening on {url}", flush=True))
+    summary = run_serve(cfg, stop_on_signals(), on_ready=lambda url: print(f"recsift serve: listening on {url}", flush=True))
     print_table("recsift serve summary", [("url", summary.url), ("serving", summary.version),
                                           ("requests", f"{summary.requests:,}")])
     return 0

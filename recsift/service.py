@@ -19,7 +19,7 @@ from itertools import islice
 from pathlib import Path
 
 from recsift.config import ConfigError, Settings
-from recsift.data.catalogs import load_catalog
+from recsift.data.catalogs import followed_catalog, load_catalog
 from recsift.data.datasets import (
     catalog_for,
     detect_format,
@@ -689,12 +689,7 @@ def run_trainer(cfg: Settings, metrics: Metrics | None = None, stop: threading.E
         # its state directory holds the mirror: no worker may share it; its registry: no other refresher
         stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, Role.WORKER, owner=Role.TRAINER))
         stack.enter_context(DirectoryLock(registry_for(cfg).root, Role.TRAINER))
-        catalog = load_catalog(cfg)
-        catalog_reader = None
-        if cfg.stream.catalog_topic:
-            catalog_reader = CatalogTopicReader(cfg.stream, False, catalog)
-            stack.callback(catalog_reader.close)
-            log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, catalog_reader.catch_up())
+        catalog, catalog_reader = followed_catalog(cfg, stack)
         signals = RefreshSignals()
         mirror = CoresetMirror(cfg, metrics, signals)
         stack.callback(mirror.close)

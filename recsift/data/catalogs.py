@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from recsift.config import Settings
 from recsift.data.datasets import catalog_for, resolve_dataset
 from recsift.data.synthetic import SyntheticStream
-from recsift.stream.catalog import Catalog
+from recsift.stream.catalog import Catalog, CatalogTopicReader
+
+log = logging.getLogger(__name__)
 
 
 def load_catalog(cfg: Settings) -> Catalog:
@@ -24,3 +28,15 @@ def load_catalog(cfg: Settings) -> Catalog:
             return SyntheticStream(s.synthetic).catalog()
         return catalog_for(resolve_dataset(s.feed, s.data_dir)) or Catalog()
     return Catalog()
+
+
+def followed_catalog(cfg: Settings, stack: ExitStack) -> tuple[Catalog, CatalogTopicReader | None]:
+    """:func:`load_catalog`, caught up with ``stream.catalog_topic`` when one is set; the reader (closed with
+    ``stack``) follows it further."""
+    catalog = load_catalog(cfg)
+    if not cfg.stream.catalog_topic:
+        return catalog, None
+    reader = CatalogTopicReader(cfg.stream, False, catalog)
+    stack.callback(reader.close)
+    log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
+    return catalog, reader

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsift.config import Settings
-from recsift.data.catalogs import load_catalog
+from recsift.data.catalogs import followed_catalog
 from recsift.monitoring.metrics import Metrics
 from recsift.serving.engine import Engine
 from recsift.serving.http import ServeContext, ServeHttp
-from recsift.stream.catalog import CatalogTopicReader
 from recsift.stream.checkpoint import read_history
 from recsift.trainer.llm import load_llm
 from recsift.trainer.prompts import builder_for
@@ -66,15 +65,10 @@ def run_serve(cfg: Settings, stop: threading.Event, metrics: Metrics | None = No
         raise FileNotFoundError(f"adapter registry {root} does not exist (serve.registry_dir, or "
                                 "<checkpoint.state_dir>/adapters)")
     with ExitStack() as stack:
-        catalog = load_catalog(cfg)
-        reader = None
-        if cfg.stream.catalog_topic:
-            reader = CatalogTopicReader(cfg.stream, False, catalog)
-            stack.callback(reader.close)
-            log.info("catalog topic %r: %d items", cfg.stream.catalog_topic, reader.catch_up())
-            while not len(catalog) and not stop.is_set():  # nothing to recommend yet: wait, unready
-                log.info("catalog topic %r is empty; waiting for items", cfg.stream.catalog_topic)
-                reader.poll(10_000)
+        catalog, reader = followed_catalog(cfg, stack)
+        while reader is not None and not len(catalog) and not stop.is_set():  # nothing to recommend yet: wait
+            log.info("catalog topic %r is empty; waiting for items", cfg.stream.catalog_topic)
+            reader.poll(10_000)
         if not len(catalog):
             if stop.is_set():
                 return ServeSummary("", "", 0)
