@@ -6,10 +6,9 @@ because of a swap.
 What it serves (``follow``):
 
 - ``registry``: the registry's ``current`` version, read before every batch and every ``watch_interval_s``
-  when idle. A new one is loaded
-  beside the serving one, switched to, and the old one unloaded (:meth:`Recommender.use_adapter`). A version
-  that cannot be loaded is counted and skipped (the old one keeps serving) until the pointer moves again
-  or ``retry_s`` passes.
+  when idle. A new one is loaded beside the serving one, switched to, and the old one unloaded
+  (:meth:`Recommender.use_adapter`). A version that cannot be loaded is counted and skipped (the old one
+  keeps serving) until the pointer moves again or ``retry_s`` passes.
 - ``api``: what :meth:`Engine.load` was last given (``POST /v1/load_lora_adapter``, vLLM's runtime LoRA API);
   :meth:`Engine.unload` removes an adapter that is not the only one loaded.
 """
