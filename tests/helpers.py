@@ -120,22 +120,18 @@ def start_prometheus(tmp: Path, target_port: int, port: int, scrape_interval: st
     import shutil
     import subprocess
 
+    from recsift.stream.broker import free_port
+
     assert PROMETHEUS is not None
     config = (MONITORING / "prometheus" / "prometheus.yml").read_text()
     config = config.replace("127.0.0.1:9400", f"127.0.0.1:{target_port}").replace("interval: 5s",
                                                                                    f"interval: {scrape_interval}")
-    config = config.replace("127.0.0.1:9500", f"127.0.0.1:{serve_port or free_port_here()}")
+    config = config.replace("127.0.0.1:9500", f"127.0.0.1:{serve_port or free_port()}")
     (tmp / "prometheus.yml").write_text(config)
     shutil.copy(MONITORING / "prometheus" / "rules.yml", tmp / "rules.yml")
     return subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                             stderr=(tmp / "prometheus.log").open("w"))
-
-
-def free_port_here() -> int:
-    from recsift.stream.broker import free_port
-
-    return free_port()
 
 
 def prom_query(port: int, expr: str) -> list[dict[str, Any]]:

@@ -176,17 +176,21 @@ class PromotionNotifier:
 
     def sync(self, force: bool = False) -> None:
         """One pass: deliver the current version to every target that does not have it and is due."""
-        current = self.registry.current()
-        if current is None:
+        name = self.registry.pointer()  # one small read per poll; the version's files only when needed
+        if name is None:
             return
         now = time.monotonic()
-        event = self._event()
+        due = []
         for t in self.targets:
-            told = self.told[t.name]
-            behind = told != current.name
+            behind = self.told[t.name] != name
             self.metrics.hook_pending.labels(t.name).set(int(behind))
-            if not behind or (not force and now < self._next_try[t.name]):
-                continue
+            if behind and (force or now >= self._next_try[t.name]):
+                due.append(t)
+        if not due:
+            return
+        current, event = self.registry.get(name), self._event()
+        for t in due:
+            told = self.told[t.name]
             try:
                 t.deliver(Change(event, current, told, time.time()))
             except DeliveryFailed as exc:

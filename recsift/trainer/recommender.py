@@ -169,9 +169,14 @@ class Recommender:
         return [str(self.llm.tokenizer.decode(row[width:], skip_special_tokens=True)).strip() for row in out]
 
     def ground(self, vectors: np.ndarray, k: int) -> list[list[str]]:
+        return [[item for item, _ in row] for row in self.ground_scored(vectors, k)]
+
+    def ground_scored(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The ``k`` items whose title embeddings are nearest each vector, with minus the squared L2 distance."""
         assert self.index is not None
-        _, idx = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.item_ids)))
-        return [[self.item_ids[j] for j in row] for row in idx]
+        distances, idx = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.item_ids)))
+        return [[(self.item_ids[j], -float(d)) for j, d in zip(row, dist, strict=True)]
+                for row, dist in zip(idx, distances, strict=True)]
 
     def rank_from_prompts(self, histories: Sequence[Sequence[str]], k: int, batch_size: int = 32) -> list[list[str]]:
         """Top-``k`` items per history, grounded from each prompt's last-token state (no generation), batched."""
@@ -196,10 +201,7 @@ class Recommender:
                 vectors = last_token_states(self.llm, self.model, texts)
         else:
             vectors = last_token_states(self.llm, self.model, [self.fitted_prompt(h) for h in histories])
-        assert self.index is not None
-        distances, idx = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.item_ids)))
-        return [[(self.item_ids[j], -float(d)) for j, d in zip(row, dist, strict=True)]
-                for row, dist in zip(idx, distances, strict=True)]
+        return self.ground_scored(vectors, k)
 
     def rank_candidates(self, history: Sequence[str], items: Sequence[str], k: int,
                         rule: str = "pmi") -> list[tuple[str, float]]:
