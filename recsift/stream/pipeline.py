@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from recsift.config import Settings
 from recsift.monitoring.metrics import Metrics
+from recsift.process import release_free_memory
 from recsift.stream.changelog import ChangelogUnavailable, changelog_summary
 from recsift.stream.checkpoint import Checkpoint, Participant, StreamStateStore
 from recsift.stream.deadletter import DeadLetterSink
@@ -432,6 +433,7 @@ class Pipeline:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self.summary.checkpoints += 1
+        release_free_memory()  # the drain freed the scoring temporaries: return their pages (flat RSS)
 
     def _fill_summary(self) -> None:
         counts = self.state.counts
