@@ -59,14 +59,15 @@ from recsift.trainer.recommender import Recommender  # noqa: E402
 from recsift.trainer.refresh import model_for, refresh, registry_for, train_lora  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+Split = dict[str, list[str]]  # a DEALRec split: user → items in order
 
 
 def say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
-def pruning_figures(cfg: Settings, path: Path, budget: int, epochs: int, effort_samples: int, out: Path
-                    ) -> tuple[dict[str, Any], list[int]]:
+def pruning_figures(cfg: Settings, path: Path, train: Split, budget: int, epochs: int, effort_samples: int,
+                    out: Path) -> tuple[dict[str, Any], list[int]]:
     """The batch DEALRec pipeline, timed: surrogate + LiSSA + influence over every sample (measured), effort
     on a slice (measured) and over every sample (extrapolated). Returns the figures and the selected rows."""
     strata = stratified_options(cfg)
@@ -82,7 +83,6 @@ def pruning_figures(cfg: Settings, path: Path, budget: int, epochs: int, effort_
         "influence_score_s": report.score_seconds, "surrogate_influence_total_s": influence_s,
     }
     if effort_samples:
-        train = read_dealrec_split(path, "train")
         users = [u for u in train if len(train[u]) > 1]
         picked = random.Random(1).sample(users, min(effort_samples, len(users)))
         samples = [Sample(i, u, tuple(train[u][:-1]), train[u][-1], 0.0) for i, u in enumerate(picked)]
@@ -102,10 +102,10 @@ def pruning_figures(cfg: Settings, path: Path, budget: int, epochs: int, effort_
     return rows, selected
 
 
-def state_with(path: Path, state: Path, selected: list[int], validation: int, seed: int) -> tuple[int, int]:
+def state_with(path: Path, train: Split, state: Path, selected: list[int], validation: int, seed: int
+               ) -> tuple[int, int]:
     """A checkpoint whose coreset is the selected training samples and whose validation reservoir holds
     ``validation`` Games validation samples (a user's training history → their validation item)."""
-    train = read_dealrec_split(path, "train")
     valid = read_dealrec_split(path, "valid")
     users = list(train)
     members = [Sample(row, users[row], tuple(train[users[row]][:-1]), train[users[row]][-1], 0.0) for row in selected]
@@ -122,30 +122,29 @@ def state_with(path: Path, state: Path, selected: list[int], validation: int, se
     return len(selector), len(held_out)
 
 
-def refresh_figures(cfg: Settings, path: Path, selected: list[int], work: Path) -> dict[str, Any]:
+def refresh_figures(cfg: Settings, path: Path, train: Split, selected: list[int], work: Path) -> dict[str, Any]:
     """One real refresh (snapshot → judge → train → judge → save) on the selected coreset."""
     state = work / "state"
     state.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"state_dir": state})})
-    members, held = state_with(path, state, selected, cfg.trainer.eval_samples, cfg.trainer.seed)
+    members, held = state_with(path, train, state, selected, cfg.trainer.eval_samples, cfg.trainer.seed)
     say(f"refresh: coreset {members:,} samples, validation {held:,}")
     outcome = refresh(cfg, "manual", catalog_for(path), progress=say)
     if outcome.outcome not in ("promoted", "rejected"):
         raise SystemExit(f"the refresh failed: {outcome.error}")
-    train = outcome.train
+    run = outcome.train
     return {"refresh_samples": members, "refresh_validation_samples": held, "refresh_1024_s": outcome.seconds,
-            "refresh_outcome": str(outcome.outcome), "refresh_train_s": train["seconds"],
-            "refresh_epochs": cfg.trainer.epochs, "refresh_steps": train["steps"],
-            "train_samples_per_s": train["samples_per_s"], "train_tokens_per_s": train["tokens_per_s"],
-            "mean_tokens_per_sample": train["tokens"] / max(train["samples"], 1),
+            "refresh_outcome": str(outcome.outcome), "refresh_train_s": run["seconds"],
+            "refresh_epochs": cfg.trainer.epochs, "refresh_steps": run["steps"],
+            "train_samples_per_s": run["samples_per_s"], "train_tokens_per_s": run["tokens_per_s"],
+            "mean_tokens_per_sample": run["tokens"] / max(run["samples"], 1),
             "refresh_validation_metrics": outcome.metrics,
-            "refresh_other_s": outcome.seconds - train["seconds"]}
+            "refresh_other_s": outcome.seconds - run["seconds"]}
 
 
-def full_epoch(cfg: Settings, path: Path) -> float:
+def full_epoch(cfg: Settings, path: Path, train: Split) -> float:
     """One real epoch of LoRA training over every scorable training sample (for a GPU: hours on a CPU)."""
     t = cfg.trainer
-    train = read_dealrec_split(path, "train")
     samples = [Sample(i, u, tuple(v[:-1]), v[-1], 0.0) for i, (u, v) in enumerate(train.items()) if len(v) > 1]
     llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
     catalog = catalog_for(path) or Catalog()
@@ -158,12 +157,11 @@ def full_epoch(cfg: Settings, path: Path) -> float:
     return result.seconds
 
 
-def grounding_figures(cfg: Settings, path: Path, titles: int, users: int) -> dict[str, Any]:
+def grounding_figures(cfg: Settings, path: Path, train: Split, titles: int, users: int) -> dict[str, Any]:
     """Title embedding on a catalogue slice, generation + grounding and prompt grounding per user."""
     t = cfg.trainer
     catalog = catalog_for(path)
     assert catalog is not None
-    train = read_dealrec_split(path, "train")
     llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
     builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
     items = sorted(catalog, key=lambda it: it.item_id)[:titles]
@@ -203,20 +201,22 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="recsift-refresh-bench-") as tmp:
         work = Path(tmp)
-        rows, selected = pruning_figures(cfg, path, args.samples, args.surrogate_epochs, args.effort_samples, work / "prune")
+        train = read_dealrec_split(path, "train")
+        rows, selected = pruning_figures(cfg, path, train, args.samples, args.surrogate_epochs, args.effort_samples,
+                                         work / "prune")
         say(f"pruning: {rows['pruning_s']:.0f} s ({rows['pruning_s_extrapolated']})")
-        rows.update(refresh_figures(cfg, path, selected, work))
+        rows.update(refresh_figures(cfg, path, train, selected, work))
         say(f"refresh of {rows['refresh_samples']:,} samples: {rows['refresh_1024_s']:.0f} s")
         scorable = rows["pruning_samples"]
         rows["full_epoch_samples"] = scorable
         rows["full_epoch_s_extrapolated"] = scorable / rows["train_samples_per_s"]
         if args.full_epoch:
-            rows["full_epoch_s"] = full_epoch(cfg, path)
+            rows["full_epoch_s"] = full_epoch(cfg, path, train)
         full = rows.get("full_epoch_s", rows["full_epoch_s_extrapolated"])
         rows["refresh_over_full_epoch"] = rows["refresh_1024_s"] / full
         rows["pruning_and_refresh_over_full_epoch"] = (rows["pruning_s"] + rows["refresh_1024_s"]) / full
         rows["full_epoch_is_extrapolated"] = "full_epoch_s" not in rows
-        rows.update(grounding_figures(cfg, path, args.titles, args.users))
+        rows.update(grounding_figures(cfg, path, train, args.titles, args.users))
     rows.update({"device": str(resolve_device(cfg.trainer.device)), "trainer_epochs": cfg.trainer.epochs,
                  "learning_rate": cfg.trainer.learning_rate, "wall_s": time.perf_counter() - started,
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})

@@ -4,11 +4,13 @@ A leaf: it imports nothing of recsift."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -49,11 +51,18 @@ def release_free_memory() -> int:
     chunks in its arenas, so without this the service's RSS grows with the arenas' free space, not with what
     it holds (``bench/memory.py``: 0.5–0.8 GB in use against 1–2 GB free and growing). Call it where the
     temporaries are gone: after a checkpoint, whose drain leaves the scoring thread idle."""
+    trim = _malloc_trim()
+    return int(trim(0)) if trim is not None else -1
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once; None on other platforms and libcs (musl)."""
     if not sys.platform.startswith("linux"):
-        return -1
+        return None
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and other libcs
-        return -1
+    except (OSError, AttributeError):
+        return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return int(trim(0))
+    return trim
