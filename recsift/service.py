@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 from recsift.config import ConfigError, Settings
@@ -83,19 +83,68 @@ class Feed:
     catalog: Catalog
 
 
-def embedded_feed(cfg: Settings, limit: int | None) -> Feed:
-    """The synthetic stream, a shared dataset (``ml-100k``, ``games``) or a file, by ``stream.feed``."""
+def embedded_feed(cfg: Settings, limit: int | None, covered: int = 0) -> Feed:
+    """The synthetic stream, a shared dataset (``ml-100k``, ``games``) or a file, by ``stream.feed``: its first
+    ``covered + limit`` records (all of them without a limit). A state directory whose checkpoint has consumed
+    ``covered`` records resumes where it stopped: the fresh broker gets the same keyed records at the same
+    offsets, and the synthetic stream keeps its configured length, which its drift and new items follow."""
     s = cfg.stream
+    stop = None if limit is None else covered + limit
     if s.feed == "synthetic":
-        synth_cfg = s.synthetic if limit is None else s.synthetic.model_copy(update={"events": min(limit, s.synthetic.events)})
-        stream = SyntheticStream(synth_cfg)
-        return Feed("synthetic", stream.payloads(), stream.catalog())
+        stream = SyntheticStream(s.synthetic)
+        return Feed("synthetic", stream.payloads(0, stop), stream.catalog())
     path = resolve_dataset(s.feed, s.data_dir)
-    items = iter_events_or_payloads(path, detect_format(path))
-    payloads = keyed(items)
-    if limit is not None:
-        payloads = islice(payloads, limit)
+    payloads = keyed(iter_events_or_payloads(path, detect_format(path)))
+    if stop is not None:
+        payloads = islice(payloads, stop)
     return Feed(str(path), payloads, catalog_for(path) or Catalog())
+
+
+def consumed_offsets(cfg: Settings) -> int:
+    """How many records of ``stream.topic`` the state directory's checkpoint has consumed (0 when fresh)."""
+    if not cfg.checkpoint.path.exists():
+        return 0
+    checkpoint = Checkpoint(cfg.checkpoint.path)
+    try:
+        offsets = checkpoint.offsets(cfg.stream.topic)
+    finally:
+        checkpoint.close()
+    if offsets and max(offsets) >= cfg.stream.partitions:
+        raise ConfigError(f"{cfg.checkpoint.state_dir} holds offsets of {max(offsets) + 1} partitions of "
+                          f"{cfg.stream.topic!r}, the embedded broker makes {cfg.stream.partitions}: keep "
+                          "stream.partitions, or start on a fresh --state-dir")
+    return sum(offsets.values())
+
+
+def feed_embedded_topic(cfg: Settings, feed: Feed, covered: int, limit: int | None) -> Callable[[Pipeline], None]:
+    """Produce ``feed`` into the embedded broker's topic. The ``covered`` records a kept checkpoint has consumed
+    are produced before consumption starts (a seek past the log's end would reset to its start); the rest in
+    a background thread. Returns a pipeline tick that ends the run when the feed runs out before ``limit``
+    new records (a dataset shorter than ``--max-events``), rather than waiting for records that never come."""
+    payloads = iter(feed.payloads)
+    if covered:
+        log.info("re-feeding the %s records the checkpoint has consumed", f"{covered:,}")
+        if produce_events(cfg.stream, True, islice(payloads, covered), cfg.stream.topic) < covered:
+            raise ConfigError(f"{cfg.checkpoint.state_dir} has consumed {covered:,} records, more than the embedded "
+                              f"feed {feed.name} holds: start on a fresh --state-dir (`make clean`)")
+    first = next(payloads, None)
+    if first is None:
+        raise ConfigError(f"{cfg.checkpoint.state_dir} has already consumed all {covered:,} records of the embedded "
+                          f"feed {feed.name}: start on a fresh --state-dir (`make clean`), or lengthen the feed "
+                          "(stream.synthetic.events)")
+    produced: list[int] = []
+
+    def produce() -> None:
+        produced.append(covered + produce_events(cfg.stream, True, chain([first], payloads), cfg.stream.topic))
+
+    threading.Thread(target=produce, daemon=True, name="feed").start()
+
+    def end_of_feed(pipeline: Pipeline) -> None:
+        if limit is not None and produced and produced[0] < covered + limit \
+                and covered + pipeline.summary.consumed >= produced[0]:
+            pipeline.stop("end of feed")
+
+    return end_of_feed
 
 
 def check_components(cfg: Settings) -> None:
@@ -557,16 +606,16 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         if refreshes:
             stack.enter_context(DirectoryLock(registry_for(cfg).root, Role.TRAINER))
         catalog = load_catalog(cfg)
+        feed_ticks: list[Callable[[Pipeline], object]] = []
         if cfg.stream.source == "embedded":
             broker = stack.enter_context(EmbeddedBroker())
             cfg = cfg.model_copy(update={"stream": cfg.stream.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})})
-            feed = embedded_feed(cfg, max_events)
+            covered = consumed_offsets(cfg)
+            feed = embedded_feed(cfg, max_events, covered)
             ensure_topic(cfg.stream, True, cfg.stream.topic, cfg.stream.partitions)
             ensure_topic(cfg.stream, True, cfg.stream.dead_letter_topic, 1)
             log.info("embedded broker on %s, feeding %s into %r", broker.bootstrap_servers, feed.name, cfg.stream.topic)
-            threading.Thread(
-                target=produce_events, args=(cfg.stream, True, feed.payloads, cfg.stream.topic), daemon=True, name="feed"
-            ).start()
+            feed_ticks.append(feed_embedded_topic(cfg, feed, covered, max_events))
         # built in one direction, each part with its downstreams: selection → scoring → ingest → operations
         # (the stages report to the refresh scheduler through RefreshSignals, not by holding it)
         signals = RefreshSignals()
@@ -581,7 +630,7 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             if cfg.stream.coreset_topic:
                 coreset_store.publisher = build_publisher(cfg, metrics)
                 stack.callback(coreset_store.publisher.close)
-        ticks: list[Callable[[Pipeline], object]] = []
+        ticks: list[Callable[[Pipeline], object]] = feed_ticks
         if cfg.stream.catalog_topic and cfg.stream.source != "file":
             reader = CatalogTopicReader(cfg.stream, cfg.stream.source == "embedded", catalog)
             stack.callback(reader.close)

@@ -417,6 +417,53 @@ def test_sigkill_of_the_service_ends_in_exactly_the_state_of_an_uninterrupted_ru
     equal_states(empty, reference)
 
 
+@pytest.mark.slow
+def test_embedded_runs_on_a_kept_state_dir_continue_the_stream_as_one_longer_run(tmp_path: Path) -> None:
+    """`make run` twice on one state directory: each run starts a fresh embedded broker, refilled with the
+    records the checkpoint has consumed and the next --max-events, so two runs of N events end in every
+    component's state equal to one run of 2N (one partition: a fixed order). A state that has consumed the
+    whole feed is refused with a clear error, and a dataset shorter than --max-events ends the run."""
+    from recsift.config import ConfigError, load_config
+    from recsift.service import run
+    from recsift.state import differences
+
+    n = 2_500
+    overrides = {"stream.partitions": 1, "monitoring.port": 0, "scoring.batch_size": 500,
+                 "scoring.scorer.depth": 20, "scoring.reestimate_every": 2, "selection.budget": BUDGET,
+                 "selection.selector.strata": 8, "selection.coverage_clusters": 4, "window.idle_flush_s": 1e9,
+                 "trainer.drift_thresholds": {"target_js": 1e9, "embedding_sw": 1e9}}
+
+    def embedded_run(state: Path, max_events: int, **more: object) -> str:
+        cfg = load_config(overrides={**overrides, **more, "checkpoint.state_dir": str(state)})
+        summary = run(cfg, max_events=max_events)
+        assert not summary.refreshes  # none ran: when one runs is wall-clock, not the stream
+        return str(summary.ingest.stopped_by)
+
+    twice, once = tmp_path / "twice", tmp_path / "once"
+    assert embedded_run(twice, n) == "max-events"
+    assert embedded_run(twice, n) == "max-events"
+    assert embedded_run(once, 2 * n) == "max-events"
+    got, want = component_states(twice, overrides), component_states(once, overrides)
+    assert want["offsets"].meta["offsets"] == [["interactions", 0, 2 * n]]
+    for name in REFRESH_BOOKKEEPING:
+        got["selection"].meta.pop(name, None), want["selection"].meta.pop(name, None)
+    assert want["scorer"].meta["batches"] >= 5 and len(want["reservoir"].part("reservoir").meta["members"])
+    diffs = {name: differences(got[name], want[name]) for name in want}
+    assert not any(diffs.values()), {k: v[:5] for k, v in diffs.items() if v}
+    # negative control: the first run alone (what a second run that consumed nothing new leaves) differs
+    half = tmp_path / "half"
+    assert embedded_run(half, n) == "max-events"
+    assert any(differences(component_states(half, overrides)[name], want[name]) for name in ("scorer", "offsets"))
+
+    # the whole feed consumed: refused, naming the state directory
+    with pytest.raises(ConfigError, match="already consumed all 5,000 records"):
+        embedded_run(twice, n, **{"stream.synthetic.events": 2 * n})
+    # a feed shorter than --max-events ends the run instead of waiting for records that never come
+    short = tmp_path / "short"
+    assert embedded_run(short, 10 * n, **{"stream.synthetic.events": n}) == "end of feed"
+    assert component_states(short, overrides)["offsets"].meta["offsets"] == [["interactions", 0, n]]
+
+
 def test_a_30s_broker_outage_is_reported_and_survived(tmp_path: Path) -> None:
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:  # its own broker: this test freezes it
         topic = "outage"
