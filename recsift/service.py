@@ -122,16 +122,15 @@ def feed_embedded_topic(cfg: Settings, feed: Feed, covered: int, limit: int | No
     a background thread. Returns a pipeline tick that ends the run when the feed runs out before ``limit``
     new records (a dataset shorter than ``--max-events``), rather than waiting for records that never come."""
     payloads = iter(feed.payloads)
+    fed = 0
     if covered:
         log.info("re-feeding the %s records the checkpoint has consumed", f"{covered:,}")
-        if produce_events(cfg.stream, True, islice(payloads, covered), cfg.stream.topic) < covered:
-            raise ConfigError(f"{cfg.checkpoint.state_dir} has consumed {covered:,} records, more than the embedded "
-                              f"feed {feed.name} holds: start on a fresh --state-dir (`make clean`)")
+        fed = produce_events(cfg.stream, True, islice(payloads, covered), cfg.stream.topic)
     first = next(payloads, None)
-    if first is None:
-        raise ConfigError(f"{cfg.checkpoint.state_dir} has already consumed all {covered:,} records of the embedded "
-                          f"feed {feed.name}: start on a fresh --state-dir (`make clean`), or lengthen the feed "
-                          "(stream.synthetic.events)")
+    if first is None:  # also when the feed is shorter than the checkpoint (fed < covered)
+        raise ConfigError(f"{cfg.checkpoint.state_dir} has already consumed all {fed:,} records of the embedded "
+                          f"feed {feed.name} (its checkpoint is at {covered:,}): start on a fresh --state-dir "
+                          "(`make clean`), or lengthen the feed (stream.synthetic.events)")
     produced: list[int] = []
 
     def produce() -> None:
