@@ -201,7 +201,7 @@ class ScoringConfig(_Section):
     heads: int = Field(2, gt=0)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     scorer: ScorerSpec = Field(ScorerSpec(), description="type (dealrec, random, loss, el2n, grand) and its "
-                               "options, e.g. {type: dealrec, depth: 500} (recsift.scoring.registry)")
+                               "options, e.g. {type: dealrec, depth: 100} (recsift.scoring.registry)")
     batch_size: int = Field(4096, gt=0, description="samples per surrogate update and scoring pass on the stream")
     train_rows: int = Field(512, gt=0, description="new rows per surrogate step (plus as many replayed); the "
                             "rest of a scoring batch is scored but not trained on")
@@ -209,6 +209,8 @@ class ScoringConfig(_Section):
     reference_size: int = Field(1024, gt=0, description="reference reservoir: v, Hessian batches, score bounds")
     replay: int = Field(10_000, gt=0, description="surrogate replay buffer (rows) against forgetting")
     item_capacity: int = Field(100_000, gt=0, description="surrogate item rows; later new items share one row")
+    item_rows_start: int = Field(1024, ge=3, description="item rows allocated at start; the table doubles as new "
+                                 "items arrive, up to item_capacity, so the scorer's state follows the items in use")
 
 
 class SelectionConfig(_Section):

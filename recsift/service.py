@@ -284,7 +284,8 @@ def build_stream_scorer(cfg: Settings, catalog: Catalog) -> StreamScorer:
     """Surrogate and scorer (and the LLM effort scorer when λ > 0)."""
     sc = cfg.scoring
     surrogate = SASRecSurrogate(sc.item_capacity, hidden=sc.hidden, layers=sc.layers, heads=sc.heads,
-                                max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed)
+                                max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed,
+                                initial_rows=sc.item_rows_start)
     effort = build_effort(cfg, catalog) if sc.effort_weight > 0 else None
     return StreamScorer(surrogate, make_scorer(sc.scorer, seed=sc.seed), reestimate_every=sc.reestimate_every,
                         reference_size=sc.reference_size, seed=sc.seed, effort=effort,

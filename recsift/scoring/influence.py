@@ -98,21 +98,32 @@ class InfluenceEstimator:
         return jvp(g, (theta,), (vector,))[1]
 
     def estimate(self, reference: Inputs, sample: Callable[[torch.Generator], Inputs],
-                 progress: Callable[[int, int], None] | None = None) -> Tensor:
-        """H⁻¹v by LiSSA, v from ``reference``; ``sample(generator)`` gives one training mini-batch per step."""
+                 progress: Callable[[int, int], None] | None = None, start: Tensor | None = None,
+                 depth: int | None = None) -> Tensor:
+        """H⁻¹v by LiSSA, v from ``reference``; ``sample(generator)`` gives one training mini-batch per step.
+
+        ``start``: an earlier H⁻¹v to begin the recursion from (``h₀ = scale·start`` instead of ``v``), with
+        ``depth`` steps instead of the configured depth. The recursion contracts towards the same fixed point
+        from any start, so when the model and v moved little since ``start`` a few steps reach what a cold
+        start reaches in many."""
         v = self.gradient(reference)
+        if start is not None and start.shape != v.shape:
+            raise ValueError(f"start must have {v.numel()} entries, got {tuple(start.shape)}")
+        steps = self.depth if depth is None else depth
+        if steps < 1:
+            raise ValueError(f"LiSSA needs at least one step, got depth {steps}")
         losses, theta = self._losses_fn()
         self.model.eval()
         g = grad(lambda f, *inp: losses(f, *inp).mean())
         total = torch.zeros_like(v)
         for r in range(self.repeats):
-            h = v.clone()
-            for step in range(self.depth):
+            h = v.clone() if start is None else start * self.scale
+            for step in range(steps):
                 batch = sample(self.generator)
                 hv = jvp(lambda f, batch=batch: g(f, *batch), (theta,), (h,))[1]
                 h = v + (1.0 - self.damping) * h - hv / self.scale
                 if progress is not None and step % 50 == 0:
-                    progress(r * self.depth + step, self.repeats * self.depth)
+                    progress(r * steps + step, self.repeats * steps)
             total += h / self.scale
         ihvp = total / self.repeats
         if not torch.isfinite(ihvp).all():

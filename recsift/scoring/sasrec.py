@@ -23,6 +23,11 @@ Departures, and why:
   surrogate follows the stream without forgetting.
 - Item ids map to rows through :class:`ItemVocab` (0 padding, 1 out-of-vocabulary); new items of a stream
   take free rows until the table is full, after which they share the OOV row (and are counted).
+- On a stream the embedding table can start small (``initial_rows``) and double as new items arrive, up to the
+  capacity: the table, its optimiser state and every checkpoint then follow the catalogue in use, not the
+  capacity (at the default 100,000 rows, every checkpoint rewrote 100,000 rows and their Adam moments).
+  New rows are drawn Xavier-normal for the grown table's size (the reference initialises a catalogue-sized
+  table so), old rows and their Adam moments are kept. Negatives are drawn over the rows of the current table.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from recsift.batching import length_buckets
 from recsift.scoring.sampling import TensorReservoir
 from recsift.scoring.surrogate import (
     PAD,
@@ -65,7 +71,7 @@ class SASRec(nn.Module):
     def __init__(self, n_rows: int, hidden: int = 64, layers: int = 2, heads: int = 2, max_len: int = 50,
                  dropout: float = 0.5) -> None:
         super().__init__()
-        self.n_rows, self.hidden, self.max_len, self.heads = n_rows, hidden, max_len, heads
+        self.hidden, self.max_len, self.heads = hidden, max_len, heads
         self.item_emb = nn.Embedding(n_rows, hidden, padding_idx=PAD)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.emb_dropout = nn.Dropout(dropout)
@@ -123,13 +129,17 @@ class SASRecSurrogate:
     name = "sasrec"
 
     def __init__(self, n_items: int, hidden: int = 64, layers: int = 2, heads: int = 2, max_len: int = 50,
-                 dropout: float = 0.5, lr: float = 1e-3, replay: int = 10_000, seed: int = 0) -> None:
+                 dropout: float = 0.5, lr: float = 1e-3, replay: int = 10_000, seed: int = 0,
+                 initial_rows: int | None = None) -> None:
         self.seed = seed
         self.max_len = max_len
         self.vocab = ItemVocab(n_items)
+        if initial_rows is not None and initial_rows < 3:
+            raise ValueError(f"initial_rows must be at least 3 (padding, OOV, one item), got {initial_rows}")
+        rows = self.vocab.rows if initial_rows is None else min(initial_rows, self.vocab.rows)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = SASRec(self.vocab.rows, hidden, layers, heads, max_len, dropout)
+            self.model = SASRec(rows, hidden, layers, heads, max_len, dropout)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, betas=(0.9, 0.98))
         self.generator = torch.Generator().manual_seed(seed)
         self.replay = TensorReservoir(replay, {"seqs": torch.zeros((0, max_len + 1), dtype=torch.int64)})
@@ -138,8 +148,13 @@ class SASRecSurrogate:
 
     # ------------------------------------------------------------------ scoring side (eval mode, deterministic)
 
+    @property
+    def rows(self) -> int:
+        """Rows of the embedding table now (≤ ``vocab.rows``: it grows with the items seen)."""
+        return int(self.model.item_emb.num_embeddings)
+
     def negatives(self, batch: SeqBatch) -> Tensor:
-        return hashed_negatives(batch.sample_ids, batch.seqs.shape[1] - 1, self.vocab.rows, self.seed)
+        return hashed_negatives(batch.sample_ids, batch.seqs.shape[1] - 1, self.rows, self.seed)
 
     # ------------------------------------------------------------------ what influence-style scorers use
 
@@ -160,8 +175,8 @@ class SASRecSurrogate:
     def _check(self, batch: SeqBatch) -> None:
         if len(batch) == 0:
             raise ValueError("empty batch: nothing to score")
-        if int(batch.seqs.max()) >= self.vocab.rows or int(batch.seqs.min()) < 0:
-            raise ValueError(f"item rows outside the embedding table [0, {self.vocab.rows}); map ids through the vocab")
+        if int(batch.seqs.max()) >= self.rows or int(batch.seqs.min()) < 0:
+            raise ValueError(f"item rows outside the embedding table [0, {self.rows}); map ids through the vocab")
 
     def losses(self, batch: SeqBatch) -> Tensor:
         """Per-sample losses ``[B]`` in eval mode (no dropout), with deterministic negatives."""
@@ -178,8 +193,11 @@ class SASRecSurrogate:
         self._check(batch)
         self.model.eval()
         rows = batch.seqs[:, -self.max_len:]
-        with torch.no_grad():  # in chunks of 1024 rows, each trimmed to its longest row: cache-friendly on CPU
-            return torch.cat([self.model.features(trim_padding(chunk))[:, -1] for chunk in torch.split(rows, 1024)])
+        out = torch.empty((len(rows), self.model.hidden))
+        with torch.no_grad():  # rows of similar length in chunks of 1024, each trimmed to its longest row
+            for chunk in length_buckets((rows != PAD).sum(1), 1024):
+                out[chunk] = self.model.features(trim_padding(rows[chunk]))[:, -1]
+        return out
 
     def score_items(self, batch: SeqBatch) -> Tensor:
         """Scores ``[B, rows]`` of every item as the next one after the whole row (history + target)."""
@@ -191,7 +209,7 @@ class SASRecSurrogate:
 
     def _train_step(self, seqs: Tensor) -> float:
         self.model.train()
-        negatives = torch.randint(2, self.vocab.rows, (seqs.shape[0], seqs.shape[1] - 1), generator=self.generator)
+        negatives = torch.randint(2, self.rows, (seqs.shape[0], seqs.shape[1] - 1), generator=self.generator)
         dropout_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         with torch.random.fork_rng(devices=[]):  # dropout from our generator: reproducible, checkpointable
             torch.manual_seed(dropout_seed)
@@ -247,7 +265,36 @@ class SASRecSurrogate:
         """Map item ids to rows (adding new ones while there is room when ``grow``) and pad into a batch."""
         to_row = self.vocab.add if grow else self.vocab.lookup
         sequences = [[to_row(i) for i in h] + [to_row(t)] for h, t in zip(histories, targets, strict=True)]
+        if grow and len(self.vocab) + 2 > self.rows:
+            self._grow_table(min(self.vocab.rows, max(2 * self.rows, len(self.vocab) + 2)))
         return encode_sequences(sequences, list(sample_ids), self.max_len)
+
+    def _grow_table(self, rows: int) -> None:
+        """Enlarge the item embedding to ``rows``: old rows and their Adam moments kept, new rows drawn
+        Xavier-normal for a table of this size from a generator seeded by (seed, rows): deterministic, so a
+        restart grows exactly as an uninterrupted run."""
+        old = self.model.item_emb
+        new = nn.Embedding(rows, old.embedding_dim, padding_idx=PAD)
+        std = math.sqrt(2.0 / (rows + old.embedding_dim))
+        fresh = torch.Generator().manual_seed(self.seed * 1_000_003 + rows)
+        with torch.no_grad():
+            new.weight[:old.num_embeddings] = old.weight
+            new.weight[old.num_embeddings:] = torch.randn((rows - old.num_embeddings, old.embedding_dim),
+                                                          generator=fresh) * std
+        self._replace_table(new)
+
+    def _replace_table(self, new: nn.Embedding) -> None:
+        """Swap the item embedding in the model and the optimiser (moments padded with zeros to its rows)."""
+        old = self.model.item_emb
+        self.model.item_emb = new
+        for group in self.optimizer.param_groups:
+            group["params"] = [new.weight if p is old.weight else p for p in group["params"]]
+        moments = self.optimizer.state.pop(old.weight, None)
+        extra = new.num_embeddings - old.num_embeddings
+        if moments and extra >= 0:  # (a smaller table only comes from a checkpoint, which brings its own moments)
+            self.optimizer.state[new.weight] = {
+                k: torch.cat([v, v.new_zeros((extra, *v.shape[1:]))]) if isinstance(v, Tensor) and v.dim() == 2 else v
+                for k, v in moments.items()}
 
     # ------------------------------------------------------------------ state (safetensors + JSON, never pickle)
 
@@ -267,6 +314,9 @@ class SASRecSurrogate:
     def load_state_dict(self, state: State) -> None:
         t, meta = state.tensors, state.meta
         self.vocab = ItemVocab.from_dict(meta["vocab"])
+        rows = int(t["model.item_emb.weight"].shape[0])
+        if rows != self.rows:  # a table grown (or not yet) to another size: take the saved one's shape
+            self._replace_table(nn.Embedding(rows, self.model.hidden, padding_idx=PAD))
         self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         opt: dict[int, dict[str, Tensor]] = {}
         for k, v in t.items():

@@ -32,7 +32,7 @@ def test_the_surrogate_beats_popularity_on_ml100k(ml100k: Path) -> None:
     users = sorted(by_user)
     s = SASRecSurrogate(1700, hidden=64, seed=0)
     train = s.encode([by_user[u][:-2] for u in users], [by_user[u][-2] for u in users], range(len(users)))
-    s.fit(train.batch, epochs=40, batch_size=128)
+    s.fit(train.batch, epochs=20, batch_size=128)
     # leave-last-out: rank every item as the one after the user's whole training sequence
     test = s.encode([by_user[u][:-2] for u in users], [by_user[u][-2] for u in users], range(len(users)), grow=False)
     scores = s.score_items(test.batch)
@@ -55,7 +55,7 @@ def test_losses_are_deterministic_and_batch_invariant() -> None:
     pieces = torch.cat([a.losses(batch.select(torch.arange(i, min(i + 13, len(batch))))) for i in range(0, len(batch), 13)])
     assert torch.allclose(whole, pieces, atol=1e-5)
     assert a.embed(batch).shape == (len(batch), 16)
-    assert a.score_items(batch).shape == (len(batch), a.vocab.rows)
+    assert a.score_items(batch).shape == (len(batch), a.rows)
 
 
 def test_hashed_negatives_ignore_padding_width_and_avoid_reserved_rows() -> None:
@@ -88,6 +88,62 @@ def test_state_round_trips_through_safetensors() -> None:
     step = batch.select(torch.arange(20))
     assert a.partial_fit(step) == b.partial_fit(step)  # optimiser state and RNG restored: the same future
     assert torch.equal(a.losses(batch), b.losses(batch))
+
+
+def new_item_stream(seed: int) -> list[tuple[list[list[str]], list[str], range]]:
+    """Four batches of 40 samples, each bringing 30 items not seen before (120 items)."""
+    rnd = random.Random(seed)
+    out = []
+    for k in range(4):
+        items = [f"i{rnd.randrange(30 * (k + 1))}" for _ in range(400)]
+        histories = [items[i:i + rnd.randint(1, 9)] for i in range(0, 400, 10)]
+        out.append((histories, [f"i{rnd.randrange(30 * (k + 1))}" for _ in histories], range(100 * k, 100 * k + 40)))
+    return out
+
+
+def growing(seed: int, initial_rows: int | None = 8) -> SASRecSurrogate:
+    return SASRecSurrogate(100, hidden=16, max_len=20, seed=seed, replay=64, initial_rows=initial_rows)
+
+
+def feed(s: SASRecSurrogate, batches: list[tuple[list[list[str]], list[str], range]]) -> list[SeqBatch]:
+    encoded = []
+    for b in batches:  # each batch's new items arrive, then it is learnt: the table grows on the way
+        encoded.append(s.encode(*b).batch)
+        s.partial_fit(encoded[-1])
+    return encoded
+
+
+def test_the_item_table_grows_with_the_items_seen_up_to_the_capacity_and_restarts_exactly() -> None:
+    stream = new_item_stream(7)
+    s = growing(7)
+    feed(s, stream)
+    assert s.rows == s.vocab.rows == 102 and len(s.vocab) == 100 and s.vocab.overflow > 0  # 8 → 16 → … → 102
+    assert s.optimizer.state[s.model.item_emb.weight]["exp_avg"].shape == (102, 16)  # Adam's moments grew too
+    same = growing(7)
+    feed(same, stream)
+    assert differences(s.state_dict(), same.state_dict()) == []  # growth is deterministic
+    # a restart from a checkpoint taken halfway continues exactly as the uninterrupted run
+    early = growing(7)
+    feed(early, stream[:2])
+    assert early.rows < 102  # the table had not reached the capacity yet
+    assert differences(early.state_dict(), s.state_dict())  # (halfway is not the end: the check below can fail)
+    restarted = growing(7)
+    restarted.load_state_dict(State.from_bytes(early.state_dict().to_bytes()))
+    assert restarted.rows == early.rows and differences(restarted.state_dict(), early.state_dict()) == []
+    feed(restarted, stream[2:])
+    assert differences(restarted.state_dict(), s.state_dict()) == []
+    # while few items are in use the state is a fraction of a table allocated at the capacity
+    assert len(early.state_dict().to_bytes()) * 50 < len(SASRecSurrogate(100_000, hidden=16, max_len=20).state_dict().to_bytes())
+
+
+def test_a_checkpoint_of_a_full_size_table_loads_into_a_growing_surrogate() -> None:
+    stream = new_item_stream(3)
+    full = growing(3, initial_rows=None)
+    batches = feed(full, stream)
+    small = growing(3)
+    small.load_state_dict(State.from_bytes(full.state_dict().to_bytes()))
+    assert small.rows == 102 and torch.equal(small.losses(batches[-1]), full.losses(batches[-1]))
+    assert small.partial_fit(batches[0]) == full.partial_fit(batches[0])
 
 
 def test_short_histories_are_excluded_and_counted_and_unknown_items_share_the_oov_row() -> None:
