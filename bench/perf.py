@@ -11,7 +11,9 @@ Usage:  python bench/perf.py                      every benchmark at its default
         python bench/perf.py --light              smaller sub-benchmarks (ingest 300k × 1, refresh slice 32)
         python bench/perf.py --tabulate           no runs: the table from the committed bench/results/*.json
         python bench/perf.py --only growth        just the growth run (--growth-events to change its length)
-Writes ``bench/results/perf.json``.
+        python bench/perf.py --only growth --growth-feed games --growth-out perf-games
+                                                  the growth run on a dataset (a shared one's name or a directory)
+Writes ``bench/results/perf.json`` (or ``--growth-out``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +67,9 @@ def service_rss(pid: int) -> tuple[int, int]:
     return service, broker
 
 
-def growth_worker(events: int) -> dict[str, Any]:
-    """`recsift run` in this process on ``events`` synthetic events, sampled as it goes.
+def growth_worker(events: int, feed_name: str = "synthetic") -> dict[str, Any]:
+    """`recsift run` in this process on ``events`` events of ``feed_name`` (the synthetic stream, or a dataset:
+    a shared one's name or a directory in its format, e.g. ``games``), sampled as it goes.
 
     The stream is produced into an embedded broker before the clock starts (as in ``bench/scale.py``), and
     the service reads it as a Kafka source: the producer stands for the upstream system, not for recsift, so
@@ -74,22 +78,25 @@ def growth_worker(events: int) -> dict[str, Any]:
     30-min default): they run in their own process and would only add LLM training."""
     from recsift import service
     from recsift.config import load_config
-    from recsift.data.synthetic import SyntheticStream
     from recsift.monitoring.metrics import Metrics
     from recsift.stream.broker import EmbeddedBroker
     from recsift.stream.kafka import ensure_topic, produce_events
 
     state = Path(tempfile.mkdtemp(prefix="recsift-perf-"))
+    feed_dir = Path(feed_name) if Path(feed_name).is_dir() else None
     cfg = load_config(overrides={"checkpoint.state_dir": str(state), "monitoring.port": 0, "monitoring.progress": False,
                                  "stream.synthetic.events": events, "trainer.refresh_interval_s": 1e9,
-                                 "trainer.drift_thresholds": {}})
-    stream = SyntheticStream(cfg.stream.synthetic)
+                                 "trainer.drift_thresholds": {},
+                                 "stream.feed": feed_dir.name if feed_dir else feed_name,
+                                 **({"stream.data_dir": str(feed_dir.parent)} if feed_dir else {})})
+    feed = service.embedded_feed(cfg, events)
     catalog = state / "catalog.jsonl"
     catalog.write_text("".join(json.dumps({**it.attributes, "item_id": it.item_id, "title": it.title}) + "\n"
-                               for it in stream.catalog()))
+                               for it in feed.catalog))
     metrics = Metrics()
-    marks = [m for m in MARKS if m <= events] or [events]
+    marks: list[int] = []  # 100k, 300k, 1M, 3M below the stream's length, and its end
     crossed: list[dict[str, float]] = []
+    rss_since_mark: list[float] = []  # the service's RSS every second since the last mark (it swings with the trims)
     fills: list[float] = []
     full_at: list[float] = []  # samples scored when the coreset was first full: the end of its warm-up
     done = threading.Event()
@@ -104,11 +111,14 @@ def growth_worker(events: int) -> dict[str, Any]:
         return gauge("recsift_coreset_size") / max(gauge("recsift_coreset_capacity"), 1.0)
 
     def sample() -> None:
-        started = None
+        started, last_rss = None, 0.0
         while not done.is_set() and len(crossed) < len(marks):
             n = consumed()
             if started is None and n > 0:
                 started = time.perf_counter()
+            if started is not None and time.perf_counter() - last_rss >= 1.0:
+                rss_since_mark.append(service_rss(os.getpid())[0])
+                last_rss = time.perf_counter()
             now_fill = fill()
             if not full_at and now_fill >= 1.0:
                 full_at.append(gauge("recsift_samples_scored_total"))
@@ -116,9 +126,12 @@ def growth_worker(events: int) -> dict[str, Any]:
                 fills.append(now_fill)
             if started is not None and n >= marks[len(crossed)]:
                 rss, broker_rss = service_rss(os.getpid())
+                between = sorted(rss_since_mark) or [rss]
                 crossed.append({"events": n, "seconds": time.perf_counter() - started, "rss_bytes": rss,
+                                "rss_median_bytes": between[len(between) // 2], "rss_max_bytes": between[-1],
                                 "broker_rss_bytes": broker_rss, "scored": gauge("recsift_samples_scored_total"),
                                 "coreset_fill": now_fill})
+                rss_since_mark.clear()
                 say(f"growth: {n:,.0f} events at {crossed[-1]['seconds']:.0f} s, service RSS {rss / 2**20:.0f} MB "
                     f"(broker {broker_rss / 2**20:.0f} MB), coreset {now_fill:.1%} full")
             time.sleep(0.25)  # polling the registry costs the GIL: more often would slow the run it measures
@@ -128,9 +141,10 @@ def growth_worker(events: int) -> dict[str, Any]:
                                           "catalog_path": catalog})
         ensure_topic(s, True, s.topic, s.partitions)
         ensure_topic(s, True, s.dead_letter_topic, 1)
-        say(f"producing {events:,} synthetic events into {s.partitions} partitions (before the clock starts)")
-        produce_events(s, True, stream.payloads(), s.topic)
+        say(f"producing up to {events:,} events of {feed.name} into {s.partitions} partitions (before the clock starts)")
+        events = produce_events(s, True, feed.payloads, s.topic)  # a dataset may hold fewer
         cfg = cfg.model_copy(update={"stream": s})
+        marks.extend([m for m in MARKS if m < events] + [events])
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         summary = service.run(cfg, max_events=events, metrics=metrics)
@@ -140,9 +154,11 @@ def growth_worker(events: int) -> dict[str, Any]:
     for point in crossed:
         segments.append({"from": previous["events"], "to": point["events"],
                          "events_per_s": (point["events"] - previous["events"]) / (point["seconds"] - previous["seconds"]),
-                         "rss_mb": point["rss_bytes"] / 2**20, "broker_rss_mb": point["broker_rss_bytes"] / 2**20})
+                         "rss_mb": point["rss_bytes"] / 2**20, "rss_median_mb": point["rss_median_bytes"] / 2**20,
+                         "rss_max_mb": point["rss_max_bytes"] / 2**20, "broker_rss_mb": point["broker_rss_bytes"] / 2**20})
         previous = point
     out: dict[str, Any] = {
+        "feed": feed.name,
         "events": summary.ingest.consumed, "samples_scored": summary.scored, "marks": crossed, "segments": segments,
         "events_per_s": [s["events_per_s"] for s in segments], "coreset": summary.coreset,
         "budget": cfg.selection.budget, "coreset_fill": [m["coreset_fill"] for m in crossed],
@@ -151,34 +167,39 @@ def growth_worker(events: int) -> dict[str, Any]:
         "scoring_busy_s": summary.scoring_busy_s}
     by_events = {m: point for m, point in zip(marks, crossed, strict=False)}
     if 300_000 in by_events and 3_000_000 in by_events:
-        out["rss_growth_300k_to_3M"] = by_events[3_000_000]["rss_bytes"] / by_events[300_000]["rss_bytes"] - 1
+        # the median RSS over the segment that ends at each mark: one reading swings by half with the heap trims
+        # after each checkpoint; the reading at the mark itself is kept beside it
+        out["rss_growth_300k_to_3M"] = by_events[3_000_000]["rss_median_bytes"] / by_events[300_000]["rss_median_bytes"] - 1
+        out["rss_growth_300k_to_3M_at_marks"] = by_events[3_000_000]["rss_bytes"] / by_events[300_000]["rss_bytes"] - 1
+        out["rss_max_growth_300k_to_3M"] = by_events[3_000_000]["rss_max_bytes"] / by_events[300_000]["rss_max_bytes"] - 1
+    if len(segments) >= 3:  # per-event cost after warm-up (the first segment fills the coreset): last vs second
+        out["per_event_cost_growth"] = segments[1]["events_per_s"] / segments[-1]["events_per_s"] - 1
     # side by side in this run: the scoring stage alone on the same stream, from the same start
     at = min(STAGE_EVENTS, events)
     later = [p for m, p in by_events.items() if m >= at] or crossed[-1:]
     if later:
         point = later[0]
-        alone = stage_alone(cfg, int(point["events"]))
+        alone = stage_alone(cfg, int(point["events"]), service.embedded_feed(cfg, int(point["events"])).payloads)
         out.update(alone)
         out["in_service_samples_per_s"] = point["scored"] / point["seconds"]
         out["in_service_vs_stage"] = out["in_service_samples_per_s"] / alone["stage_samples_per_s"]
     return out
 
 
-def stage_alone(cfg: Any, events: int) -> dict[str, Any]:
+def stage_alone(cfg: Any, events: int, payloads: Iterable[tuple[bytes | None, bytes]]) -> dict[str, Any]:
     """The scoring stage alone (surrogate updates, re-estimates at the configured cadence, scoring and
     embedding: everything the service's scoring thread does before selection) over the samples the windows
-    make from the first ``events`` events of the service's own synthetic stream (its full length configured:
-    the stream's shape, its popularity shift included, depends on it), from a fresh start as the service's."""
-    from itertools import islice
-
-    from recsift.data.synthetic import SyntheticStream
+    make from ``payloads``, the first ``events`` records of the service's own feed (the synthetic stream at its
+    configured full length: its shape, the popularity shift included, depends on it), from a fresh start as
+    the service's."""
     from recsift.service import build_scoring, build_stream_scorer
     from recsift.stream.catalog import Catalog
+    from recsift.stream.events import Event, parse_event
     from recsift.stream.windows import StreamState
 
     state = StreamState(cfg.window)
-    prefix = islice(SyntheticStream(cfg.stream.synthetic).events(), events)
-    samples = [s for e in prefix for b in state.process(e, 0, now=0.0) for s in b]
+    parsed = (parse_event(value, cfg.stream.max_message_bytes) for _, value in payloads)
+    samples = [s for e in parsed if isinstance(e, Event) for b in state.process(e, 0, now=0.0) for s in b]
     stage, _ = build_scoring(cfg, build_stream_scorer(cfg, Catalog()))
     say(f"the scoring stage alone on the samples of the first {events:,} events ({len(samples):,})")
     started = time.perf_counter()
@@ -204,7 +225,9 @@ def load(name: str) -> dict[str, Any]:
 def command_of(name: str, result: dict[str, Any]) -> str:
     """The command that wrote a results file: its own record of it, else the benchmark's default run."""
     if name == "growth":
-        return f"python bench/perf.py --only growth --growth-events {int(result.get('events', MARKS[-1]))}"
+        feed = result.get("feed", "synthetic")
+        return (f"python bench/perf.py --only growth --growth-events {int(result.get('events', MARKS[-1]))}"
+                + ("" if feed == "synthetic" else f" --growth-feed {feed}"))
     return str(result.get("command") or " ".join(["python", f"bench/{name}.py", *BENCHES[name][0]]))
 
 
@@ -264,7 +287,9 @@ def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> 
         segs = growth["segments"]
         for s in segs:
             rows.append((f"pipeline events/s, {s['from']:,.0f} → {s['to']:,.0f}", f"{s['events_per_s']:,.0f}",
-                         f"RSS {s['rss_mb']:,.0f} MB"))
+                         f"RSS {s['rss_mb']:,.0f} MB at the mark" + (f", median {s['rss_median_mb']:,.0f} / max "
+                                                                     f"{s['rss_max_mb']:,.0f} MB over the segment"
+                                                                     if "rss_median_mb" in s else "")))
         if growth.get("coreset_fill"):
             rows.append(("coreset fill at each mark", ", ".join(f"{f:.1%}" for f in growth["coreset_fill"]),
                          f"min after warm-up {growth['coreset_fill_min_after_warmup']:.1%}"
@@ -276,7 +301,12 @@ def table(results: dict[str, dict[str, Any]], growth: dict[str, Any] | None) -> 
                          + ("; NOT the same stream (in_service_vs_stage_caveat)" if "in_service_vs_stage_caveat" in growth
                             else "")))
         if "rss_growth_300k_to_3M" in growth:
-            rows.append(("RSS growth, 300k → 3M events", f"{growth['rss_growth_300k_to_3M']:+.1%}", "goal within ±10%"))
+            rows.append(("RSS growth, 300k → 3M events (segment medians)", f"{growth['rss_growth_300k_to_3M']:+.1%}",
+                         f"goal within ±10%; at the marks {growth['rss_growth_300k_to_3M_at_marks']:+.1%}, "
+                         f"segment maxima {growth['rss_max_growth_300k_to_3M']:+.1%}"))
+        if "per_event_cost_growth" in growth:
+            rows.append(("per-event cost, last segment vs the second", f"{growth['per_event_cost_growth']:+.1%}",
+                         "goal within ±10% (the first segment is the warm-up)"))
         if len(segs) > 1:
             rows.append(("per-event cost, last segment / first", f"{segs[0]['events_per_s'] / segs[-1]['events_per_s']:.2f}",
                          f"RSS last / first {segs[-1]['rss_mb'] / segs[0]['rss_mb']:.2f}"))
@@ -290,22 +320,26 @@ def main() -> None:
     ap.add_argument("--light", action="store_true", help="smaller sub-benchmarks")
     ap.add_argument("--only", help="comma-separated subset of: ingest, scoring, selection, refresh, growth")
     ap.add_argument("--growth-events", type=int, default=MARKS[-1])
+    ap.add_argument("--growth-feed", default="synthetic",
+                    help="the growth run's stream: synthetic, a shared dataset (games, ml-100k) or a dataset directory")
+    ap.add_argument("--growth-out", default="perf", help="results file name under bench/results/ (default perf)")
     ap.add_argument("--growth-worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.growth_worker:
-        print(json.dumps(growth_worker(args.growth_worker)))
+        print(json.dumps(growth_worker(args.growth_worker, args.growth_feed)))
         return
     wanted = set((args.only or ",".join([*BENCHES, "growth"])).split(","))
     durations: dict[str, float] = {}
-    previous = load("perf")
+    previous = load(args.growth_out)
     growth = previous.get("growth")
     if not args.tabulate:
         for name in BENCHES:
             if name in wanted:
                 durations[name] = run_bench(name, args.light)
         if "growth" in wanted:
-            say(f"growth run: {args.growth_events:,} synthetic events through the whole pipeline")
-            out = subprocess.run([sys.executable, __file__, "--growth-worker", str(args.growth_events)], check=True,
+            say(f"growth run: {args.growth_events:,} events of {args.growth_feed} through the whole pipeline")
+            out = subprocess.run([sys.executable, __file__, "--growth-worker", str(args.growth_events),
+                                  "--growth-feed", args.growth_feed], check=True,
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
             growth = json.loads(out.strip().splitlines()[-1])
     results = {name: load(name) for name in BENCHES}
@@ -318,7 +352,7 @@ def main() -> None:
         print(f"  {'':<{width}}  {'':>22}  ← {command}")
     if not args.tabulate:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "perf.json").write_text(json.dumps({
+        (RESULTS / f"{args.growth_out}.json").write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "cores": cores, "light": args.light, "durations_s": durations,
             "growth": growth, "table": [{"figure": f, "value": v, "note": n, "command": c} for f, v, n, c in rows],
             "sources": {name: {"date": results[name].get("date")} for name in BENCHES}}, indent=2))
