@@ -3,7 +3,7 @@ v the mean loss gradient of a reference set over the surrogate's influence block
 ``influence.py``). The effort term joins in :func:`recsift.scoring.scorer.combine`.
 
 Every re-estimate starts LiSSA from v. Starting it from the previous H⁻¹v instead was measured on the stream
-and is worse than a cold start of as many steps (``bench/lissa_warm.py``): the stale estimate's components
+and is worse than a cold start of as many steps (``bench/lissa.py``): the stale estimate's components
 along low-curvature directions decay by only (1 − damping) a step."""
 
 from __future__ import annotations
