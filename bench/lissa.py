@@ -1,11 +1,12 @@
 """LiSSA on the stream: how many steps a re-estimate of H⁻¹v needs, from v (cold) or from the last estimate (warm).
 
-On a stream H⁻¹v is re-estimated every ``scoring.reestimate_every`` batches, ``scoring.scorer.depth`` (500)
-LiSSA steps each: about a fifth of the scoring stage's time. This measures, on the scorer the service builds
-(its defaults) fed the windows' samples of a stream (the synthetic one, or ``--dataset DIR``):
+On a stream H⁻¹v is re-estimated every ``scoring.reestimate_every`` batches, ``scoring.scorer.depth`` LiSSA
+steps each (500 until this bench's results made it 100: about a fifth of the scoring stage's time). This
+measures, on the scorer the service builds (its defaults) fed the windows' samples of a stream (the synthetic
+one, or ``--dataset DIR``):
 
 1. a cold estimate on the first batch (the service's version 1), then ``--batches`` more surrogate updates;
-2. on the moved surrogate, against a cold estimate of the configured depth (the reference): a second one
+2. on the moved surrogate, against a cold estimate of ``--reference-depth`` (500) steps: a second one
    with another LiSSA seed (the noise floor), cold estimates of each ``--depths``, warm ones of as many
    steps that start from step 1's H⁻¹v, and step 1's H⁻¹v itself with no steps (the negative control: what
    skipping the re-estimate would give);
@@ -34,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from recsift.config import load_config  # noqa: E402
 from recsift.scoring.dealrec import DEALRecScorer  # noqa: E402
-from recsift.scoring.influence import cosine, spearman  # noqa: E402
+from recsift.scoring.influence import InfluenceEstimator, cosine, spearman  # noqa: E402
 from recsift.service import build_stream_scorer, embedded_feed  # noqa: E402
+from recsift.state import State  # noqa: E402
 from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.events import Event, parse_event  # noqa: E402
 from recsift.stream.windows import Sample, StreamState  # noqa: E402
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, help="a dataset directory in the shared format (default: synthetic)")
     ap.add_argument("--batches", type=int, default=10, help="surrogate updates between the two estimates")
     ap.add_argument("--depths", default="25,50,100,200")
+    ap.add_argument("--reference-depth", type=int, default=500,
+                    help="steps of the cold estimate the others are compared with (500: the default until 2026-12-06)")
     args = ap.parse_args()
     overrides: dict[str, Any] = {"stream.synthetic.events": 3_000_000}
     if args.dataset is not None:
@@ -87,27 +91,29 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
 
     def estimate(seed: int, depth: int | None, warm: bool = False) -> tuple[torch.Tensor, float]:
-        """A DEALRec estimate as the service makes it (``depth`` steps; None: the configured depth); ``warm``:
-        LiSSA started from step 1's H⁻¹v."""
-        est = DEALRecScorer(seed=seed, damping=dealrec.damping, scale=dealrec.scale, depth=depth or dealrec.depth,
+        """A DEALRec estimate as the service makes it (``depth`` steps; None: the configured depth) with the
+        scorer's own LiSSA mini-batches; ``warm``: the recursion starts from step 1's H⁻¹v."""
+        est = DEALRecScorer(seed=seed, damping=dealrec.damping, scale=dealrec.scale, depth=depth or args.reference_depth,
                             batch_size=dealrec.batch_size, repeats=dealrec.repeats)
         started = time.perf_counter()
-        if not warm:
-            est.prepare(surrogate, reference)
-            assert est.estimator is not None and est.estimator.ihvp is not None
-            return est.estimator.ihvp, time.perf_counter() - started
-        estimator = est._estimator(surrogate)
-        size = min(dealrec.batch_size, len(reference))
-        ihvp = estimator.estimate(surrogate.loss_inputs(reference), lambda g: surrogate.loss_inputs(
-            reference.select(torch.randint(0, len(reference), (size,), generator=g))), start=start, depth=depth)
-        return ihvp, time.perf_counter() - started
+        if warm:  # the scorer has no warm start: the estimator it uses, with the same settings and mini-batches
+            estimator = InfluenceEstimator(surrogate.loss_model, surrogate.influence_block(), est.damping, est.scale,
+                                           est.depth, est.repeats, seed)
+            size = min(est.batch_size, len(reference))
+            ihvp = estimator.estimate(surrogate.loss_inputs(reference), lambda g: surrogate.loss_inputs(
+                reference.select(torch.randint(0, len(reference), (size,), generator=g))), start=start, depth=depth)
+            return ihvp, time.perf_counter() - started
+        est.prepare(surrogate, reference)
+        assert est.estimator is not None and est.estimator.ihvp is not None
+        return est.estimator.ihvp, time.perf_counter() - started
 
     def scores(ihvp: torch.Tensor) -> torch.Tensor:
+        """The probe batch's influence under ``ihvp``, through the scorer's restore path (as after a restart)."""
         est = DEALRecScorer(seed=0)
-        est._restored_ihvp = ihvp
+        est.load_state_dict(State(tensors={"ihvp": ihvp}, meta={"version": 1}))
         return est.influence(surrogate, probe)
 
-    say(f"cold estimates ({dealrec.depth} steps), two seeds")
+    say(f"cold estimates ({args.reference_depth} steps), two seeds")
     cold, cold_s = estimate(0, None)
     other, other_s = estimate(1, None)
     rows: list[dict[str, Any]] = []
@@ -119,14 +125,14 @@ def main() -> None:
         say(f"{name}: cosine {rows[-1]['cosine_vs_cold']:.4f}, score Spearman "
             f"{rows[-1]['score_spearman_vs_cold']:.4f}, {seconds:.1f} s")
 
-    row(f"cold, {dealrec.depth} steps, another seed (noise floor)", other, other_s, dealrec.depth)
+    row(f"cold, {args.reference_depth} steps, another seed (noise floor)", other, other_s, args.reference_depth)
     for depth in depths:
         row(f"cold, {depth} steps", *estimate(1, depth), depth)
         row(f"warm (from the last estimate), {depth} steps", *estimate(1, depth, warm=True), depth)
     row("stale: the previous estimate, no steps (negative control)", start, 0.0, 0)
     out = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", "bench/lissa.py", *sys.argv[1:]]),
            "dataset": str(args.dataset) if args.dataset else "synthetic", "batch_size": size,
-           "batches_between": args.batches, "depth": dealrec.depth, "cold_s": cold_s, "rows": rows}
+           "batches_between": args.batches, "depth": args.reference_depth, "cold_s": cold_s, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"lissa-{args.dataset.name if args.dataset else 'synthetic'}.json").write_text(json.dumps(out, indent=2))
     print(f"{'estimate':<60} {'steps':>6} {'seconds':>8} {'cos H⁻¹v':>9} {'Spearman':>9}")

@@ -225,6 +225,8 @@ def load(name: str) -> dict[str, Any]:
 def command_of(name: str, result: dict[str, Any]) -> str:
     """The command that wrote a results file: its own record of it, else the benchmark's default run."""
     if name == "growth":
+        if "command" in result:
+            return str(result["command"])
         feed = result.get("feed", "synthetic")
         return (f"python bench/perf.py --only growth --growth-events {int(result.get('events', MARKS[-1]))}"
                 + ("" if feed == "synthetic" else f" --growth-feed {feed}"))
@@ -342,6 +344,7 @@ def main() -> None:
                                   "--growth-feed", args.growth_feed], check=True,
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
             growth = json.loads(out.strip().splitlines()[-1])
+            growth["command"] = " ".join(["python", "bench/perf.py", *sys.argv[1:]])  # --growth-out included
     results = {name: load(name) for name in BENCHES}
     rows = table(results, growth)
     cores = os.cpu_count()
