@@ -2,7 +2,7 @@
 better LLM recommender than a random sample of the same size?
 
 ``--cpu``: a paired protocol with power on a 2-core CPU (SmolLM2-135M).
-  - A seeded pool of 4,096 training samples (a user's training sequence: history → last item). The SASRec
+  - A seeded pool of 4,096 training samples (a user's training sequence: history → last item). The SASRec (or --surrogate)
     surrogate (trained on every training sequence), DEALRec influence and the LLM effort score over the
     pool are computed once and cached on disk, keyed by their inputs (the time is reported apart).
   - Arms, each training LoRA r8/α16 on q,v for 3 epochs (warm-up + linear decay, prompt + response
@@ -70,8 +70,7 @@ sys.path.insert(0, str(ROOT))
 from recsift.config import TrainerConfig, load_config  # noqa: E402
 from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset  # noqa: E402
 from recsift.scoring.effort import EffortScorer  # noqa: E402
-from recsift.scoring.registry import make_scorer  # noqa: E402
-from recsift.scoring.sasrec import SASRecSurrogate  # noqa: E402
+from recsift.scoring.registry import SURROGATES, make_scorer, make_surrogate  # noqa: E402
 from recsift.scoring.scorer import combine  # noqa: E402
 from recsift.selection.goracs import goracs_select  # noqa: E402
 from recsift.selection.reservoir import StratifiedReservoir  # noqa: E402
@@ -145,13 +144,15 @@ class Protocol:
     match_length: bool = True  # negatives of about the target's title length (±1 token)
     version: int = 3  # 2: every candidate's log-likelihood and title prior kept, PMI primary; 3: matched lengths
     train_on_inputs: bool = True  # prompt + response loss (the reference); False: a response-only diagnostic
+    surrogate: str = "sasrec"  # the surrogate influence and the embeddings are taken on (scoring.surrogate)
 
     def key(self) -> str:
         """The digest of every field; a field added after v3 enters it only when it differs from its
         default, so results computed before the field existed keep their keys."""
         fields = asdict(self)
-        if fields["train_on_inputs"]:
-            del fields["train_on_inputs"]
+        for name, default in (("train_on_inputs", True), ("surrogate", "sasrec")):
+            if fields[name] == default:
+                del fields[name]
         return digest(fields)
 
 
@@ -229,14 +230,15 @@ class CpuBench:
     def score_pool(self) -> None:
         """Surrogate, influence, effort and embeddings over the pool; cached by the protocol's digest."""
         d, p = self.data, self.p
-        key = digest(p.data_digest, p.pool, p.surrogate_epochs, p.prompt_history, p.base_model)
+        key = digest(p.data_digest, p.pool, p.surrogate_epochs, p.prompt_history, p.base_model,
+                     *([p.surrogate] if p.surrogate != "sasrec" else []))
         path = self.out / f"scores-{key}.safetensors"
         if path.is_file():
             self.scores, self.timings = read_scores(path)
             say(f"pool scores from the cache ({path.name})")
             return
         started = time.perf_counter()
-        surrogate = SASRecSurrogate(len(d.catalog), seed=0)
+        surrogate = make_surrogate(p.surrogate, len(d.catalog), seed=0)
         train_enc = surrogate.encode([s.history for s in d.samples], [s.target for s in d.samples],
                                      range(len(d.samples)))
         surrogate.fit(train_enc.batch, p.surrogate_epochs, 128,
@@ -493,7 +495,7 @@ def run_cpu(args: argparse.Namespace, path: Path) -> None:
                                                                  ("train.txt", "valid.txt", "test.txt", "items.tsv"))),
                         users=args.users, budget=args.budget, epochs=args.epochs, learning_rate=args.lr,
                         prompt_history=args.history, pool=args.pool, surrogate_epochs=args.surrogate_epochs,
-                        train_on_inputs=not args.response_only)
+                        train_on_inputs=not args.response_only, surrogate=args.surrogate)
     name = f"quality-{path.name}-cpu{'-' + args.tag if args.tag else ''}"
     say(f"protocol {protocol.key()}: {asdict(protocol)}")
     data = Data(path, protocol)
@@ -612,6 +614,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--history", type=int, default=5, help="--cpu: most recent history items in a prompt")
     ap.add_argument("--surrogate-epochs", type=int, default=10)
+    ap.add_argument("--surrogate", default="sasrec", choices=sorted(SURROGATES),
+                    help="--cpu: the surrogate the pool is scored on (tag the run, e.g. --tag gru4rec)")
     ap.add_argument("--response-only", action="store_true",
                     help="--cpu diagnostic: train on the response's loss only (the protocol trains on prompt + "
                          "response; the cached effort scores stay prompt + response)")

@@ -49,7 +49,7 @@ from recsift.selection.selector import Offer  # noqa: E402
 from recsift.selection.stage import SelectionStage  # noqa: E402
 from recsift.selection.store import CoresetStore  # noqa: E402
 from recsift.selection.validation import ValidationReservoir  # noqa: E402
-from recsift.service import build_effort, scorer_options, stratified_options  # noqa: E402
+from recsift.service import build_effort, scorer_options, stratified_options, surrogate_options  # noqa: E402
 from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.checkpoint import Checkpoint  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
@@ -73,7 +73,8 @@ def pruning_figures(cfg: Settings, path: Path, train: Split, budget: int, epochs
     strata = stratified_options(cfg)
     started = time.perf_counter()
     report = prune(path, "dealrec", budget, out, epochs=epochs, seed=cfg.scoring.seed,
-                   scorer_options=scorer_options(cfg, METHODS["dealrec"].scorer), hidden=cfg.scoring.hidden,
+                   scorer_options=scorer_options(cfg, METHODS["dealrec"].scorer),
+                   surrogate=cfg.scoring.surrogate, surrogate_options=surrogate_options(cfg),
                    strata=strata.strata, hard_prune=strata.hard_prune, progress=say)
     influence_s = time.perf_counter() - started
     selected = [json.loads(line)["sample_id"] for line in Path(report.selected_path).read_text().splitlines()]

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--journal", dest="checkpoint.journal_samples", action="store_const", const=True,
                      help="record every emitted sample id in the checkpoint")
     run.add_argument("--no-progress", dest="monitoring.progress", action="store_const", const=False)
+    run.add_argument("--surrogate", dest="scoring.surrogate", choices=["sasrec", "gru4rec", "bert4rec"],
+                     help="the surrogate the stream is scored on (scoring.surrogate)")
 
     replay = sub.add_parser("replay", help="produce a file (or the synthetic stream) into a Kafka topic")
     _common(replay)
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", default="dealrec", choices=["dealrec", "random", "grand", "el2n", "ccs", "loss"])
     prune.add_argument("--budget", type=int, default=1024)
     prune.add_argument("--epochs", type=int, default=10, help="surrogate training epochs")
+    prune.add_argument("--surrogate", dest="scoring.surrogate", choices=["sasrec", "gru4rec", "bert4rec"],
+                       help="the surrogate the scores are taken on (default: scoring.surrogate, sasrec)")
     prune.add_argument("--out", type=Path, help="output directory (default: state/prune/DATASET-METHOD)")
 
     coreset = sub.add_parser("coreset", help="inspect the committed coreset and its snapshots")
@@ -355,7 +359,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from recsift.data.datasets import catalog_for, resolve_dataset
     from recsift.selection.prune import METHODS, prune
-    from recsift.service import scorer_options, stratified_options
+    from recsift.service import scorer_options, stratified_options, surrogate_options
     from recsift.stream.catalog import Catalog
 
     cfg = settings_from(args)
@@ -369,10 +373,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         effort = build_effort(cfg, catalog_for(path) or Catalog())
     strata = stratified_options(cfg)
     report = prune(path, args.method, args.budget, out, epochs=args.epochs, seed=cfg.scoring.seed,
-                   scorer_options=scorer_options(cfg, METHODS[args.method].scorer), hidden=cfg.scoring.hidden,
+                   scorer_options=scorer_options(cfg, METHODS[args.method].scorer), surrogate=cfg.scoring.surrogate,
+                   surrogate_options=surrogate_options(cfg),
                    strata=strata.strata, hard_prune=strata.hard_prune, effort_weight=effort_weight, effort=effort,
                    progress=log.info)
     print_table(f"recsift prune: {args.method} on {path.name}", [
+        ("surrogate", report.surrogate),
         ("users", f"{report.users:,}"),
         ("samples scored", f"{report.scored:,}"),
         ("excluded (one item, no input)", f"{report.too_short:,}"),

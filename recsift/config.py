@@ -185,7 +185,7 @@ class CheckpointConfig(_Section):
 
 
 class ScoringConfig(_Section):
-    """DEALRec scoring: SASRec surrogate, influence, effort (consumed by recsift.scoring)."""
+    """DEALRec scoring: the surrogate, influence, effort (consumed by recsift.scoring)."""
 
     moved: ClassVar[dict[str, str]] = {"lissa_damping": "scoring.scorer.damping", "lissa_scale": "scoring.scorer.scale",
                                        "lissa_depth": "scoring.scorer.depth"}
@@ -196,6 +196,9 @@ class ScoringConfig(_Section):
         0.0, ge=0.0,
         description="λ in overall = minmax(influence) + λ·minmax(effort). DEALRec uses 0.3 on Games; the LLM "
                     "gradient costs ~0.16 s per sample on a 2-core CPU (bench/scoring.py), so 0 (off) is the CPU default")
+    surrogate: Literal["sasrec", "gru4rec", "bert4rec"] = Field(
+        "sasrec", description="the surrogate recommender scores are taken on (recsift.scoring.registry.SURROGATES); "
+                              "hidden, layers, heads (attention only) and dropout apply to each")
     hidden: int = Field(64, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(2, gt=0)

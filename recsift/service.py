@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
+from typing import Any
 
 from recsift.config import ConfigError, Settings
 from recsift.data.catalogs import followed_catalog, load_catalog
@@ -32,8 +33,7 @@ from recsift.lock import DirectoryLock
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
 from recsift.scoring.effort import EffortScorer
-from recsift.scoring.registry import SCORERS, make_scorer
-from recsift.scoring.sasrec import SASRecSurrogate
+from recsift.scoring.registry import SCORERS, make_scorer, make_surrogate
 from recsift.scoring.stage import (
     ScoredHandler,
     ScoringStage,
@@ -114,6 +114,22 @@ def consumed_offsets(cfg: Settings) -> int:
                           f"{cfg.stream.topic!r}, the embedded broker makes {cfg.stream.partitions}: keep "
                           "stream.partitions, or start on a fresh --state-dir")
     return sum(offsets.values())
+
+
+def check_saved_surrogate(cfg: Settings) -> None:
+    """Refuse a state directory whose scorer was built on another surrogate than ``scoring.surrogate``: its
+    weights cannot load into this one, and finding out at the first partition assignment would end the run
+    inside the consumer's rebalance."""
+    if not cfg.scoring.enabled or not cfg.checkpoint.path.exists():
+        return
+    checkpoint = Checkpoint(cfg.checkpoint.path)
+    try:
+        saved = ScoringStore.saved_surrogate(checkpoint.conn)
+    finally:
+        checkpoint.close()
+    if saved is not None and saved != cfg.scoring.surrogate:
+        raise ConfigError(f"{cfg.checkpoint.state_dir} holds a {saved} surrogate, not {cfg.scoring.surrogate}: set "
+                          f"scoring.surrogate to {saved!r} (--surrogate {saved}), or start on a fresh --state-dir")
 
 
 def feed_embedded_topic(cfg: Settings, feed: Feed, covered: int, limit: int | None) -> Callable[[Pipeline], None]:
@@ -280,12 +296,17 @@ def build_effort(cfg: Settings, catalog: Catalog) -> EffortScorer:
     return EffortScorer(model, builder.batch, batch_size=t.effort_batch_size, autocast_dtype=llm.autocast_dtype)
 
 
+def surrogate_options(cfg: Settings) -> dict[str, Any]:
+    """The architecture options of ``scoring.surrogate`` (hidden, layers, heads, dropout)."""
+    sc = cfg.scoring
+    return {"hidden": sc.hidden, "layers": sc.layers, "heads": sc.heads, "dropout": sc.dropout}
+
+
 def build_stream_scorer(cfg: Settings, catalog: Catalog) -> StreamScorer:
     """Surrogate and scorer (and the LLM effort scorer when λ > 0)."""
     sc = cfg.scoring
-    surrogate = SASRecSurrogate(sc.item_capacity, hidden=sc.hidden, layers=sc.layers, heads=sc.heads,
-                                max_len=cfg.window.max_history, dropout=sc.dropout, replay=sc.replay, seed=sc.seed,
-                                initial_rows=sc.item_rows_start)
+    surrogate = make_surrogate(sc.surrogate, sc.item_capacity, **surrogate_options(cfg), max_len=cfg.window.max_history,
+                               replay=sc.replay, seed=sc.seed, initial_rows=sc.item_rows_start)
     effort = build_effort(cfg, catalog) if sc.effort_weight > 0 else None
     return StreamScorer(surrogate, make_scorer(sc.scorer, seed=sc.seed), reestimate_every=sc.reestimate_every,
                         reference_size=sc.reference_size, seed=sc.seed, effort=effort,
@@ -605,6 +626,7 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
         stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, Role.WORKER))
         if refreshes:
             stack.enter_context(DirectoryLock(registry_for(cfg).root, Role.TRAINER))
+        check_saved_surrogate(cfg)
         catalog = load_catalog(cfg)
         feed_ticks: list[Callable[[Pipeline], object]] = []
         if cfg.stream.source == "embedded":

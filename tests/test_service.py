@@ -453,3 +453,22 @@ def test_a_30s_broker_outage_is_reported_and_survived(tmp_path: Path) -> None:
             proc.wait(60)
         assert proc.returncode == 0, (tmp_path / "service.log").read_text()[-3000:]
         assert offsets_done(tmp_path / "state", topic) == 30_000
+
+
+def test_a_run_scores_on_the_configured_surrogate_and_a_state_of_another_is_refused(tmp_path: Path) -> None:
+    """`scoring.surrogate: gru4rec` runs the whole service on GRU4Rec (its checkpoint says so); the same state
+    directory under another surrogate is refused with a clear error before anything is consumed."""
+    from recsift.config import ConfigError, load_config
+    from recsift.service import run
+
+    overrides = {"stream.partitions": 1, "monitoring.port": 0, "scoring.batch_size": 500, "scoring.scorer.depth": 10,
+                 "scoring.reestimate_every": 2, "selection.budget": BUDGET, "selection.selector.strata": 8,
+                 "selection.coverage_clusters": 4, "trainer.drift_thresholds": {"target_js": 1e9, "embedding_sw": 1e9},
+                 "checkpoint.state_dir": str(tmp_path), "scoring.hidden": 16}
+    summary = run(load_config(overrides={**overrides, "scoring.surrogate": "gru4rec"}), max_events=2_000)
+    assert summary.scored >= 500 and summary.coreset == BUDGET
+    states = component_states(tmp_path, {**overrides, "scoring.surrogate": "gru4rec"})
+    assert states["scorer"].part("surrogate").meta["surrogate"] == "gru4rec"
+    with pytest.raises(ConfigError, match="holds a gru4rec surrogate, not bert4rec"):
+        run(load_config(overrides={**overrides, "scoring.surrogate": "bert4rec"}), max_events=2_000)
+    assert offsets_done(tmp_path, "interactions") == 2_000  # nothing more consumed

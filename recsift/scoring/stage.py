@@ -328,6 +328,15 @@ class ScoringStore:
         have = {s.sample_id for s in kept}
         self.stage.pending = kept + [s for samples in held.values() for s in samples if s.sample_id not in have]
 
+    @staticmethod
+    def saved_surrogate(conn: sqlite3.Connection) -> str | None:
+        """The kind of surrogate (``sasrec``, ...) a checkpoint's scorer was built on; None when it holds none."""
+        has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'scoring_state'").fetchone()
+        row = conn.execute("SELECT state FROM scoring_state WHERE name = 'scorer'").fetchone() if has_table else None
+        if row is None:
+            return None
+        return str(State.from_bytes(bytes(row[0])).part("surrogate").meta.get("surrogate", "sasrec"))
+
     def release(self, partitions: set[int]) -> None:
         """Revoked partitions take their pending samples with them (saved by the revoke's checkpoint)."""
         self.owned -= partitions

@@ -3,7 +3,8 @@
 A surrogate is the small sequential recommender DEALRec scores samples with (SASRec in the paper, which
 reports the selection robust to the choice). Scorers use it only through :class:`Surrogate`: per-sample
 losses, embeddings, next-item scores, and for influence-style scores the loss module, its inputs for a
-batch and the parameter block the influence is taken over. Implementations: :mod:`recsift.scoring.sasrec`.
+batch and the parameter block the influence is taken over. Implementations: :mod:`recsift.scoring.sasrec`,
+:mod:`recsift.scoring.gru4rec`, :mod:`recsift.scoring.bert4rec` (on :mod:`recsift.scoring.sequential`).
 
 Rows are item ids mapped through an :class:`ItemVocab` (0 padding, 1 out-of-vocabulary), left-padded
 into a :class:`SeqBatch` of history + target.
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recsift.hashing import GOLDEN, MIX1, as_int64, shift_right, splitmix64
+from recsift.hashing import GOLDEN, MIX1, MIX2, as_int64, shift_right, splitmix64
 from recsift.state import State
 
 PAD, OOV = 0, 1
@@ -28,7 +29,7 @@ PAD, OOV = 0, 1
 class Surrogate(Protocol):
     """What scorers and the stream scorer need from a surrogate recommender."""
 
-    name: str
+    name: ClassVar[str]
     seed: int
     max_len: int  # history items a row holds (a row is history + target)
     version: int  # bumped by every update
@@ -168,3 +169,11 @@ def hashed_negatives(sample_ids: Tensor, positions: int, n_rows: int, seed: int)
     return 2 + torch.remainder(shift_right(x, 1), n_rows - 2)
 
 
+
+
+def hashed_fractions(sample_ids: Tensor, positions: int, seed: int) -> Tensor:
+    """Deterministic uniforms ``[B, positions]`` in [0, 1) from (seed, sample id, position counted from the end of
+    the row), drawn apart from :func:`hashed_negatives` (BERT4Rec's cloze masks for scoring)."""
+    from_end = torch.arange(positions - 1, -1, -1).view(1, -1)
+    x = splitmix64(sample_ids.view(-1, 1) * as_int64(MIX2) + from_end * as_int64(GOLDEN) + seed)
+    return shift_right(x, 11).to(torch.float64) / float(1 << 53)

@@ -21,8 +21,7 @@ import torch
 
 from recsift.data.datasets import catalog_for, read_dealrec_split
 from recsift.scoring.dealrec import DEALRecScorer
-from recsift.scoring.registry import make_scorer
-from recsift.scoring.sasrec import SASRecSurrogate
+from recsift.scoring.registry import make_scorer, make_surrogate
 from recsift.scoring.scorer import combine
 from recsift.scoring.stage import EffortFn
 from recsift.selection.stratified import dealrec_select, random_select, topk_select
@@ -41,14 +40,14 @@ METHODS = {"dealrec": Method("dealrec", "strata"), "ccs": Method("el2n", "strata
 
 
 def influence_scores(data_dir: Path, epochs: int = 1, depth: int = 100, reference_size: int = 1024,
-                     seed: int = 0) -> np.ndarray:
+                     seed: int = 0, surrogate_name: str = "sasrec") -> np.ndarray:
     """DEALRec influence of every training sample of a DEALRec dataset (file order; one-item users excluded)
-    on a SASRec surrogate trained for ``epochs``: the score stream the fidelity checks replay."""
+    on a surrogate (SASRec by default) trained for ``epochs``: the score stream the fidelity checks replay."""
     train = read_dealrec_split(data_dir, "train")
     catalog = catalog_for(data_dir)
     n_items = len(catalog) if catalog is not None else len({i for v in train.values() for i in v})
     users = list(train)
-    surrogate = SASRecSurrogate(n_items, seed=seed)
+    surrogate = make_surrogate(surrogate_name, n_items, seed=seed)
     enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
     surrogate.fit(enc.batch, epochs, 128)
     scorer = make_scorer({"type": "dealrec", "depth": depth}, seed=seed)
@@ -62,6 +61,7 @@ class PruneReport:
     dataset: str
     method: str
     scorer: str
+    surrogate: str
     budget: int
     users: int
     scored: int
@@ -82,7 +82,8 @@ class PruneReport:
 
 
 def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int = 10, seed: int = 0,
-          reference_size: int = 4096, scorer_options: Mapping[str, Any] | None = None, hidden: int = 64, strata: int = 50,
+          reference_size: int = 4096, scorer_options: Mapping[str, Any] | None = None, surrogate: str = "sasrec",
+          surrogate_options: Mapping[str, Any] | None = None, strata: int = 50,
           hard_prune: float = 0.1, effort_weight: float = 0.0, effort: EffortFn | None = None,
           progress: Callable[[str], None] = print) -> PruneReport:
     """Run the pipeline; write ``scores.jsonl`` (every sample), ``selected.jsonl`` (the budget) and ``report.json``.
@@ -95,10 +96,10 @@ def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int =
     catalog = catalog_for(data_dir)
     n_items = len(catalog) if catalog is not None else len({i for v in train.values() for i in v})
     users = list(train)
-    surrogate = SASRecSurrogate(n_items, hidden=hidden, seed=seed)
-    enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
+    model = make_surrogate(surrogate, n_items, **(surrogate_options or {}), seed=seed)
+    enc = model.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
     scorer_name, rule = METHODS[method]
-    report = PruneReport(str(data_dir), method, scorer_name, budget, len(users), len(enc.batch), enc.too_short, epochs)
+    report = PruneReport(str(data_dir), method, scorer_name, surrogate, budget, len(users), len(enc.batch), enc.too_short, epochs)
     progress(f"{len(users):,} users, {len(enc.batch):,} training sequences, {enc.too_short:,} excluded (one item)")
 
     def on_epoch(epoch: int, loss: float, seconds: float) -> None:
@@ -106,17 +107,17 @@ def prune(data_dir: Path, method: str, budget: int, out_dir: Path, epochs: int =
         report.final_loss = loss
         progress(f"surrogate epoch {epoch + 1}/{epochs}: loss {loss:.4f} ({seconds:.1f} s)")
 
-    surrogate.fit(enc.batch, epochs, 128, progress=on_epoch)
+    model.fit(enc.batch, epochs, 128, progress=on_epoch)
     scorer = make_scorer({**(scorer_options or {}), "type": scorer_name}, seed=seed)
     g = torch.Generator().manual_seed(seed)
     reference = enc.batch.select(torch.randperm(len(enc.batch), generator=g)[:reference_size])
     started = time.perf_counter()
-    scorer.prepare(surrogate, reference)
+    scorer.prepare(model, reference)
     report.prepare_seconds = time.perf_counter() - started
     if isinstance(scorer, DEALRecScorer):
         progress(f"LiSSA H⁻¹v ({scorer.depth} steps): {report.prepare_seconds:.1f} s")
     started = time.perf_counter()
-    scores = scorer.score(surrogate, enc.batch)
+    scores = scorer.score(model, enc.batch)
     report.score_seconds = time.perf_counter() - started
     report.score_version = scores.version
     progress(f"scored {len(enc.batch):,} samples in {report.score_seconds:.1f} s ({report.rate:,.0f}/s)")
