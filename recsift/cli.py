@@ -16,9 +16,9 @@ import threading
 import time
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
-from recsift.config import ConfigError, Settings, load_config, parse_override
+from recsift.config import ConfigError, ScoringConfig, Settings, load_config, parse_override
 from recsift.vocab import AdminAction, Outcome, Role, Trigger
 
 if TYPE_CHECKING:  # the command imports what it runs lazily, so `recsift --help` stays fast
@@ -30,6 +30,9 @@ log = logging.getLogger("recsift")
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+
+
+SURROGATES = get_args(ScoringConfig.model_fields["surrogate"].annotation)  # the surrogates a config may name
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--journal", dest="checkpoint.journal_samples", action="store_const", const=True,
                      help="record every emitted sample id in the checkpoint")
     run.add_argument("--no-progress", dest="monitoring.progress", action="store_const", const=False)
-    run.add_argument("--surrogate", dest="scoring.surrogate", choices=["sasrec", "gru4rec", "bert4rec"],
+    run.add_argument("--surrogate", dest="scoring.surrogate", choices=SURROGATES,
                      help="the surrogate the stream is scored on (scoring.surrogate)")
 
     replay = sub.add_parser("replay", help="produce a file (or the synthetic stream) into a Kafka topic")
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", default="dealrec", choices=["dealrec", "random", "grand", "el2n", "ccs", "loss"])
     prune.add_argument("--budget", type=int, default=1024)
     prune.add_argument("--epochs", type=int, default=10, help="surrogate training epochs")
-    prune.add_argument("--surrogate", dest="scoring.surrogate", choices=["sasrec", "gru4rec", "bert4rec"],
+    prune.add_argument("--surrogate", dest="scoring.surrogate", choices=SURROGATES,
                        help="the surrogate the scores are taken on (default: scoring.surrogate, sasrec)")
     prune.add_argument("--out", type=Path, help="output directory (default: state/prune/DATASET-METHOD)")
 
