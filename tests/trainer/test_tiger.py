@@ -58,9 +58,9 @@ def test_constrained_beam_search_returns_only_real_items_even_untrained(ids: Sem
 
 
 def test_a_trained_tiger_beats_popularity_on_held_out_users_and_round_trips(ids: SemanticIds, tmp_path: Path) -> None:
-    model = TigerModel.build(ids, d_model=64, layers=2, heads=4, seed=0)
-    histories, targets = walks(600, seed=2)
-    losses = model.fit(histories, targets, epochs=12, batch_size=32, lr=3e-3)
+    model = TigerModel.build(ids, d_model=48, layers=2, heads=4, seed=0)
+    histories, targets = walks(400, seed=2)
+    losses = model.fit(histories, targets, epochs=10, batch_size=32, lr=3e-3)
     assert losses[-1] < 0.5 * losses[0], losses
     test_h, test_t = walks(100, seed=3)
     ranked = model.recommend(test_h, k=10)
