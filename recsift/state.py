@@ -34,7 +34,12 @@ class State:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> State:
-        return cls(dict(st_load(blob)), json.loads(safetensors_metadata(blob).get(_META_KEY, "{}")))
+        return cls(dict(st_load(blob)), State.meta_of(blob))
+
+    @staticmethod
+    def meta_of(blob: bytes) -> dict[str, Any]:
+        """The metadata of :meth:`to_bytes`'s ``blob``, from its header alone (no tensor is decoded)."""
+        return dict(json.loads(safetensors_metadata(blob).get(_META_KEY, "{}")))
 
     def put(self, prefix: str, part: State) -> State:
         """Nest ``part`` under ``prefix`` (for a component made of components); returns self."""

@@ -335,7 +335,7 @@ class ScoringStore:
         row = conn.execute("SELECT state FROM scoring_state WHERE name = 'scorer'").fetchone() if has_table else None
         if row is None:
             return None
-        return str(State.from_bytes(bytes(row[0])).part("surrogate").meta.get("surrogate", "sasrec"))
+        return str(State.meta_of(bytes(row[0])).get("surrogate", {}).get("surrogate", "sasrec"))
 
     def release(self, partitions: set[int]) -> None:
         """Revoked partitions take their pending samples with them (saved by the revoke's checkpoint)."""

@@ -40,14 +40,14 @@ METHODS = {"dealrec": Method("dealrec", "strata"), "ccs": Method("el2n", "strata
 
 
 def influence_scores(data_dir: Path, epochs: int = 1, depth: int = 100, reference_size: int = 1024,
-                     seed: int = 0, surrogate_name: str = "sasrec") -> np.ndarray:
+                     seed: int = 0) -> np.ndarray:
     """DEALRec influence of every training sample of a DEALRec dataset (file order; one-item users excluded)
-    on a surrogate (SASRec by default) trained for ``epochs``: the score stream the fidelity checks replay."""
+    on a SASRec surrogate trained for ``epochs``: the score stream the fidelity checks replay."""
     train = read_dealrec_split(data_dir, "train")
     catalog = catalog_for(data_dir)
     n_items = len(catalog) if catalog is not None else len({i for v in train.values() for i in v})
     users = list(train)
-    surrogate = make_surrogate(surrogate_name, n_items, seed=seed)
+    surrogate = make_surrogate("sasrec", n_items, seed=seed)
     enc = surrogate.encode([train[u][:-1] for u in users], [train[u][-1] for u in users], range(len(users)))
     surrogate.fit(enc.batch, epochs, 128)
     scorer = make_scorer({"type": "dealrec", "depth": depth}, seed=seed)
