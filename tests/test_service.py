@@ -472,3 +472,48 @@ def test_a_run_scores_on_the_configured_surrogate_and_a_state_of_another_is_refu
     with pytest.raises(ConfigError, match="holds a gru4rec surrogate, not bert4rec"):
         run(load_config(overrides={**overrides, "scoring.surrogate": "bert4rec"}), max_events=2_000)
     assert offsets_done(tmp_path, "interactions") == 2_000  # nothing more consumed
+
+
+def test_a_checkpoint_asked_for_before_the_first_assignment_keeps_the_saved_state(
+    broker: EmbeddedBroker, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A refresh found interrupted at start asks for a checkpoint at once, while the group is still joining:
+    the stages then hold the state they were built with, not the saved one. That checkpoint commits nothing,
+    so the worker's first assignment restores every component's saved state (before, the fresh scorer and
+    selection counters overwrote the saved ones, and the run went on from a surrogate that had learnt nothing)."""
+    from recsift import service
+    from recsift.config import SyntheticConfig
+    from recsift.data.synthetic import SyntheticStream
+    from recsift.monitoring.metrics import Metrics
+    from recsift.state import differences
+    from recsift.stream.catalog import Catalog
+
+    topic = make_topic(1)
+    produce_events(kafka_settings(broker, topic).stream, True,
+                   list(SyntheticStream(SyntheticConfig(users=200, items=150, events=2_000)).payloads()), topic)
+    overrides = {"scoring.batch_size": 500, "scoring.scorer.depth": 10, "scoring.reestimate_every": 2,
+                 "selection.budget": BUDGET, "selection.selector.strata": 8, "selection.coverage_clusters": 4,
+                 "trainer.refresh_interval_s": None, "trainer.drift_thresholds": {"target_js": 1e9, "embedding_sw": 1e9},
+                 "stream.stop_when_idle_s": 3.0, "scoring.hidden": 16}
+    cfg = kafka_settings(broker, topic, tmp_path, **overrides)
+    assert service.run(cfg).scored >= 500
+    state = cfg.checkpoint.state_dir
+    saved = component_states(state, overrides)
+
+    # a worker's pieces as `recsift run` builds them, before its source has joined the group
+    scorer = service.build_stream_scorer(cfg, Catalog())
+    selection, coreset_store = service.build_selection(cfg, Catalog(), rescore=scorer.rescore)
+    stage, store = service.build_scoring(cfg, scorer, downstream=[selection])
+    ingest = service.Ingest(cfg, Metrics(), Catalog(), participants=[store, coreset_store], handlers=[stage],
+                            threaded=True)
+    try:
+        ingest.pipeline.source = ingest.source()
+        ingest.pipeline.checkpoint_now()
+        ingest.pipeline.on_assign({0})
+        assert not differences(scorer.state_dict(), saved["scorer"])  # the live scorer is the saved one
+        ingest.pipeline.source.close()
+    finally:
+        ingest.close()
+    after = component_states(state, overrides)
+    diffs = {name: differences(after[name], saved[name]) for name in saved}
+    assert not any(diffs.values()), {k: v[:5] for k, v in diffs.items() if v}

@@ -190,6 +190,7 @@ class Pipeline:
         self._lag_labels: set[str] = set()
         self._closing = False
         self._assigned_at = 0.0
+        self._restored = False  # set by the first assignment: only then does memory hold the checkpoint's state
         self.ticks = list(ticks)  # called with the pipeline once per loop: catalog topic, progress, ...
 
     # ------------------------------------------------------------------ rebalance callbacks
@@ -201,6 +202,7 @@ class Pipeline:
         if any(o != "current" for o in outcomes.values()):
             log.info("changelog: %s", changelog_summary(outcomes))
         self.checkpoint.load(partitions)
+        self._restored = True
         saved = self.checkpoint.offsets(self._topic())
         offsets = {p: saved[p] for p in partitions if p in saved}
         self.offsets.update(offsets)
@@ -410,7 +412,14 @@ class Pipeline:
             m.watermark.set(wm)
 
     def checkpoint_now(self) -> None:
-        """Drain downstream, flush dead letters, commit the checkpoint transaction, then commit offsets."""
+        """Drain downstream, flush dead letters, commit the checkpoint transaction, then commit offsets.
+
+        Before the first assignment nothing is committed: nothing was consumed, and the stages still hold the
+        state they were built with, not the saved one (a worker's scorer and selection counters are restored
+        with its first partitions), so a commit would overwrite the saved state with a fresh one. A refresh
+        started at once (an interrupted one) asks for a checkpoint while the group is still joining."""
+        if not self._restored:
+            return
         t0 = time.perf_counter()
         self.sink.drain()
         self.dead_letters.flush()
