@@ -277,7 +277,9 @@ class TrainerConfig(_Section):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     cache_dir: Path = Field(Path.home() / ".cache" / "recsift", description="dequantised base models, title embeddings")
-    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where the CPU supports it")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a CUDA device that "
+                                                          "supports it and on a CPU with native bf16 (AVX-512 BF16, AMX, "
+                                                          "Arm BF16); emulated bf16 is many times slower than fp32")
     domain: Literal["items", "games", "movies"] = Field("items", description="the prompt's wording")
     max_prompt_tokens: int = Field(256, ge=16, description="oldest history items are dropped to fit")
     prompt_history: int | None = Field(None, gt=0, description="at most this many recent history items in a "

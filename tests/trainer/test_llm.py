@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsift.trainer.llm import ModelNotAvailable, load_llm, wrap_llm
+from recsift.trainer.llm import ModelNotAvailable, bf16_native, load_llm, wrap_llm
 from tests.helpers import tiny_llm
 
 
@@ -60,3 +60,16 @@ def test_device_auto_picks_cuda_only_when_present_and_cuda_without_one_is_a_clea
     if not torch.cuda.is_available():
         with pytest.raises(ModelNotAvailable, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_auto_dtype_takes_bf16_only_where_the_cpu_computes_it_natively() -> None:
+    """bf16 autocast runs everywhere on a CPU, emulated where the hardware lacks it (many times slower than fp32),
+    so ``dtype: auto`` reads the CPU's flags."""
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert not bf16_native(avx2) and not bf16_native("")
+    assert bf16_native("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert bf16_native("flags\t\t: fpu avx2 amx_tile amx_bf16\n")
+    assert bf16_native("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    model, tokenizer = tiny_llm(lora=False)
+    llm = wrap_llm("tiny", model, tokenizer, "auto")
+    assert (llm.autocast_dtype is torch.bfloat16) == bf16_native()  # this machine's choice follows its flags
