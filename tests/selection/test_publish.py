@@ -167,6 +167,7 @@ def test_the_service_publishes_its_committed_coreset_and_a_restart_carries_on(
         "stream.coreset_topic": coreset_topic, "stream.worker_id": WORKER, "stream.stop_when_idle_s": 3.0,
         "scoring.batch_size": 500, "scoring.scorer.depth": 20, "selection.budget": 64,
         "selection.validation_size": 50, "trainer.refresh_interval_s": None,
+        "trainer.drift_thresholds": {"target_js": 1e9, "embedding_sw": 1e9},  # no refresh: not what is tested
         "checkpoint.interval_events": 1000})  # several checkpoints a run: members leave between publishes
     db = tmp_path / "state" / "recsift.sqlite"
     for part in (payloads[:5000], payloads[5000:]):  # the second run restarts on the first one's state
