@@ -78,6 +78,7 @@ from recsift.selection.selector import Offer  # noqa: E402
 from recsift.selection.stratified import dealrec_select, random_select  # noqa: E402
 from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
+from recsift.trainer.bigrec import train_lora  # noqa: E402
 from recsift.trainer.evaluate import (  # noqa: E402
     CANDIDATE_METRICS,
     CANDIDATE_SCORES,
@@ -90,7 +91,6 @@ from recsift.trainer.evaluate import (  # noqa: E402
 from recsift.trainer.llm import LLM, add_lora, load_llm  # noqa: E402
 from recsift.trainer.prompts import PromptBuilder, builder_for  # noqa: E402
 from recsift.trainer.recommender import Recommender, candidate_table  # noqa: E402
-from recsift.trainer.refresh import train_lora  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PRIMARY = "rank_percentile"

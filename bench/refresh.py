@@ -53,10 +53,11 @@ from recsift.service import build_effort, scorer_options, stratified_options, su
 from recsift.stream.catalog import Catalog  # noqa: E402
 from recsift.stream.checkpoint import Checkpoint  # noqa: E402
 from recsift.stream.windows import Sample  # noqa: E402
+from recsift.trainer.bigrec import model_for, train_lora  # noqa: E402
 from recsift.trainer.llm import load_llm, resolve_device  # noqa: E402
 from recsift.trainer.prompts import builder_for  # noqa: E402
 from recsift.trainer.recommender import Recommender  # noqa: E402
-from recsift.trainer.refresh import model_for, refresh, registry_for, train_lora  # noqa: E402
+from recsift.trainer.refresh import refresh, registry_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 Split = dict[str, list[str]]  # a DEALRec split: user → items in order

@@ -266,10 +266,44 @@ class HookTarget(_Section):
         return self
 
 
+class TigerConfig(_Section):
+    """The TIGER backend (``trainer.backend: tiger``, recsift.trainer.tiger): semantic IDs from an RQ-VAE over the
+    items' title embeddings, and a small T5 that generates the next item's ID."""
+
+    levels: int = Field(3, gt=0, description="RQ-VAE codebooks (TIGER: 3); an ID is levels codes + a collision suffix")
+    codes: int = Field(256, ge=2, description="codes per codebook (TIGER: 256)")
+    latent: int = Field(32, gt=0, description="the RQ-VAE's latent size (TIGER: 32)")
+    rqvae_hidden: int = Field(256, gt=0, description="the RQ-VAE encoder's and decoder's hidden width")
+    rqvae_epochs: int = Field(200, gt=0, description="RQ-VAE training epochs over the catalogue")
+    max_collision_rate: float = Field(0.2, ge=0.0, le=1.0, description="retrain the IDs (and start a fresh T5) when "
+                                      "a larger share of items shares its codes with another item")
+    max_error_ratio: float = Field(2.0, gt=0.0, description="... or when the items given IDs since the training are "
+                                   "reconstructed this many times worse than the trained ones")
+    d_model: int = Field(128, gt=0, description="the T5's width")
+    layers: int = Field(2, gt=0, description="encoder and decoder layers")
+    heads: int = Field(4, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    history: int = Field(20, gt=0, description="most recent history items the T5 reads")
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(10, gt=0, description="fine-tuning epochs per refresh (early stopping on validation)")
+    batch_size: int = Field(64, gt=0)
+    beams: int = Field(20, gt=0, description="constrained beam search width when recommending")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TigerConfig:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} must be a multiple of heads {self.heads}")
+        return self
+
+
 class TrainerConfig(_Section):
     """Few-shot LoRA refresh of the LLM recommender (consumed by recsift.trainer)."""
 
     seed: int = 0
+    backend: Literal["bigrec", "tiger"] = Field(
+        "bigrec", description="what a refresh trains (recsift.trainer.refresh.BACKENDS): bigrec = LoRA adapters on "
+        "base_model, which generates titles; tiger = a T5 over semantic IDs of base_model's title embeddings")
+    tiger: TigerConfig = Field(TigerConfig(), description="the TIGER backend's options")
     base_model: str = "smollm2"
     lora_r: int = Field(8, gt=0)
     lora_alpha: int = Field(16, gt=0)

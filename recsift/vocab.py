@@ -121,6 +121,15 @@ class CandidateMetric(Label):
     TARGET_NLL = "target_nll"
 
 
+class SemanticIdMetric(Label):
+    """What a TIGER refresh reports about its semantic IDs: the share of items whose codes another item shares,
+    the new items' reconstruction error, and whether this refresh retrained the quantiser (1) or not (0)."""
+
+    COLLISION_RATE = "semantic_id_collision_rate"
+    NEW_ITEM_ERROR = "semantic_id_new_item_error"
+    RETRAINED = "semantic_ids_retrained"
+
+
 class LossMetric(Label):
     """The mean validation losses a refresh compares: the new adapter's and the serving one's."""
 

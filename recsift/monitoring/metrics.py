@@ -202,7 +202,7 @@ class Metrics:
                                      registry=trainer)
         self.eval_metric = Gauge("recsift_eval", "Validation metrics of the last refresh, by metric",
                                  ["metric"], registry=trainer)
-        for metric in (*LossMetric, *CandidateMetric):
+        for metric in (*LossMetric, *CandidateMetric):  # (a TIGER refresh adds SemanticIdMetric's)
             self.eval_metric.labels(metric.value)
         self.hook_deliveries = Counter(
             "recsift_promotion_hook_deliveries_total", "Promotion hook deliveries by target and outcome (a failed "

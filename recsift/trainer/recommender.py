@@ -66,6 +66,39 @@ def last_token_states(llm: LLM, model: Any, texts: Sequence[str], batch_size: in
     return out
 
 
+def catalogue_key(model_name: str, catalog: Catalog) -> str:
+    """A digest of the base model's name and every item's id and title: the title embeddings' cache key."""
+    h = hashlib.sha256(model_name.encode())
+    for item in sorted(catalog, key=lambda it: it.item_id):
+        h.update(f"{item.item_id}\t{item.title}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def title_embeddings(llm: LLM, model: Any, catalog: Catalog, cache_dir: Path | None) -> tuple[list[str], np.ndarray]:
+    """Every catalogue item's id (sorted) and ``model``'s last-layer state after its title (BIGRec grounds on
+    them; TIGER's semantic IDs quantise them), cached per base model and catalogue contents as
+    ``titles-<key>.npy`` under ``cache_dir``; the caller disables any adapter."""
+    items = sorted(catalog, key=lambda it: it.item_id)
+    path = cache_dir / f"titles-{catalogue_key(llm.name, catalog)}.npy" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return [it.item_id for it in items], np.load(path, allow_pickle=False)
+    done, step = [0, 0.0], max(len(items) // 10, 1)
+
+    def progress(n: int) -> None:  # a large catalogue takes minutes on a CPU: say how far it is
+        done[0] += n
+        if done[0] >= done[1] + step or done[0] == len(items):
+            done[1] = done[0]
+            log.info("embedding catalogue titles: %d / %d", done[0], len(items))
+
+    vectors = last_token_states(llm, model, [it.title for it in items], progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, vectors, allow_pickle=False)
+        tmp.replace(path)
+    return [it.item_id for it in items], vectors
+
+
 class Recommender:
     def __init__(self, llm: LLM, model: Any, catalog: Catalog, builder: PromptBuilder, cache_dir: Path | None = None,
                  max_new_tokens: int = 128, num_beams: int = 4) -> None:
@@ -79,40 +112,15 @@ class Recommender:
         self._catalog_key = ""
         self.refresh_titles()
 
-    def _key(self) -> str:
-        h = hashlib.sha256(self.llm.name.encode())
-        for item in sorted(self.catalog, key=lambda it: it.item_id):
-            h.update(f"{item.item_id}\t{item.title}\n".encode())
-        return h.hexdigest()[:20]
-
     def refresh_titles(self) -> None:
         """(Re)build the title index when the catalogue changed; cached embeddings are reused."""
-        key = self._key()
+        key = catalogue_key(self.llm.name, self.catalog)
         if key == self._catalog_key:
             return
-        items = sorted(self.catalog, key=lambda it: it.item_id)
-        path = self.cache_dir / f"titles-{key}.npy" if self.cache_dir is not None else None
-        if path is not None and path.is_file():
-            vectors = np.load(path, allow_pickle=False)
-        else:
-            done, step = [0, 0.0], max(len(items) // 10, 1)
-
-            def progress(n: int) -> None:  # a large catalogue takes minutes on a CPU: say how far it is
-                done[0] += n
-                if done[0] >= done[1] + step or done[0] == len(items):
-                    done[1] = done[0]
-                    log.info("embedding catalogue titles: %d / %d", done[0], len(items))
-
-            with self._base_only():
-                vectors = last_token_states(self.llm, self.model, [it.title for it in items], progress=progress)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npy")
-                np.save(tmp, vectors, allow_pickle=False)
-                tmp.replace(path)
+        with self._base_only():
+            self.item_ids, vectors = title_embeddings(self.llm, self.model, self.catalog, self.cache_dir)
         self.index = faiss.IndexFlatL2(vectors.shape[1])
         self.index.add(vectors)
-        self.item_ids = [it.item_id for it in items]
         self._catalog_key = key
 
     def _base_only(self) -> Any:

@@ -1,13 +1,12 @@
-"""The refresh job: snapshot the coreset → LoRA fine-tune → evaluate → promote or roll back.
+"""The refresh job: snapshot the coreset → fine-tune → evaluate → promote or roll back.
 
-It starts from the serving adapter (a refresh is incremental) or a fresh seeded LoRA adapter, trains
-on the snapshot with AdamW over the LoRA parameters only (linear warm-up then linear decay, as the
-reference alpaca-lora setup; loss over prompt + response with ``train_on_inputs``; bf16 autocast where
-supported; on ``trainer.device``), stops early when the validation loss stops improving, and judges the
-result on the recent validation reservoir by its mean response loss against the serving adapter's on the
-same samples. It also reports candidate metrics on those samples (the target among seeded negatives,
-ranked by likelihood: HR@K, NDCG@K, rank percentile, target NLL), so an operator sees a number that
-moves. A run that fails, produces a non-finite loss, has fewer than ``min_eval_samples`` validation
+What is fine-tuned is the backend's (``trainer.backend``, :mod:`recsift.trainer.backend`): a LoRA adapter on
+the base LLM (BIGRec) or a T5 over semantic IDs (TIGER). Either way the refresh starts from the serving
+version (it is incremental) or a fresh model, trains on the snapshot, stops early when the validation loss
+stops improving, and judges the result on the recent validation reservoir by its mean loss against the
+serving version's on the same samples. It also reports candidate metrics on those samples (the target among
+seeded negatives, ranked by likelihood: HR@K, NDCG@K, rank percentile, target NLL), so an operator sees a
+number that moves. A run that fails, produces a non-finite loss, has fewer than ``min_eval_samples`` validation
 samples to be judged on (``no_validation``), or is worse than serving by more than ``promote_tolerance``
 is recorded and not promoted. Every run is recorded in the ``refresh_runs`` table with its trigger,
 outcome and reason.
@@ -25,133 +24,26 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from recsift.config import Settings, TrainerConfig
+from recsift.config import Settings
 from recsift.process import die_with_parent, log_to_stderr
-from recsift.scoring.effort import response_losses
 from recsift.selection.store import read_snapshot, read_validation, take_snapshot
 from recsift.stream.catalog import Catalog, Item
 from recsift.stream.checkpoint import connect
-from recsift.stream.windows import Sample
-from recsift.trainer.evaluate import NegativeSampler, candidate_metrics, candidate_scores
-from recsift.trainer.llm import LLM, add_lora, autocast, load_llm
-from recsift.trainer.prompts import PromptBuilder, builder_for
-from recsift.trainer.recommender import candidate_table
+from recsift.trainer.backend import Backend
+from recsift.trainer.bigrec import BigRecBackend
+from recsift.trainer.llm import LLM
 from recsift.trainer.registry import AdapterRegistry
+from recsift.trainer.tiger.backend import TigerBackend
 from recsift.vocab import LossMetric, Outcome, RefreshReason, Trigger
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class TrainResult:
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    steps: int = 0
-    learning_rates: list[float] = field(default_factory=list)  # after each step
-    samples: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def _autocast(model: Any, dtype: torch.dtype | None) -> Any:
-    return autocast(next(model.parameters()).device, dtype)
-
-
-def mean_loss(model: Any, builder: PromptBuilder, samples: Sequence[Sample], batch_size: int,
-              autocast_dtype: torch.dtype | None) -> float:
-    """Mean response-token loss over ``samples`` (eval mode, no gradients; the prompt is never judged)."""
-    if not samples:
-        return float("nan")
-    model.eval()
-    total = 0.0
-    with torch.no_grad(), _autocast(model, autocast_dtype):
-        for start in range(0, len(samples), batch_size):
-            batch = builder.batch(samples[start:start + batch_size], response_only=True)
-            total += float(response_losses(model, batch).sum())
-    return total / len(samples)
-
-
-def train_lora(model: Any, builder: PromptBuilder, samples: Sequence[Sample], validation: Sequence[Sample],
-               cfg: TrainerConfig, autocast_dtype: torch.dtype | None,
-               progress: Callable[[str], None] = lambda _: None) -> TrainResult:
-    """Fine-tune the LoRA parameters of ``model`` on ``samples``; early stopping on ``validation``."""
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
-    if not params:
-        raise ValueError("the model has no LoRA parameters to train")
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    schedule = lr_schedule(optimizer, cfg.warmup_steps, cfg.epochs * math.ceil(len(samples) / cfg.batch_size))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    result = TrainResult()
-    best, best_state, stale = math.inf, None, 0
-    started = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = torch.randperm(len(samples), generator=generator).tolist()
-        losses = []
-        for start in range(0, len(order), cfg.batch_size):
-            batch = builder.batch([samples[i] for i in order[start:start + cfg.batch_size]])
-            with _autocast(model, autocast_dtype):
-                loss = response_losses(model, batch).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()} at step {result.steps}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            result.learning_rates.append(schedule.get_last_lr()[0])
-            losses.append(float(loss.detach()))
-            result.steps += 1
-            result.samples += len(batch["input_ids"])
-            result.tokens += int(batch["attention_mask"].sum())
-            if result.steps % 10 == 0:
-                progress(f"epoch {epoch + 1}: step {result.steps}, loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
-        result.train_losses.append(sum(losses) / len(losses))
-        if validation:
-            val = mean_loss(model, builder, validation, cfg.batch_size, autocast_dtype)
-            result.val_losses.append(val)
-            progress(f"epoch {epoch + 1}: train loss {result.train_losses[-1]:.4f}, validation loss {val:.4f}")
-            if val < best:
-                best, stale = val, 0
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-            else:
-                stale += 1
-                if stale > cfg.early_stopping_patience:
-                    break
-    if best_state is not None:  # keep the best epoch's adapter
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n])
-    result.seconds = time.perf_counter() - started
-    model.eval()
-    return result
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> Any:
-    """Linear warm-up to the configured rate, then linear decay to 0 at ``total_steps`` (transformers'
-    ``get_linear_schedule_with_warmup``, as the reference trainer); warm-up takes at most half the run."""
-    from transformers import get_linear_schedule_with_warmup
-
-    total = max(total_steps, 1)
-    return get_linear_schedule_with_warmup(optimizer, min(warmup_steps, total // 2), total)
-
 
 @dataclass
 class RefreshOutcome:
@@ -219,18 +111,16 @@ def record_interrupted(db_path: str | Path) -> RefreshOutcome | None:
     return outcome
 
 
+BACKENDS: dict[str, type[BigRecBackend] | type[TigerBackend]] = {b.name: b for b in (BigRecBackend, TigerBackend)}
+
+
+def make_backend(cfg: Settings, catalog: Catalog, llm: LLM | None = None) -> Backend:
+    """``trainer.backend``'s backend (``llm``: a base model already loaded, as tests build)."""
+    return BACKENDS[cfg.trainer.backend](cfg, catalog, llm)
+
+
 def registry_for(cfg: Settings) -> AdapterRegistry:
     return AdapterRegistry(cfg.checkpoint.state_dir / "adapters")
-
-
-def model_for(llm: LLM, cfg: TrainerConfig, registry: AdapterRegistry) -> tuple[Any, str | None]:
-    """The base model with the serving adapter loaded (trainable), or a fresh seeded LoRA adapter."""
-    serving = registry.current()
-    if serving is None:
-        return add_lora(llm.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed), None
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(llm.model, serving.path, is_trainable=True), serving.name
 
 
 def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = None, llm: LLM | None = None,
@@ -257,26 +147,23 @@ def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = Non
             return outcome
         progress(f"refresh ({trigger}): snapshot {snap.snapshot_id} taken, {len(members)} members")
         torch.manual_seed(t.seed)
-        llm = llm or load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
-        catalog = catalog or Catalog()
-        builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
-        model, outcome.serving_before = model_for(llm, t, registry)
         samples = [m.sample for m in members]
         if t.refresh_samples is not None and len(samples) > t.refresh_samples:
             import random
 
             samples = random.Random(t.seed + snap.snapshot_id).sample(samples, t.refresh_samples)
+        model = make_backend(cfg, catalog or Catalog(), llm).open(registry, [*samples, *validation], progress)
+        outcome.serving_before = model.serving
         progress(f"refresh ({trigger}): snapshot {snap.snapshot_id}, {len(samples)} samples, "
-                 f"{len(validation)} validation samples, serving {outcome.serving_before or 'base model'} "
-                 f"on {llm.device}")
-        outcome.serving_loss = mean_loss(model, builder, validation, t.batch_size, llm.autocast_dtype)
-        result = train_lora(model, builder, samples, validation, t, llm.autocast_dtype, progress)
+                 f"{len(validation)} validation samples, {t.backend} serving {outcome.serving_before or 'a fresh model'} "
+                 f"on {model.device}")
+        outcome.serving_loss = model.serving_loss(validation)
+        result = model.train(samples, validation, progress)
         outcome.train = {**asdict(result), "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s}
-        outcome.new_loss = mean_loss(model, builder, validation, t.batch_size, llm.autocast_dtype)
+        outcome.new_loss = model.mean_loss(validation)
         if not math.isfinite(outcome.new_loss):
             raise FloatingPointError(f"validation loss is {outcome.new_loss}")
-        outcome.metrics = validation_metrics(llm, model, builder, validation, [m.sample for m in members], catalog,
-                                             t.eval_candidates, t.seed, t.candidate_score)
+        outcome.metrics = model.validation_metrics(validation, [m.sample for m in members])
         progress("validation " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
         better = outcome.new_loss <= outcome.serving_loss * (1 + t.promote_tolerance)
         meta = {"snapshot_id": snap.snapshot_id, "scorer_version": snap.scorer_version, "trigger": trigger,
@@ -284,8 +171,8 @@ def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = Non
                             LossMetric.VALIDATION_LOSS.value: outcome.new_loss,
                             **outcome.metrics},
                 "config_hash": _config_hash(cfg), "timings": {"train_s": result.seconds},
-                "base_model": t.base_model, "promoted": better}
-        version = registry.save(model.save_pretrained, meta)
+                "backend": t.backend, "base_model": t.base_model, "promoted": better}
+        version = registry.save(model.save, meta)
         outcome.version = version.name
         if better:
             registry.promote(version.name, reason=trigger)
@@ -303,27 +190,6 @@ def refresh(cfg: Settings, trigger: Trigger | str, catalog: Catalog | None = Non
     finally:
         outcome.seconds = time.perf_counter() - started
         record_run(db, outcome, started_at)
-
-
-def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation: Sequence[Sample],
-                       train: Sequence[Sample], catalog: Catalog, candidates: int, seed: int,
-                       rule: str) -> dict[str, float]:
-    """Candidate metrics of ``model`` on the validation samples: each target among ``candidates`` − 1
-    seeded negatives of about the target's title length (half drawn by popularity in the training and
-    validation samples, half uniform over the catalogue, or over the items seen when there is no
-    catalogue), ranked by ``rule`` (``evaluate.candidate_scores``)."""
-    popularity: Counter[str] = Counter()
-    for s in (*train, *validation):
-        popularity.update(s.history)
-        popularity[s.target] += 1
-    items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
-    sampler = NegativeSampler(items, dict(popularity), seed, length=builder.response_length)
-    size = min(candidates, len(items))
-    cands = [sampler.candidates(str(s.sample_id), set(s.history), s.target, size) for s in validation]
-    logliks, priors, nll = candidate_table(llm, model, builder, [s.history for s in validation], cands,
-                                           priors=rule == "pmi")
-    per_user = candidate_metrics(candidate_scores(logliks, priors, rule), nll)
-    return {name: float(values.mean()) for name, values in per_user.items()}
 
 
 def _config_hash(cfg: Settings) -> str:

@@ -44,6 +44,17 @@ class AdapterVersion:
     metadata: dict[str, Any]
 
 
+def check_backend(version: AdapterVersion | None, backend: str) -> None:
+    """Refuse a version another backend wrote (a version without the field is a BIGRec adapter: the first
+    backend)."""
+    if version is None:
+        return
+    wrote = version.metadata.get("backend", "bigrec")
+    if wrote != backend:
+        raise ValueError(f"the serving version {version.name} is a {wrote} model and trainer.backend is {backend}: "
+                         f"set trainer.backend to {wrote!r}, or start a new registry (a new state directory)")
+
+
 class AdapterRegistry:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)

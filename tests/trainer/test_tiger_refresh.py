@@ -1,0 +1,99 @@
+"""The TIGER backend behind the refresh: the first refresh trains the semantic IDs and a T5 on the coreset and
+promotes it; later ones fine-tune the serving T5 and give new items IDs without retraining; a worse model is
+rejected; a version serves on its own (its T5 and its IDs); a registry of one backend refuses the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsift.config import Settings
+from recsift.stream.catalog import Catalog, Item
+from recsift.trainer.evaluate import CANDIDATE_METRICS
+from recsift.trainer.refresh import list_runs, refresh, registry_for
+from recsift.trainer.tiger.backend import IDS_FILE, load_tiger
+from recsift.vocab import SemanticIdMetric
+from tests.helpers import TINY_WORDS
+from tests.trainer.test_refresh import settings, state_with_coreset, tiny
+
+TIGER = {"backend": "tiger", "tiger": {"levels": 2, "codes": 16, "latent": 8, "rqvae_hidden": 32, "rqvae_epochs": 20,
+                                       "d_model": 32, "layers": 1, "heads": 2, "history": 5, "epochs": 8,
+                                       "batch_size": 8, "learning_rate": 3e-3,
+                                       "max_collision_rate": 1.0}}  # 2 × 16 codes: shared codes are common
+
+
+def tiger_settings(state: Path, **trainer: object) -> Settings:
+    tiger = {**TIGER["tiger"], **trainer.pop("tiger", {})}  # type: ignore[dict-item]
+    return settings(state, **{**TIGER, "tiger": tiger, **trainer})
+
+
+def catalog(n: int = 101) -> Catalog:
+    """Distinct titles in the tiny model's vocabulary (its other words are all one unknown token)."""
+    w = TINY_WORDS
+    return Catalog(Item(f"i{i}", f"{w[i % len(w)]} {w[i // len(w)]} {w[(3 * i + 1) % len(w)]}") for i in range(n))
+
+
+def test_a_tiger_refresh_trains_ids_and_a_t5_and_the_version_serves_on_its_own(tmp_path: Path) -> None:
+    cfg = tiger_settings(state_with_coreset(tmp_path))
+    outcome = refresh(cfg, "manual", catalog(), llm=tiny())
+    assert outcome.outcome == "promoted", outcome.error
+    assert outcome.serving_before is None and outcome.new_loss < outcome.serving_loss  # type: ignore[operator]
+    assert set(outcome.metrics) == {*CANDIDATE_METRICS, *SemanticIdMetric.values()}
+    assert outcome.metrics["semantic_ids_retrained"] == 0.0
+    current = registry_for(cfg).current()
+    assert current is not None and current.metadata["backend"] == "tiger"
+    assert {"config.json", "model.safetensors", IDS_FILE} <= {p.name for p in current.path.iterdir()}
+    served = load_tiger(current.path, history=5)  # what `recsift serve` loads: the T5 and its IDs
+    assert set(served.ids.ids) == {f"i{i}" for i in range(101)}  # every catalogue item has an ID
+    ranked = served.recommend([["i1", "i2"], []], k=5)
+    assert all(len(r) == 5 and set(r) <= set(served.ids.ids) for r in ranked)
+    assert [r["outcome"] for r in list_runs(cfg.checkpoint.path)] == ["promoted"]
+
+
+def test_a_later_refresh_fine_tunes_the_serving_t5_and_gives_new_items_ids_without_retraining(tmp_path: Path) -> None:
+    cfg = tiger_settings(state_with_coreset(tmp_path))
+    assert refresh(cfg, "manual", catalog(101), llm=tiny()).outcome == "promoted"
+    first = load_tiger(registry_for(cfg).current().path, 5).ids  # type: ignore[union-attr]
+    again = refresh(cfg, "interval", catalog(106), llm=tiny())  # five new catalogue items
+    assert again.serving_before == "v0001" and again.outcome in ("promoted", "rejected"), again.error
+    assert again.metrics["semantic_ids_retrained"] == 0.0
+    saved = registry_for(cfg).get(again.version)  # type: ignore[arg-type]
+    ids = load_tiger(saved.path, 5).ids
+    assert ids.version == first.version  # the same quantiser
+    assert {i: ids.ids[i] for i in first.ids} == first.ids  # old items keep their IDs
+    assert {f"i{i}" for i in range(101, 106)} <= set(ids.ids) and len(set(ids.ids.values())) == len(ids.ids)
+
+
+def test_a_quantiser_that_no_longer_fits_is_retrained_with_a_fresh_t5(tmp_path: Path) -> None:
+    cfg = tiger_settings(state_with_coreset(tmp_path))
+    assert refresh(cfg, "manual", catalog(101), llm=tiny()).outcome == "promoted"
+    strict = tiger_settings(cfg.checkpoint.state_dir, tiger={"max_collision_rate": 0.0})  # any shared codes
+    outcome = refresh(strict, "interval", catalog(106), llm=tiny())
+    assert outcome.metrics["semantic_ids_retrained"] == 1.0, outcome.error
+    assert outcome.serving_loss is not None and outcome.serving_loss > 0  # the serving T5 under its own IDs
+    ids = load_tiger(registry_for(cfg).get(outcome.version).path, 5).ids  # type: ignore[arg-type]
+    assert ids.version == 1 and len(ids.ids) == 106  # a new quantiser over every item
+
+
+def test_a_worse_tiger_model_is_rejected_and_serving_stays(tmp_path: Path) -> None:
+    cfg = tiger_settings(state_with_coreset(tmp_path))
+    assert refresh(cfg, "manual", catalog(), llm=tiny()).outcome == "promoted"
+    wrecked = tiger_settings(cfg.checkpoint.state_dir, promote_tolerance=0.0, early_stopping_patience=5,
+                             tiger={"learning_rate": 5.0, "epochs": 2})
+    outcome = refresh(wrecked, "drift", catalog(), llm=tiny())
+    assert (outcome.outcome, outcome.reason) == ("rejected", "worse"), outcome.error
+    registry = registry_for(cfg)
+    assert registry.current().name == "v0001"  # type: ignore[union-attr]
+    assert refresh(cfg, "manual", catalog(), llm=tiny()).outcome == "promoted"  # v0003
+    assert registry.rollback().name == "v0001"  # rolls back like an adapter
+
+
+@pytest.mark.parametrize("first, then", [("bigrec", "tiger"), ("tiger", "bigrec")])
+def test_a_registry_of_one_backend_refuses_a_refresh_of_the_other(tmp_path: Path, first: str, then: str) -> None:
+    state = state_with_coreset(tmp_path)
+    make = {"tiger": lambda **k: tiger_settings(state, **k), "bigrec": lambda **k: settings(state, **k)}
+    assert refresh(make[first](learning_rate=5e-3, epochs=2), "manual", catalog(), llm=tiny()).outcome == "promoted"
+    outcome = refresh(make[then](), "manual", catalog(), llm=tiny())
+    assert outcome.outcome == "failed" and f"a {first} model" in (outcome.error or "")
+    assert registry_for(make[then]()).current().name == "v0001"  # type: ignore[union-attr]
