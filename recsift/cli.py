@@ -18,10 +18,12 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
-from recsift.config import ConfigError, ScoringConfig, Settings, load_config, parse_override
+from recsift.config import ConfigError, ScoringConfig, Settings, TrainerConfig, load_config, parse_override
 from recsift.vocab import AdminAction, Outcome, Role, Trigger
 
 if TYPE_CHECKING:  # the command imports what it runs lazily, so `recsift --help` stays fast
+    from collections.abc import Callable, Sequence
+
     from recsift.service import ServiceSummary
     from recsift.stream.pipeline import Pipeline, RunSummary
     from recsift.trainer.refresh import RefreshOutcome
@@ -33,6 +35,7 @@ EXIT_UNAVAILABLE = 3
 
 
 SURROGATES = get_args(ScoringConfig.model_fields["surrogate"].annotation)  # the surrogates a config may name
+BACKENDS = get_args(TrainerConfig.model_fields["backend"].annotation)  # the trainer backends a config may name
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -135,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="Recall/NDCG@10,20 of an adapter on a DEALRec dataset's test users")
     _common(evaluate)
     evaluate.add_argument("--dataset", default="games")
-    evaluate.add_argument("--adapter", type=Path, help="an adapter directory (default: the base model)")
+    evaluate.add_argument("--backend", dest="trainer.backend", choices=BACKENDS,
+                          help="bigrec (default): a LoRA adapter on the base model; tiger: a TIGER version (--adapter)")
+    evaluate.add_argument("--adapter", type=Path, help="a registry version's directory (default: the base model; "
+                          "TIGER needs one)")
     evaluate.add_argument("--users", type=int, default=200, help="seeded sample of test users (0: all)")
     evaluate.add_argument("--no-generate", action="store_true", help="ground from the prompt (no generation)")
 
@@ -487,23 +493,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = settings_from(args)
     t = cfg.trainer
     path = resolve_dataset(args.dataset, cfg.stream.data_dir)
-    catalog = catalog_for(path)
-    if catalog is None:
-        raise FileNotFoundError(f"{path} has no items.tsv: grounding needs titles")
-    llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
-    model = llm.model
-    if args.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(args.adapter))
-    builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
-    log.info("embedding %s titles (cached under %s)", f"{len(catalog):,}", t.cache_dir)
-    rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens, t.num_beams)
     train, valid, test = (read_dealrec_split(path, s) for s in ("train", "valid", "test"))
     users = sample_test_users(test, args.users or None, t.seed)
+    recommend: Callable[[Sequence[str], int], list[str]]
+    if t.backend == "tiger":  # constrained beam search over the version's semantic IDs
+        from recsift.trainer.tiger.backend import load_tiger
+
+        if args.adapter is None:
+            raise ConfigError("--backend tiger evaluates a TIGER version: name its directory with --adapter")
+        tiger = load_tiger(args.adapter, t.tiger.history)
+        recommend = lambda h, k: tiger.recommend([h], k, beams=t.tiger.beams)[0]  # noqa: E731
+    else:
+        catalog = catalog_for(path)
+        if catalog is None:
+            raise FileNotFoundError(f"{path} has no items.tsv: grounding needs titles")
+        llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
+        model = llm.model
+        if args.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(args.adapter))
+        builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
+        log.info("embedding %s titles (cached under %s)", f"{len(catalog):,}", t.cache_dir)
+        rec = Recommender(llm, model, catalog, builder, t.cache_dir, t.max_new_tokens, t.num_beams)
+        recommend = lambda h, k: rec.recommend(h, k, generate=not args.no_generate)  # noqa: E731
     with CountBar(len(users), "user", "evaluate") as bar:
-        metrics = evaluate_dealrec(lambda h, k: rec.recommend(h, k, generate=not args.no_generate), train, valid,
-                                   test, users, progress=bar)
+        metrics = evaluate_dealrec(recommend, train, valid, test, users, progress=bar)
     print_table(f"recsift evaluate on {path.name} ({len(users)} users)", [(k, f"{v:.4f}") for k, v in metrics.items()])
     return 0
 

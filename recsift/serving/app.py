@@ -1,4 +1,5 @@
-"""``recsift serve``: the base model + the serving adapter behind HTTP, swapping adapters as they are promoted.
+"""``recsift serve``: the base model + the serving adapter behind HTTP, swapping adapters as they are promoted
+(with ``trainer.backend: tiger``, the serving TIGER version: its T5 and semantic IDs).
 
 It loads ``trainer.base_model`` on ``trainer.device`` (CUDA when present), the catalogue the configuration
 names (and follows ``stream.catalog_topic`` when set), indexes the titles (cached per model and catalogue),
@@ -19,13 +20,14 @@ from pathlib import Path
 from recsift.config import Settings
 from recsift.data.catalogs import followed_catalog
 from recsift.monitoring.metrics import Metrics
-from recsift.serving.engine import Engine
+from recsift.serving.engine import Engine, Served
 from recsift.serving.http import ServeContext, ServeHttp
 from recsift.stream.checkpoint import read_history
 from recsift.trainer.llm import load_llm
 from recsift.trainer.prompts import builder_for
 from recsift.trainer.recommender import Recommender
 from recsift.trainer.registry import AdapterRegistry
+from recsift.trainer.tiger.recommender import TigerRecommender
 from recsift.vocab import Role
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,15 @@ def run_serve(cfg: Settings, stop: threading.Event, metrics: Metrics | None = No
                 return ServeSummary("", "", 0)
             raise FileNotFoundError("recsift serve needs a catalogue to recommend from: set stream.catalog_path "
                                     "(--catalog) or stream.catalog_topic")
-        llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
-        builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
-        rec = Recommender(llm, llm.model, catalog, builder, t.cache_dir / "titles", t.max_new_tokens, t.num_beams)
-        log.info("serving %s on %s: %d catalogue items indexed", t.base_model, llm.device, len(rec.item_ids))
+        rec: Served
+        if t.backend == "tiger":  # a T5 over semantic IDs: each version is whole, no base model to load
+            rec = TigerRecommender(t.tiger.history, t.tiger.beams)
+            log.info("serving TIGER versions of %s", root)
+        else:
+            llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
+            builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
+            rec = Recommender(llm, llm.model, catalog, builder, t.cache_dir / "titles", t.max_new_tokens, t.num_beams)
+            log.info("serving %s on %s: %d catalogue items indexed", t.base_model, llm.device, len(rec.item_ids))
         next_index = [time.monotonic() + CATALOG_REINDEX_S]
 
         def follow_catalog() -> None:

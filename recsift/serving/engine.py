@@ -7,7 +7,7 @@ What it serves (``follow``):
 
 - ``registry``: the registry's ``current`` version, read before every batch and every ``watch_interval_s``
   when idle. A new one is loaded beside the serving one, switched to, and the old one unloaded
-  (:meth:`Recommender.use_adapter`). A version that cannot be loaded is counted and skipped (the old one
+  (:meth:`Served.use_adapter`). A version that cannot be loaded is counted and skipped (the old one
   keeps serving) until the pointer moves again or ``retry_s`` passes.
 - ``api``: what :meth:`Engine.load` was last given (``POST /v1/load_lora_adapter``, vLLM's runtime LoRA API);
   :meth:`Engine.unload` removes an adapter that is not the only one loaded.
@@ -19,19 +19,35 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from recsift.monitoring.metrics import Metrics
-from recsift.trainer.recommender import Recommender
 from recsift.trainer.registry import AdapterRegistry, version_number
 from recsift.vocab import Attempt
 
 log = logging.getLogger(__name__)
 
 BASE = "base"  # the version label of the base model with no adapter
+
+
+class Served(Protocol):
+    """What the engine serves: BIGRec's :class:`~recsift.trainer.recommender.Recommender` (the base LLM and its
+    adapters) or TIGER's :class:`~recsift.trainer.tiger.recommender.TigerRecommender` (a T5 and its IDs)."""
+
+    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10,
+                        generate: bool = True) -> list[list[tuple[str, float]]]: ...
+
+    def rank_candidates(self, history: Sequence[str], items: Sequence[str], k: int,
+                        rule: str = ...) -> list[tuple[str, float]]: ...
+
+    def use_adapter(self, path: str | Path, name: str, keep_previous: bool = False) -> None: ...
+
+    def unload_adapter(self, name: str, then: str) -> None: ...
+
+    def adapter_bytes(self) -> int: ...
 
 
 class Overloaded(RuntimeError):
@@ -65,7 +81,7 @@ class Command:
 
 
 class Engine:
-    def __init__(self, recommender: Recommender, metrics: Metrics, *, follow: Literal["registry", "api"],
+    def __init__(self, recommender: Served, metrics: Metrics, *, follow: Literal["registry", "api"],
                  registry: AdapterRegistry | None, generate: bool, candidate_rule: str, max_batch: int,
                  max_wait_s: float, queue_size: int, watch_interval_s: float, retry_s: float = 30.0,
                  between_batches: Callable[[], None] | None = None) -> None:

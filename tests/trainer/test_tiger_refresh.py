@@ -4,6 +4,7 @@ rejected; a version serves on its own (its T5 and its IDs); a registry of one ba
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from recsift.trainer.evaluate import CANDIDATE_METRICS
 from recsift.trainer.refresh import list_runs, refresh, registry_for
 from recsift.trainer.tiger.backend import IDS_FILE, load_tiger
 from recsift.vocab import SemanticIdMetric
-from tests.helpers import TINY_WORDS
+from tests.helpers import TINY_WORDS, wait_for
 from tests.trainer.test_refresh import settings, state_with_coreset, tiny
 
 TIGER = {"backend": "tiger", "tiger": {"levels": 2, "codes": 16, "latent": 8, "rqvae_hidden": 32, "rqvae_epochs": 20,
@@ -97,3 +98,65 @@ def test_a_registry_of_one_backend_refuses_a_refresh_of_the_other(tmp_path: Path
     outcome = refresh(make[then](), "manual", catalog(), llm=tiny())
     assert outcome.outcome == "failed" and f"a {first} model" in (outcome.error or "")
     assert registry_for(make[then]()).current().name == "v0001"  # type: ignore[union-attr]
+
+
+def test_recsift_serve_serves_the_promoted_tiger_version_and_follows_the_registry(tmp_path: Path) -> None:
+    """`recsift serve` with ``trainer.backend=tiger``: recommendations by constrained beam search over the serving
+    version's IDs (only catalogue items), candidates ranked by ID likelihood, and a rollback followed."""
+    from tests.serving.test_serve import post, serve_process
+
+    cfg = tiger_settings(state_with_coreset(tmp_path))
+    items = catalog()
+    assert refresh(cfg, "manual", items, llm=tiny()).outcome == "promoted"
+    forced = tiger_settings(cfg.checkpoint.state_dir, promote_tolerance=1e9)
+    assert refresh(forced, "manual", items, llm=tiny()).version == "v0002"
+    registry = registry_for(cfg)
+    path = tmp_path / "catalog.jsonl"
+    path.write_text("".join(json.dumps({"item_id": it.item_id, "title": it.title}) + "\n" for it in items))
+    with serve_process(tmp_path, "unused", f"serve.registry_dir={registry.root}", f"stream.catalog_path={path}",
+                       "trainer.backend=tiger", "trainer.tiger.history=5", "trainer.tiger.beams=8") as (_, url):
+        status, headers, answer = post(url + "/recommend", {"history": ["i1", "i2", "i3"], "k": 5})
+        assert status == 200, answer
+        assert headers["X-Recsift-Adapter-Version"] == "v0002"
+        got = [r["item_id"] for r in answer["items"]]
+        assert len(got) == 5 == len(set(got)) and set(got) <= {it.item_id for it in items}
+        scores = [r["score"] for r in answer["items"]]
+        assert scores == sorted(scores, reverse=True)  # best first, by the likelihood of the ID
+        status, _, ranked = post(url + "/recommend", {"history": ["i1", "i2"], "candidates": ["i4", "i5", "i6"],
+                                                      "k": 3})
+        assert status == 200 and sorted(r["item_id"] for r in ranked["items"]) == ["i4", "i5", "i6"]
+        registry.rollback()
+        wait_for(lambda: post(url + "/recommend", {"history": ["i1"], "k": 2})[1]["X-Recsift-Adapter-Version"]
+                 == "v0001", 30, "the server to follow the rollback")
+
+
+def test_recsift_evaluate_ranks_a_tiger_version_over_the_whole_catalogue(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`recsift evaluate --backend tiger --adapter DIR`: Recall/NDCG@K of a saved TIGER version by constrained beam
+    search (6 items: every target is in the top 20); without a version it is a clear error."""
+    import torch
+
+    from recsift.cli import main
+    from recsift.trainer.tiger.backend import TigerRefreshModel
+    from recsift.trainer.tiger.generator import TigerModel
+    from recsift.trainer.tiger.rqvae import RQVAEConfig, SemanticIds
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "items.tsv").write_text("item_id\ttitle\tcategory\n" + "".join(f"{i}\tgame {i}\tx\n" for i in range(1, 7)))
+    (data / "train.txt").write_text("".join(f"{u} {1 + u % 6} {1 + (u + 1) % 6}\n" for u in range(1, 9)))
+    (data / "valid.txt").write_text("".join(f"{u}\n" for u in range(1, 9)))
+    (data / "test.txt").write_text("".join(f"{u} {1 + (u + 2) % 6}\n" for u in range(1, 7)) + "7\n8\n")
+    ids = SemanticIds(RQVAEConfig(levels=2, codes=4, latent=4, hidden=8, epochs=5))
+    ids.fit([str(i) for i in range(1, 7)], torch.randn((6, 8), generator=torch.Generator().manual_seed(0)))
+    version = tmp_path / "v0001"
+    version.mkdir()
+    cfg = tiger_settings(tmp_path / "state")
+    TigerRefreshModel(TigerModel.build(ids, d_model=16, layers=1, heads=2), None, cfg, Catalog()).save(version)
+    args = ["evaluate", "--backend", "tiger", "--dataset", str(data), "--users", "0", "--set", "trainer.tiger.beams=6"]
+    assert main([*args, "--adapter", str(version)]) == 0
+    out = capsys.readouterr().out
+    assert "(6 users)" in out
+    assert float(next(line for line in out.splitlines() if line.startswith("recall@20")).split()[-1]) == 1.0
+    assert main(args) != 0
+    assert "--adapter" in capsys.readouterr().err

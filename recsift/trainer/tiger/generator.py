@@ -150,10 +150,12 @@ class TigerModel:
     # ------------------------------------------------------------------ recommendation
 
     def recommend(self, histories: Sequence[Sequence[str]], k: int, beams: int | None = None) -> list[list[str]]:
-        """The top ``k`` items after each history: constrained beam search (``beams`` ≥ k, default k)."""
-        beams = max(k, beams or k)
-        if beams > len(self.trie.items):
-            raise ValueError(f"{beams} beams but only {len(self.trie.items)} items have an ID")
+        """The top ``k`` items after each history: constrained beam search (``beams`` ≥ k, default k); all of them,
+        best first, when fewer than ``k`` items have an ID."""
+        k = min(k, len(self.trie.items))
+        beams = min(max(k, beams or k), len(self.trie.items))
+        if k < 1:
+            raise ValueError("no item has an ID: nothing to recommend")
         input_ids, mask = self.encode_histories(histories)
 
         def allowed(_: int, sentence: Tensor) -> list[int]:
