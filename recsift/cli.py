@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", dest="monitoring.progress", action="store_const", const=False)
     run.add_argument("--surrogate", dest="scoring.surrogate", choices=SURROGATES,
                      help="the surrogate the stream is scored on (scoring.surrogate)")
+    run.add_argument("--backend", dest="trainer.backend", choices=BACKENDS,
+                     help="what the refreshes train (trainer.backend): bigrec adapters or a tiger T5")
 
     replay = sub.add_parser("replay", help="produce a file (or the synthetic stream) into a Kafka topic")
     _common(replay)
@@ -109,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "promote":
             p.add_argument("version")
 
-    refresh = sub.add_parser("refresh", help="run one LoRA refresh on the committed coreset now")
+    refresh = sub.add_parser("refresh", help="run one refresh (a LoRA adapter, or a TIGER T5) on the committed "
+                             "coreset now")
     _common(refresh)
     refresh.add_argument("--state-dir", dest="checkpoint.state_dir", type=Path)
     refresh.add_argument("--catalog", dest="stream.catalog_path", type=Path, help="item titles for the prompts")
+    refresh.add_argument("--backend", dest="trainer.backend", choices=BACKENDS, help="bigrec (default) or tiger")
 
     trainer = sub.add_parser("trainer", help="refresh from the workers' coreset topic (workers run with "
                              "trainer.in_worker=false)")

@@ -164,13 +164,18 @@ def feed_embedded_topic(cfg: Settings, feed: Feed, covered: int, limit: int | No
 
 def check_components(cfg: Settings) -> None:
     """Validate the configured scorer and selector against their registries (a :class:`ConfigError` naming
-    the section), so a bad option fails at start-up rather than when the stage is built."""
+    the section), so a bad option fails at start-up rather than when the stage is built; and refuse an effort
+    score the configured backend does not have."""
     for section, registry, spec in (("scoring.scorer", SCORERS, cfg.scoring.scorer),
                                     ("selection.selector", SELECTORS, cfg.selection.selector)):
         try:
             registry.config(spec)
         except ValueError as exc:
             raise ConfigError(f"{section}: {exc}") from None
+    if cfg.trainer.backend != "bigrec" and cfg.scoring.effort_weight > 0:
+        raise ConfigError(f"scoring.effort_weight > 0 takes the effort score from the BIGRec LLM's gradient, and "
+                          f"trainer.backend is {cfg.trainer.backend}, whose effort score is not built: set "
+                          f"scoring.effort_weight=0 (influence alone) or trainer.backend=bigrec")
 
 
 def scorer_options(cfg: Settings, scorer_type: str) -> dict[str, object]:

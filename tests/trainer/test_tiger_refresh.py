@@ -160,3 +160,27 @@ def test_recsift_evaluate_ranks_a_tiger_version_over_the_whole_catalogue(tmp_pat
     assert float(next(line for line in out.splitlines() if line.startswith("recall@20")).split()[-1]) == 1.0
     assert main(args) != 0
     assert "--adapter" in capsys.readouterr().err
+
+
+def test_the_commands_take_the_backend_and_an_effort_score_tiger_lacks_is_refused(tmp_path: Path,
+                                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`recsift refresh --backend tiger` trains a TIGER version; `recsift run --backend tiger` with λ > 0 is refused
+    before anything runs: the effort score would be the BIGRec LLM's gradient, not the T5's."""
+    from recsift.cli import main
+
+    state = state_with_coreset(tmp_path)
+    tiny_dir = tmp_path / "tiny"
+    model, tokenizer = tiny().model, tiny().tokenizer
+    model.save_pretrained(tiny_dir)
+    tokenizer.save_pretrained(tiny_dir)
+    sets = [a for k, v in {"trainer.base_model": tiny_dir, "trainer.dtype": "fp32", "trainer.eval_samples": 16,
+                           "trainer.cache_dir": tmp_path / "cache", "trainer.tiger.levels": 2,
+                           "trainer.tiger.codes": 16, "trainer.tiger.rqvae_epochs": 5, "trainer.tiger.d_model": 32,
+                           "trainer.tiger.heads": 2, "trainer.tiger.epochs": 2}.items() for a in ("--set", f"{k}={v}")]
+    titles = tmp_path / "catalog.jsonl"  # distinct titles: the tiny model gives all unknown words one embedding
+    titles.write_text("".join(json.dumps({"item_id": it.item_id, "title": it.title}) + "\n" for it in catalog()))
+    assert main(["refresh", "--state-dir", str(state), "--backend", "tiger", "--catalog", str(titles), *sets]) == 0
+    assert registry_for(tiger_settings(state)).current().metadata["backend"] == "tiger"  # type: ignore[union-attr]
+    assert main(["run", "--state-dir", str(tmp_path / "run"), "--backend", "tiger", "--no-progress",
+                 "--set", "scoring.effort_weight=0.3"]) != 0
+    assert "effort score" in capsys.readouterr().err
