@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +24,7 @@ from recsift.scoring.effort import response_losses
 from recsift.stream.catalog import Catalog
 from recsift.stream.windows import Sample
 from recsift.trainer.backend import BestEpoch, Progress, TrainResult
-from recsift.trainer.evaluate import NegativeSampler, candidate_metrics, candidate_scores
+from recsift.trainer.evaluate import candidate_metrics, candidate_scores, negative_sampler
 from recsift.trainer.llm import LLM, add_lora, autocast, load_llm
 from recsift.trainer.prompts import PromptBuilder, builder_for
 from recsift.trainer.recommender import candidate_table
@@ -134,18 +133,6 @@ def validation_metrics(llm: LLM, model: Any, builder: PromptBuilder, validation:
                                            priors=rule == "pmi")
     per_user = candidate_metrics(candidate_scores(logliks, priors, rule), nll)
     return {name: float(values.mean()) for name, values in per_user.items()}
-
-
-def negative_sampler(validation: Sequence[Sample], train: Sequence[Sample], catalog: Catalog, seed: int,
-                     length: Callable[[str], int] | None = None) -> NegativeSampler:
-    """Negatives for the validation samples: by popularity in the training and validation samples and uniform
-    over the catalogue (or over the items seen, when there is no catalogue)."""
-    popularity: Counter[str] = Counter()
-    for s in (*train, *validation):
-        popularity.update(s.history)
-        popularity[s.target] += 1
-    items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
-    return NegativeSampler(items, dict(popularity), seed, length=length)
 
 
 class BigRecModel:

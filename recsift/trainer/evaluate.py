@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from recsift.stream.catalog import Catalog
+from recsift.stream.windows import Sample
 
 
 def recall_ndcg(ranked: Sequence[Sequence[str]], targets: Sequence[Sequence[str]],
@@ -170,3 +174,15 @@ class NegativeSampler:
             taken.add(item)
             chosen.append(item)
         return [target, *chosen]
+
+
+def negative_sampler(validation: Sequence[Sample], train: Sequence[Sample], catalog: Catalog, seed: int,
+                     length: Callable[[str], int] | None = None) -> NegativeSampler:
+    """Negatives for the validation samples: by popularity in the training and validation samples and uniform
+    over the catalogue (or over the items seen, when there is no catalogue)."""
+    popularity: Counter[str] = Counter()
+    for s in (*train, *validation):
+        popularity.update(s.history)
+        popularity[s.target] += 1
+    items = [it.item_id for it in catalog] if len(catalog) else sorted(popularity)
+    return NegativeSampler(items, dict(popularity), seed, length=length)

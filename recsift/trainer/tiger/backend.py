@@ -27,8 +27,7 @@ from recsift.state import State
 from recsift.stream.catalog import Catalog, Item
 from recsift.stream.windows import Sample
 from recsift.trainer.backend import BestEpoch, Progress, TrainResult
-from recsift.trainer.bigrec import negative_sampler
-from recsift.trainer.evaluate import candidate_metrics
+from recsift.trainer.evaluate import candidate_metrics, negative_sampler
 from recsift.trainer.llm import LLM, load_llm
 from recsift.trainer.recommender import title_embeddings
 from recsift.trainer.registry import AdapterRegistry, check_backend
@@ -150,11 +149,13 @@ class TigerBackend:
     def __init__(self, cfg: Settings, catalog: Catalog, llm: LLM | None = None) -> None:
         self.cfg, self.catalog, self.llm = cfg, catalog, llm
 
-    def _embed(self, items: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    def _embed(self, items: Sequence[str], cached: bool = True) -> tuple[list[str], torch.Tensor]:
+        """The items' title embeddings; ``cached``: through the per-catalogue cache (the whole catalogue, not the
+        few new items of one refresh, which would leave a file per refresh)."""
         t = self.cfg.trainer
         llm = self.llm = self.llm or load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
         known = Catalog(Item(i, self.catalog.title(i)) for i in items)
-        ids, vectors = title_embeddings(llm, llm.model, known, t.cache_dir)
+        ids, vectors = title_embeddings(llm, llm.model, known, t.cache_dir if cached else None)
         return ids, torch.from_numpy(vectors)
 
     def open(self, registry: AdapterRegistry, samples: Sequence[Sample], progress: Progress) -> TigerRefreshModel:
@@ -165,22 +166,23 @@ class TigerBackend:
         retrain: str | None = None
         previous: TigerModel | None = None
         if serving is not None:
-            tiger = load_tiger(serving.path, tc.history)
-            new = [i for i in wanted if i not in tiger.ids.ids]
+            served = load_tiger(serving.path, tc.history)
+            ids = SemanticIds.from_state(served.ids.state_dict())  # a copy: the served IDs stay as they are
+            new = [i for i in wanted if i not in ids.ids]
             if new:
-                items, vectors = self._embed(new)
+                items, vectors = self._embed(new, cached=False)
                 try:
                     for item, vector in zip(items, vectors, strict=True):
-                        tiger.ids.assign(item, vector)
+                        ids.assign(item, vector)
                 except OverflowError as exc:
                     retrain = str(exc)
                 progress(f"semantic IDs: {len(new)} new items")
-            retrain = retrain or tiger.ids.needs_retraining(tc.max_collision_rate, tc.max_error_ratio)
+            retrain = retrain or ids.needs_retraining(tc.max_collision_rate, tc.max_error_ratio)
             if retrain is None:
-                return TigerRefreshModel(TigerModel(tiger.ids, tiger.model, tc.history), serving.name, self.cfg,
+                return TigerRefreshModel(TigerModel(ids, served.model, tc.history), serving.name, self.cfg,
                                          self.catalog)
             progress(f"semantic IDs retrained: {retrain}")
-            previous = load_tiger(serving.path, tc.history)  # as served, without the IDs given above
+            previous = served  # judged under its own IDs
         items, vectors = self._embed(wanted)
         ids = SemanticIds(rqvae_config(tc, t.seed))
         fit = ids.fit(items, vectors)
