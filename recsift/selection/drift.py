@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import ot
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
@@ -37,6 +36,8 @@ def js_divergence(p: Counter[str] | dict[str, float], q: Counter[str] | dict[str
 def sliced_wasserstein(x: np.ndarray, y: np.ndarray, projections: int = 64, seed: int = 0) -> float:
     if not len(x) or not len(y):
         return 0.0
+    import ot  # POT imports scipy.stats and networkx (about 1.5 s): only a service that measures drift pays it
+
     return float(ot.sliced_wasserstein_distance(np.asarray(x, np.float64), np.asarray(y, np.float64),
                                                 n_projections=projections, seed=seed))
 

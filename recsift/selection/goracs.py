@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import ot
 
 
 @dataclass
@@ -30,6 +29,8 @@ class GoracsResult:
 
 
 def cost_matrix(candidates: np.ndarray, validation: np.ndarray, grad_norms: np.ndarray | None, lam: float) -> np.ndarray:
+    import ot  # POT: imported on use, as in recsift.selection.drift
+
     d = ot.dist(np.asarray(candidates, dtype=np.float64), np.asarray(validation, dtype=np.float64), metric="euclidean")
     d = d / d.max() if d.max() > 0 else d
     if grad_norms is not None and lam:
@@ -42,6 +43,8 @@ def cost_matrix(candidates: np.ndarray, validation: np.ndarray, grad_norms: np.n
 
 def objective(cost: np.ndarray, subset: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """OT cost between uniform measures on ``subset`` (rows) and all columns; and the duals (u, v)."""
+    import ot
+
     c = cost[subset]
     a = np.full(len(subset), 1.0 / len(subset))
     b = np.full(cost.shape[1], 1.0 / cost.shape[1])

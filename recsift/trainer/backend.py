@@ -10,7 +10,8 @@ candidate metrics, save a new registry version and promote it unless it is worse
   item's ID by constrained beam search (TIGER).
 
 A backend is one module with a class that has a ``name`` and an ``open`` method, registered in
-``recsift.trainer.refresh.BACKENDS``.
+``recsift.trainer.refresh.BACKENDS`` by its import path (imported on use, so the ingest service does not load
+model libraries).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from recsift.stream.windows import Sample
 from recsift.trainer.registry import AdapterRegistry
+
+if TYPE_CHECKING:
+    from recsift.config import Settings
+    from recsift.stream.catalog import Catalog
+    from recsift.trainer.llm import LLM
 
 
 @dataclass
@@ -100,6 +106,9 @@ class RefreshModel(Protocol):
 
 class Backend(Protocol):
     name: ClassVar[str]
+
+    def __init__(self, cfg: Settings, catalog: Catalog, llm: LLM | None = None) -> None:
+        """``llm``: a base model already loaded (tests build one); otherwise the backend loads what it needs."""
 
     def open(self, registry: AdapterRegistry, samples: Sequence[Sample], progress: Progress) -> RefreshModel:
         """The model to refresh: the registry's serving version when there is one, else a fresh model; ready for

@@ -17,6 +17,7 @@ of the job leaves the serving adapter untouched.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -37,10 +38,8 @@ from recsift.selection.store import read_snapshot, read_validation, take_snapsho
 from recsift.stream.catalog import Catalog, Item
 from recsift.stream.checkpoint import connect
 from recsift.trainer.backend import Backend
-from recsift.trainer.bigrec import BigRecBackend
 from recsift.trainer.llm import LLM
 from recsift.trainer.registry import AdapterRegistry
-from recsift.trainer.tiger.backend import TigerBackend
 from recsift.vocab import LossMetric, Outcome, RefreshReason, Trigger
 
 log = logging.getLogger(__name__)
@@ -111,12 +110,22 @@ def record_interrupted(db_path: str | Path) -> RefreshOutcome | None:
     return outcome
 
 
-BACKENDS: dict[str, type[BigRecBackend] | type[TigerBackend]] = {b.name: b for b in (BigRecBackend, TigerBackend)}
+# name -> "module:class". Imported on use: a backend pulls in its model libraries (transformers, peft), which
+# the ingest service, which only starts refresh children, never needs.
+BACKENDS: dict[str, str] = {"bigrec": "recsift.trainer.bigrec:BigRecBackend",
+                            "tiger": "recsift.trainer.tiger.backend:TigerBackend"}
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered as ``name`` in :data:`BACKENDS`."""
+    module, cls = BACKENDS[name].split(":")
+    backend: type[Backend] = getattr(importlib.import_module(module), cls)
+    return backend
 
 
 def make_backend(cfg: Settings, catalog: Catalog, llm: LLM | None = None) -> Backend:
     """``trainer.backend``'s backend (``llm``: a base model already loaded, as tests build)."""
-    return BACKENDS[cfg.trainer.backend](cfg, catalog, llm)
+    return backend_class(cfg.trainer.backend)(cfg, catalog, llm)
 
 
 def registry_for(cfg: Settings) -> AdapterRegistry:
