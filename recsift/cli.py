@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--epochs", type=int, default=10, help="surrogate training epochs")
     prune.add_argument("--surrogate", dest="scoring.surrogate", choices=SURROGATES,
                        help="the surrogate the scores are taken on (default: scoring.surrogate, sasrec)")
+    prune.add_argument("--backend", dest="trainer.backend", choices=BACKENDS,
+                       help="whose effort score (λ > 0): bigrec's LLM (default) or tiger's T5")
     prune.add_argument("--out", type=Path, help="output directory (default: state/prune/DATASET-METHOD)")
 
     coreset = sub.add_parser("coreset", help="inspect the committed coreset and its snapshots")

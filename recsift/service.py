@@ -64,9 +64,13 @@ from recsift.stream.sources import Source
 from recsift.stream.validator import Validator
 from recsift.stream.windows import Batch
 from recsift.trainer.hooks import PromotionNotifier, build_targets
-from recsift.trainer.llm import add_lora, load_llm
-from recsift.trainer.prompts import builder_for
-from recsift.trainer.refresh import RefreshOutcome, record_interrupted, refresh_in_process, registry_for
+from recsift.trainer.refresh import (
+    RefreshOutcome,
+    make_backend,
+    record_interrupted,
+    refresh_in_process,
+    registry_for,
+)
 from recsift.trainer.registry import version_number
 from recsift.trainer.scheduler import RefreshScheduler, RefreshSignals
 from recsift.vocab import AdminAction, LossMetric, Outcome, Role, Trigger
@@ -164,18 +168,13 @@ def feed_embedded_topic(cfg: Settings, feed: Feed, covered: int, limit: int | No
 
 def check_components(cfg: Settings) -> None:
     """Validate the configured scorer and selector against their registries (a :class:`ConfigError` naming
-    the section), so a bad option fails at start-up rather than when the stage is built; and refuse an effort
-    score the configured backend does not have."""
+    the section), so a bad option fails at start-up rather than when the stage is built."""
     for section, registry, spec in (("scoring.scorer", SCORERS, cfg.scoring.scorer),
                                     ("selection.selector", SELECTORS, cfg.selection.selector)):
         try:
             registry.config(spec)
         except ValueError as exc:
             raise ConfigError(f"{section}: {exc}") from None
-    if cfg.trainer.backend != "bigrec" and cfg.scoring.effort_weight > 0:
-        raise ConfigError(f"scoring.effort_weight > 0 takes the effort score from the BIGRec LLM's gradient, and "
-                          f"trainer.backend is {cfg.trainer.backend}, whose effort score is not built: set "
-                          f"scoring.effort_weight=0 (influence alone) or trainer.backend=bigrec")
 
 
 def scorer_options(cfg: Settings, scorer_type: str) -> dict[str, object]:
@@ -293,12 +292,8 @@ def build_changelog(cfg: Settings, pipeline: Pipeline, metrics: Metrics) -> Stre
 
 
 def build_effort(cfg: Settings, catalog: Catalog) -> EffortScorer:
-    """The LLM effort scorer: the trainer's base model with a fresh seeded LoRA adapter, BIGRec prompts."""
-    t = cfg.trainer
-    llm = load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
-    model = add_lora(llm.model, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, t.seed)
-    builder = builder_for(llm.encode, catalog.title, llm.eos_token_id, llm.pad_token_id, t)
-    return EffortScorer(model, builder.batch, batch_size=t.effort_batch_size, autocast_dtype=llm.autocast_dtype)
+    """The effort scorer of ``trainer.backend`` (:meth:`recsift.trainer.backend.Backend.effort`)."""
+    return make_backend(cfg, catalog).effort(registry_for(cfg))
 
 
 def surrogate_options(cfg: Settings) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """DEALRec's effort score: how hard the LLM finds a sample, as the norm of its loss gradient on a LoRA block.
 
+(TIGER's effort, the same scorer on its T5's loss and a cross-attention block, is built in
+:mod:`recsift.trainer.tiger.effort`.)
+
 effort_i = ‖∂ loss_i / ∂ B‖₂, where loss_i is the sample's training loss (the mean cross-entropy over the
 tokens its batch labels: prompt + response with ``trainer.train_on_inputs``, as the authors' effort
 loss, else the response alone) and B is one LoRA-B matrix (default: the last layer's ``v_proj`` LoRA-B, as in
@@ -31,6 +34,7 @@ from recsift.stream.windows import Sample
 
 IGNORE = -100
 BatchFn = Callable[[Sequence[Sample]], dict[str, Tensor]]
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (model, batch) -> each row's loss [B]
 
 
 def default_effort_block(model: nn.Module) -> str:
@@ -50,10 +54,14 @@ class EffortScorer:
     """Per-sample LoRA-block gradient norms of an LLM, batched and cached by sample id."""
 
     def __init__(self, model: nn.Module, make_batch: BatchFn, block: str | None = None, batch_size: int = 8,
-                 cache_size: int = 65_536, autocast_dtype: torch.dtype | None = None) -> None:
+                 cache_size: int = 65_536, autocast_dtype: torch.dtype | None = None,
+                 losses: LossFn | None = None) -> None:
+        """``losses``: each row's training loss (default: a causal LM's, :func:`response_losses`); ``block``: the
+        linear module whose gradient is measured (default: :func:`default_effort_block`)."""
         if batch_size < 1 or cache_size < 0:
             raise ValueError("batch_size must be positive and cache_size non-negative")
         self.model, self.make_batch = model, make_batch
+        self.losses: LossFn = losses or response_losses
         self.block_name = block or default_effort_block(model)
         modules = dict(model.named_modules())
         if self.block_name not in modules or not isinstance(modules[self.block_name], nn.Linear):
@@ -96,10 +104,7 @@ class EffortScorer:
             self.cache.popitem(last=False)
 
     def norms(self, batch: dict[str, Tensor]) -> Tensor:
-        """Per-row gradient norms of the mean response-token loss w.r.t. the block (one backward pass)."""
-        labels = batch["labels"]
-        if not (labels[:, 1:] != IGNORE).any(dim=1).all():
-            raise ValueError("every row needs at least one response token to have a loss")
+        """Per-row gradient norms of each row's loss w.r.t. the block (one backward pass)."""
         captured: dict[str, Tensor] = {}
 
         def keep_input(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
@@ -109,7 +114,7 @@ class EffortScorer:
         handle = self.block.register_forward_hook(keep_input)
         try:
             with self._only_block_trains(), self._autocast():
-                losses = response_losses(self.model, batch)
+                losses = self.losses(self.model, batch)
                 losses.sum().backward()  # Σ_i loss_i: each row's gradient stays separate in g
         finally:
             handle.remove()
@@ -149,6 +154,8 @@ def response_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     Only labelled positions go through the output head, which saves most of the vocabulary projection
     when only the response is labelled. The batch is moved to the model's device.
     """
+    if not (batch["labels"][:, 1:] != IGNORE).any(dim=1).all():
+        raise ValueError("every row needs at least one response token to have a loss")
     lm = causal_lm(model)
     device = next(lm.parameters()).device
     ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)

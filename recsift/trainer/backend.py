@@ -9,7 +9,8 @@ candidate metrics, save a new registry version and promote it unless it is worse
 - ``tiger`` (:mod:`recsift.trainer.tiger.backend`): a small T5 over semantic IDs, which generates the next
   item's ID by constrained beam search (TIGER).
 
-A backend is one module with a class that has a ``name`` and an ``open`` method, registered in
+A backend is one module with a class that has a ``name``, an ``open`` method and an ``effort`` method (DEALRec's
+effort score on its model), registered in
 ``recsift.trainer.refresh.BACKENDS`` by its import path (imported on use, so the ingest service does not load
 model libraries).
 """
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from recsift.scoring.effort import EffortScorer
 from recsift.stream.windows import Sample
 from recsift.trainer.registry import AdapterRegistry
 
@@ -113,3 +115,7 @@ class Backend(Protocol):
     def open(self, registry: AdapterRegistry, samples: Sequence[Sample], progress: Progress) -> RefreshModel:
         """The model to refresh: the registry's serving version when there is one, else a fresh model; ready for
         every item of ``samples`` (the snapshot and validation samples it is trained and judged on)."""
+
+    def effort(self, registry: AdapterRegistry) -> EffortScorer:
+        """DEALRec's effort scorer on this backend's model, fixed for the run so a sample's effort is a function
+        of the sample (``scoring.effort_weight > 0``)."""

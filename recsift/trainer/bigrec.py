@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from recsift.config import Settings, TrainerConfig
-from recsift.scoring.effort import response_losses
+from recsift.scoring.effort import EffortScorer, response_losses
 from recsift.stream.catalog import Catalog
 from recsift.stream.windows import Sample
 from recsift.trainer.backend import BestEpoch, Progress, TrainResult
@@ -175,3 +175,12 @@ class BigRecBackend:
         builder = builder_for(llm.encode, self.catalog.title, llm.eos_token_id, llm.pad_token_id, t)
         model, serving = model_for(llm, t, registry)
         return BigRecModel(llm, model, serving, builder, t, self.catalog)
+
+    def effort(self, registry: AdapterRegistry) -> EffortScorer:
+        """The base model with a fresh seeded LoRA adapter (DEALRec's effort model), BIGRec prompts; the registry's
+        adapters are not used."""
+        t = self.cfg.trainer
+        llm = self.llm = self.llm or load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
+        model = add_lora(llm.model, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, t.seed)
+        builder = builder_for(llm.encode, self.catalog.title, llm.eos_token_id, llm.pad_token_id, t)
+        return EffortScorer(model, builder.batch, batch_size=t.effort_batch_size, autocast_dtype=llm.autocast_dtype)

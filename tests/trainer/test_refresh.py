@@ -85,16 +85,6 @@ def test_a_refresh_reports_candidate_metrics_on_the_validation_samples(tmp_path:
     assert registry_for(cfg).current().metadata["metrics"]["hr@5"] == m["hr@5"]  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("held_out", [0, 5])
-def test_too_few_validation_samples_reject_the_refresh(tmp_path: Path, held_out: int) -> None:
-    cfg = settings(state_with_coreset(tmp_path, validation=held_out), learning_rate=5e-3)
-    outcome = refresh(cfg, "manual", llm=tiny())
-    assert (outcome.outcome, outcome.reason) == ("rejected", "no_validation"), outcome.error
-    assert registry_for(cfg).versions() == [] and registry_for(cfg).current() is None
-    run = list_runs(cfg.checkpoint.path)[-1]
-    assert (run["outcome"], run["reason"]) == ("rejected", "no_validation")
-
-
 def test_learning_rate_warms_up_then_decays_linearly_to_zero(tmp_path: Path) -> None:
     cfg = settings(state_with_coreset(tmp_path), learning_rate=1e-3, epochs=2, warmup_steps=2,
                    early_stopping_patience=5)
@@ -119,16 +109,6 @@ def test_train_on_inputs_labels_the_prompt_and_judging_does_not(tmp_path: Path) 
     assert (judged["labels"] != IGNORE).sum() == response
 
 
-def test_a_worse_adapter_is_recorded_and_not_promoted(tmp_path: Path) -> None:
-    cfg = settings(state_with_coreset(tmp_path), learning_rate=2e-2, epochs=4, warmup_steps=0)
-    assert refresh(cfg, "manual", llm=tiny()).outcome == "promoted"
-    wrecked = settings(cfg.checkpoint.state_dir, learning_rate=30.0, epochs=1, promote_tolerance=0.0,
-                       early_stopping_patience=5, warmup_steps=0)
-    outcome = refresh(wrecked, "drift", llm=tiny())
-    assert (outcome.outcome, outcome.reason) == ("rejected", "worse") and "worse than serving" in (outcome.error or "")
-    assert registry_for(cfg).current().name == "v0001"  # type: ignore[union-attr]
-
-
 def test_nan_fails_and_saves_nothing(tmp_path: Path) -> None:
     cfg = settings(state_with_coreset(tmp_path))
     llm = tiny()
@@ -138,12 +118,6 @@ def test_nan_fails_and_saves_nothing(tmp_path: Path) -> None:
     assert outcome.outcome == "failed" and "FloatingPointError" in (outcome.error or "")
     assert registry_for(cfg).versions() == [] and registry_for(cfg).current() is None
     assert list_runs(cfg.checkpoint.path)[-1]["outcome"] == "failed"
-
-
-def test_empty_coreset_is_skipped(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    Checkpoint(state / "recsift.sqlite", [CoresetStore(SelectionStage(StratifiedReservoir(4, 2)))]).close()
-    assert refresh(settings(state), "interval", llm=tiny()).outcome == "skipped"
 
 
 @pytest.mark.slow

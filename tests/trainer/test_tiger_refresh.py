@@ -77,19 +77,6 @@ def test_a_quantiser_that_no_longer_fits_is_retrained_with_a_fresh_t5(tmp_path: 
     assert ids.version == 1 and len(ids.ids) == 106  # a new quantiser over every item
 
 
-def test_a_worse_tiger_model_is_rejected_and_serving_stays(tmp_path: Path) -> None:
-    cfg = tiger_settings(state_with_coreset(tmp_path))
-    assert refresh(cfg, "manual", catalog(), llm=tiny()).outcome == "promoted"
-    wrecked = tiger_settings(cfg.checkpoint.state_dir, promote_tolerance=0.0, early_stopping_patience=5,
-                             tiger={"learning_rate": 5.0, "epochs": 2})
-    outcome = refresh(wrecked, "drift", catalog(), llm=tiny())
-    assert (outcome.outcome, outcome.reason) == ("rejected", "worse"), outcome.error
-    registry = registry_for(cfg)
-    assert registry.current().name == "v0001"  # type: ignore[union-attr]
-    assert refresh(cfg, "manual", catalog(), llm=tiny()).outcome == "promoted"  # v0003
-    assert registry.rollback().name == "v0001"  # rolls back like an adapter
-
-
 @pytest.mark.parametrize("first, then", [("bigrec", "tiger"), ("tiger", "bigrec")])
 def test_a_registry_of_one_backend_refuses_a_refresh_of_the_other(tmp_path: Path, first: str, then: str) -> None:
     state = state_with_coreset(tmp_path)
@@ -162,11 +149,12 @@ def test_recsift_evaluate_ranks_a_tiger_version_over_the_whole_catalogue(tmp_pat
     assert "--adapter" in capsys.readouterr().err
 
 
-def test_the_commands_take_the_backend_and_an_effort_score_tiger_lacks_is_refused(tmp_path: Path,
-                                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """`recsift refresh --backend tiger` trains a TIGER version; `recsift run --backend tiger` with λ > 0 is refused
-    before anything runs: the effort score would be the BIGRec LLM's gradient, not the T5's."""
+def test_the_commands_take_the_backend_and_prune_scores_tiger_effort(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`recsift refresh --backend tiger` trains a TIGER version; `recsift prune --backend tiger` with λ > 0 adds the
+    T5's effort (on that serving version) to DEALRec's influence: the scores move off the influence-only ones."""
     from recsift.cli import main
+    from tests.selection.test_prune import write_dealrec
 
     state = state_with_coreset(tmp_path)
     tiny_dir = tmp_path / "tiny"
@@ -181,6 +169,22 @@ def test_the_commands_take_the_backend_and_an_effort_score_tiger_lacks_is_refuse
     titles.write_text("".join(json.dumps({"item_id": it.item_id, "title": it.title}) + "\n" for it in catalog()))
     assert main(["refresh", "--state-dir", str(state), "--backend", "tiger", "--catalog", str(titles), *sets]) == 0
     assert registry_for(tiger_settings(state)).current().metadata["backend"] == "tiger"  # type: ignore[union-attr]
-    assert main(["run", "--state-dir", str(tmp_path / "run"), "--backend", "tiger", "--no-progress",
-                 "--set", "scoring.effort_weight=0.3"]) != 0
-    assert "effort score" in capsys.readouterr().err
+
+    (tmp_path / "data").mkdir()
+    data = write_dealrec(tmp_path / "data")  # items 1..30, titled in the tiny model's words
+    (data / "items.tsv").write_text("item_id\ttitle\tcategory\n" + "".join(
+        f"{i}\t{TINY_WORDS[i]} {TINY_WORDS[(7 * i) % len(TINY_WORDS)]}\tx\n" for i in range(1, 31)))
+
+    def prune(weight: float) -> dict[int, float]:
+        out = tmp_path / f"prune-{weight}"
+        assert main(["prune", "--dataset", str(data), "--method", "dealrec", "--epochs", "2", "--budget", "10",
+                     "--out", str(out), "--set", f"checkpoint.state_dir={state}", "--backend", "tiger",
+                     "--set", f"scoring.effort_weight={weight}", "--set", "scoring.scorer.depth=20",
+                     "--set", "scoring.hidden=16", *sets]) == 0
+        rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+        return {r["sample_id"]: r["score"] for r in rows}
+
+    alone, with_effort = prune(0.0), prune(0.3)
+    assert alone.keys() == with_effort.keys() and len(alone) == 59
+    assert alone != with_effort and max(with_effort.values()) > 1.0  # minmax(influence) ≤ 1: effort was added
+    assert "effort weight λ" in capsys.readouterr().out

@@ -14,6 +14,7 @@ other items; the outcome's train record says why.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from recsift.config import Settings, TigerConfig
+from recsift.scoring.effort import EffortScorer
 from recsift.state import State
 from recsift.stream.catalog import Catalog, Item
 from recsift.stream.windows import Sample
@@ -31,9 +33,12 @@ from recsift.trainer.evaluate import candidate_metrics, negative_sampler
 from recsift.trainer.llm import LLM, load_llm
 from recsift.trainer.recommender import title_embeddings
 from recsift.trainer.registry import AdapterRegistry, check_backend
+from recsift.trainer.tiger.effort import TigerBatches, cross_attention_block, t5_losses
 from recsift.trainer.tiger.generator import TigerModel
 from recsift.trainer.tiger.rqvae import RQVAEConfig, SemanticIds
 from recsift.vocab import SemanticIdMetric
+
+log = logging.getLogger(__name__)
 
 IDS_FILE = "semantic_ids.safetensors"
 
@@ -149,7 +154,7 @@ class TigerBackend:
     def __init__(self, cfg: Settings, catalog: Catalog, llm: LLM | None = None) -> None:
         self.cfg, self.catalog, self.llm = cfg, catalog, llm
 
-    def _embed(self, items: Sequence[str], cached: bool = True) -> tuple[list[str], torch.Tensor]:
+    def embed(self, items: Sequence[str], cached: bool = True) -> tuple[list[str], torch.Tensor]:
         """The items' title embeddings; ``cached``: through the per-catalogue cache (the whole catalogue, not the
         few new items of one refresh, which would leave a file per refresh)."""
         t = self.cfg.trainer
@@ -170,7 +175,7 @@ class TigerBackend:
             ids = SemanticIds.from_state(served.ids.state_dict())  # a copy: the served IDs stay as they are
             new = [i for i in wanted if i not in ids.ids]
             if new:
-                items, vectors = self._embed(new, cached=False)
+                items, vectors = self.embed(new, cached=False)
                 try:
                     for item, vector in zip(items, vectors, strict=True):
                         ids.assign(item, vector)
@@ -183,7 +188,7 @@ class TigerBackend:
                                          self.catalog)
             progress(f"semantic IDs retrained: {retrain}")
             previous = served  # judged under its own IDs
-        items, vectors = self._embed(wanted)
+        items, vectors = self.embed(wanted)
         ids = SemanticIds(rqvae_config(tc, t.seed))
         fit = ids.fit(items, vectors)
         progress(f"semantic IDs for {len(items)} items: reconstruction error {fit.reconstruction[-1]:.4g}, "
@@ -191,3 +196,13 @@ class TigerBackend:
         tiger = TigerModel.build(ids, d_model=tc.d_model, layers=tc.layers, heads=tc.heads, history=tc.history,
                                  dropout=tc.dropout, seed=t.seed)
         return TigerRefreshModel(tiger, serving.name if serving else None, self.cfg, self.catalog, previous, retrain)
+
+    def effort(self, registry: AdapterRegistry) -> EffortScorer:
+        """The effort scorer on the serving version's T5, or on the fresh one a first refresh builds
+        (:mod:`recsift.trainer.tiger.effort`)."""
+        tiger = self.open(registry, (), log.info).tiger
+        block = cross_attention_block(tiger.model)
+        serving = registry.current()
+        log.info("TIGER effort on %s, block %s", serving.name if serving else "a fresh seeded T5", block)
+        return EffortScorer(tiger.model, TigerBatches(tiger, lambda items: self.embed(items, cached=False)),
+                            block=block, batch_size=self.cfg.trainer.effort_batch_size, losses=t5_losses)

@@ -223,6 +223,15 @@ class SemanticIds:
         self.new_items += 1
         return self._give(item, tuple(codes[0].tolist()))
 
+    def peek(self, item: str, embedding: Tensor) -> tuple[int, ...]:
+        """The ID ``item`` has, or would get now from the quantiser, without assigning it: nothing changes. When
+        the codes' suffix is full, the last suffix (the item then shares a tuple; a loss over it is still defined)."""
+        if item in self.ids:
+            return self.ids[item]
+        codes, _ = self._encode(embedding.view(1, -1))
+        row = tuple(codes[0].tolist())
+        return (*row, min(self._next_suffix.get(row, 0), self.config.codes - 1))
+
     # ------------------------------------------------------------------ health
 
     @property
