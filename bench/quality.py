@@ -34,11 +34,17 @@ better LLM recommender than a random sample of the same size?
     ends after the arm in progress, and the next run resumes. Per-arm times are only honest for arms that
     ran alone on the machine.
 
+``--cpu --backend tiger``: the same pool, candidates, arms, statistics and gates with TIGER (semantic IDs from an
+RQ-VAE over the catalogue's SmolLM2 title embeddings, fitted once; every arm trains a fresh seeded T5 on its
+samples; candidates ranked by the log-likelihood of their ID given the history; the effort term is the fresh T5's
+gradient norm, recsift.trainer.tiger.effort). Results in ``quality-<dataset>-cpu-tiger*``.
+
 ``--full`` (meant for a GPU; ``trainer.device`` auto picks CUDA): budget 1,024, 3 seeds, every test user,
 BIGRec generation (4 beams, 128 new tokens) + base-model grounding, Recall/NDCG@10/20 over the full
 catalogue, and the full-data reference.
 
 Usage:  python bench/quality.py --cpu [--dataset games|DIR] [--arms random,dealrec] [--seeds 1] [--users 200]
+        python bench/quality.py --cpu --backend tiger [--dataset games|DIR]
         python bench/quality.py --full [--dataset DIR] [--test-users N]
 """
 
@@ -67,7 +73,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from recsift.config import TrainerConfig, load_config  # noqa: E402
+from recsift.config import Settings, TrainerConfig, load_config  # noqa: E402
 from recsift.data.datasets import catalog_for, read_dealrec_split, resolve_dataset  # noqa: E402
 from recsift.scoring.effort import EffortScorer  # noqa: E402
 from recsift.scoring.registry import SURROGATES, make_scorer, make_surrogate  # noqa: E402
@@ -91,6 +97,10 @@ from recsift.trainer.evaluate import (  # noqa: E402
 from recsift.trainer.llm import LLM, add_lora, load_llm  # noqa: E402
 from recsift.trainer.prompts import PromptBuilder, builder_for  # noqa: E402
 from recsift.trainer.recommender import Recommender, candidate_table  # noqa: E402
+from recsift.trainer.registry import AdapterRegistry  # noqa: E402
+from recsift.trainer.tiger.backend import TigerBackend, TigerRefreshModel  # noqa: E402
+from recsift.trainer.tiger.effort import TigerBatches  # noqa: E402
+from recsift.trainer.tiger.generator import TigerModel  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PRIMARY = "rank_percentile"
@@ -145,12 +155,13 @@ class Protocol:
     version: int = 3  # 2: every candidate's log-likelihood and title prior kept, PMI primary; 3: matched lengths
     train_on_inputs: bool = True  # prompt + response loss (the reference); False: a response-only diagnostic
     surrogate: str = "sasrec"  # the surrogate influence and the embeddings are taken on (scoring.surrogate)
+    backend: str = "bigrec"  # what the arms train (trainer.backend): LoRA on the LLM, or TIGER's T5 from scratch
 
     def key(self) -> str:
         """The digest of every field; a field added after v3 enters it only when it differs from its
         default, so results computed before the field existed keep their keys."""
         fields = asdict(self)
-        for name, default in (("train_on_inputs", True), ("surrogate", "sasrec")):
+        for name, default in (("train_on_inputs", True), ("surrogate", "sasrec"), ("backend", "bigrec")):
             if fields[name] == default:
                 del fields[name]
         return digest(fields)
@@ -231,7 +242,7 @@ class CpuBench:
         """Surrogate, influence, effort and embeddings over the pool; cached by the protocol's digest."""
         d, p = self.data, self.p
         key = digest(p.data_digest, p.pool, p.surrogate_epochs, p.prompt_history, p.base_model,
-                     *([p.surrogate] if p.surrogate != "sasrec" else []))
+                     *([p.surrogate] if p.surrogate != "sasrec" else []), *([p.backend] if p.backend != "bigrec" else []))
         path = self.out / f"scores-{key}.safetensors"
         if path.is_file():
             self.scores, self.timings = read_scores(path)
@@ -259,11 +270,7 @@ class CpuBench:
                                range(len(val_users)))
         self.scores["validation_embedding"] = surrogate.embed(val.batch).numpy()
         started = time.perf_counter()
-        llm = self.load()
-        effort = EffortScorer(add_lora(llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout,
-                                       self.t.target_modules, self.t.seed),
-                              self.make_builder(llm).batch, batch_size=self.t.effort_batch_size,
-                              autocast_dtype=llm.autocast_dtype)
+        effort = self.effort_scorer()
         values = []
         for start in range(0, len(d.pool), 256):
             values.append(effort(d.pool[start:start + 256]))
@@ -272,6 +279,14 @@ class CpuBench:
         self.scores["effort"] = torch.cat(values).double().numpy()
         self.timings["effort_s"] = time.perf_counter() - started
         write_scores(path, self.scores, self.timings)
+
+    def effort_scorer(self) -> EffortScorer:
+        """BIGRec's effort model: the base LLM with a fresh seeded LoRA adapter."""
+        llm = self.load()
+        return EffortScorer(add_lora(llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout,
+                                     self.t.target_modules, self.t.seed),
+                            self.make_builder(llm).batch, batch_size=self.t.effort_batch_size,
+                            autocast_dtype=llm.autocast_dtype)
 
     @property
     def dealrec_scores(self) -> np.ndarray:
@@ -326,6 +341,20 @@ class CpuBench:
                 "mean_by_rule": {rule: {m: float(np.mean(v)) for m, v in values.items()}
                                  for rule, values in by_rule.items()}}
 
+    def base_model(self) -> Any:
+        """The untrained model the ``base`` arm evaluates."""
+        return self.llm.model
+
+    def train_arm(self, samples: list[Sample], seed: int, label: str) -> tuple[Any, dict[str, Any]]:
+        """A LoRA adapter (seeded init and order) trained on ``samples``; the model and its training record."""
+        llm = self.load()
+        model = add_lora(llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout, self.t.target_modules, seed)
+        result = train_lora(model, self.make_builder(llm), samples, [], self.t.model_copy(update={"seed": seed}),
+                            llm.autocast_dtype, progress=lambda line: say(f"{label}: {line}"))
+        self.llm = llm
+        return model, {"train_s": result.seconds, "train_tokens_per_s": result.tokens_per_s,
+                       "train_loss": result.train_losses}
+
     def popularity(self) -> dict[str, list[float]]:
         d = self.data
         scores = np.array([[d.popularity.get(c, 0) for c in cands] for cands in d.candidates], dtype=np.float64)
@@ -343,21 +372,14 @@ class CpuBench:
         if arm == "popularity":
             record["per_user"] = self.popularity()
         elif arm == "base":
-            record.update(self.evaluate(self.llm.model, "base"))
+            record.update(self.evaluate(self.base_model(), "base"))
             record["eval_s"] = time.perf_counter() - started
         else:
             chosen = self.select(arm, seed)
             record["selected"] = len(chosen)
             say(f"{arm} seed {seed}: {len(chosen)} samples; fine-tuning")
-            llm = self.load()
-            model = add_lora(llm.model, self.t.lora_r, self.t.lora_alpha, self.t.lora_dropout,
-                             self.t.target_modules, seed)
-            result = train_lora(model, self.make_builder(llm), [self.data.pool[i] for i in chosen], [],
-                                self.t.model_copy(update={"seed": seed}), llm.autocast_dtype,
-                                progress=lambda line: say(f"{arm} seed {seed}: {line}"))
-            record.update({"train_s": result.seconds, "train_tokens_per_s": result.tokens_per_s,
-                           "train_loss": result.train_losses})
-            self.llm = llm
+            model, trained = self.train_arm([self.data.pool[i] for i in chosen], seed, f"{arm} seed {seed}")
+            record.update(trained)
             evaluated = time.perf_counter()
             record.update(self.evaluate(model, f"{arm} seed {seed}"))
             record["eval_s"] = time.perf_counter() - evaluated
@@ -367,6 +389,58 @@ class CpuBench:
         say(f"{arm} seed {seed}: " + ", ".join(f"{m} {v:.4f}" for m, v in record["mean"].items())
             + f" ({record['seconds']:.0f} s)")
         return record
+
+
+class TigerBench(CpuBench):
+    """The same protocol with TIGER arms (``--backend tiger``): semantic IDs fitted once on the catalogue's title
+    embeddings (the base model's, cached per catalogue); every arm trains a fresh T5 (``trainer.tiger`` defaults,
+    the seed fixing its init and data order) on its samples; a candidate's score is the log-likelihood of its ID
+    given the history; the effort score is TIGER's (:meth:`TigerBackend.effort` on an empty registry: the fresh
+    seeded T5 a first refresh would train)."""
+
+    def __init__(self, data: Data, protocol: Protocol, out: Path) -> None:
+        super().__init__(data, protocol, out)
+        self.registry = AdapterRegistry(out / "no-versions")  # every arm starts from scratch: nothing is saved here
+        self.backend = TigerBackend(self.settings(0), data.catalog, self.llm)
+        self.effort = self.backend.effort(self.registry)  # fits the IDs on the whole catalogue, once
+        batches = self.effort.make_batch
+        assert isinstance(batches, TigerBatches)
+        self.ids = batches.tiger.ids
+        say(f"semantic IDs for {len(self.ids.ids):,} items, collision rate {self.ids.collision_rate:.3f}")
+
+    def settings(self, seed: int) -> Settings:
+        return load_config(overrides={"trainer.backend": "tiger", "trainer.base_model": self.p.base_model,
+                                      "trainer.seed": seed})
+
+    def effort_scorer(self) -> EffortScorer:
+        return self.effort
+
+    def fresh(self, seed: int) -> TigerModel:
+        tc = self.settings(seed).trainer.tiger
+        return TigerModel.build(self.ids, d_model=tc.d_model, layers=tc.layers, heads=tc.heads, history=tc.history,
+                                dropout=tc.dropout, seed=seed)
+
+    def base_model(self) -> Any:
+        return self.fresh(0)
+
+    def train_arm(self, samples: list[Sample], seed: int, label: str) -> tuple[Any, dict[str, Any]]:
+        model = self.fresh(seed)
+        result = TigerRefreshModel(model, None, self.settings(seed), self.data.catalog).train(
+            samples, [], lambda line: say(f"{label}: {line}"))
+        return model, {"train_s": result.seconds, "train_loss": result.train_losses, "steps": result.steps}
+
+    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+        """Each candidate's ID log-likelihood given the user's history (kept), and the per-user metrics."""
+        d, started = self.data, time.perf_counter()
+        logliks = np.zeros((len(d.users), len(d.candidates[0])))
+        for u, (history, candidates) in enumerate(zip(d.histories, d.candidates, strict=True)):
+            logliks[u] = model.candidate_logliks(history, candidates)
+            if (u + 1) % 250 == 0 or u + 1 == len(d.users):
+                say(f"{label}: evaluated {u + 1:,}/{len(d.users):,} users ({(u + 1) / (time.perf_counter() - started):.1f}/s)")
+        nll = -logliks[:, 0] / model.width  # the target ID's mean token NLL
+        per_user = candidate_metrics(logliks, nll)
+        return {"logliks": np.round(logliks, 4).tolist(), "target_nll": np.round(nll, 6).tolist(),
+                "per_user": {m: np.round(v, 6).tolist() for m, v in per_user.items()}}
 
 
 # ---------------------------------------------------------------------- statistics
@@ -427,7 +501,8 @@ def summarise(records: dict[str, dict[int, dict[str, Any]]], meta: dict[str, Any
 
 def markdown(summary: dict[str, Any]) -> str:
     gates = summary["gates"]
-    lines = [f"# Quality on {summary['dataset']} (--cpu protocol)", "",
+    tiger = summary["protocol"].get("backend") == "tiger"
+    lines = [f"# Quality on {summary['dataset']} (--cpu protocol{', TIGER arms' if tiger else ''})", "",
              f"{summary['date']}, commit {summary['commit']}, {summary['cores']} cores, {summary['base_model']}; "
              f"pool {summary['pool']:,}, budget {summary['budget']}, {summary['epochs']} epochs, "
              f"{summary['users']:,} test users × {summary['candidates']} candidates. Primary metric: {PRIMARY} "
@@ -495,11 +570,13 @@ def run_cpu(args: argparse.Namespace, path: Path) -> None:
                                                                  ("train.txt", "valid.txt", "test.txt", "items.tsv"))),
                         users=args.users, budget=args.budget, epochs=args.epochs, learning_rate=args.lr,
                         prompt_history=args.history, pool=args.pool, surrogate_epochs=args.surrogate_epochs,
-                        train_on_inputs=not args.response_only, surrogate=args.surrogate)
-    name = f"quality-{path.name}-cpu{'-' + args.tag if args.tag else ''}"
+                        train_on_inputs=not args.response_only, surrogate=args.surrogate, backend=args.backend,
+                        score="id_loglik" if args.backend == "tiger" else "pmi")
+    tag = "-".join(t for t in (args.backend if args.backend != "bigrec" else "", args.tag) if t)
+    name = f"quality-{path.name}-cpu{'-' + tag if tag else ''}"
     say(f"protocol {protocol.key()}: {asdict(protocol)}")
     data = Data(path, protocol)
-    bench = CpuBench(data, protocol, RESULTS / name)
+    bench = (TigerBench if args.backend == "tiger" else CpuBench)(data, protocol, RESULTS / name)
     say(f"{len(data.samples):,} training samples, pool {len(data.pool):,}, {len(data.users):,} test users")
     arms = [a for a in args.arms.split(",") if a]
     unknown = set(arms) - set(ALL_ARMS)
@@ -555,7 +632,8 @@ def write_summary(records: dict[str, dict[int, dict[str, Any]]], protocol: Proto
             "this_invocation_s": time.perf_counter() - started,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]])}
     summary = summarise(records, meta)
-    summary["length_confound"] = length_confound(data, bench.builder, records)
+    if protocol.backend == "bigrec":  # TIGER's candidates are ID tuples of one length: titles play no part
+        summary["length_confound"] = length_confound(data, bench.builder, records)
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(summary))
     chart(summary, RESULTS / f"{name}.png")
@@ -616,6 +694,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--surrogate-epochs", type=int, default=10)
     ap.add_argument("--surrogate", default="sasrec", choices=sorted(SURROGATES),
                     help="--cpu: the surrogate the pool is scored on (tag the run, e.g. --tag gru4rec)")
+    ap.add_argument("--backend", default="bigrec", choices=("bigrec", "tiger"),
+                    help="--cpu: what the arms train: LoRA adapters on the LLM (BIGRec) or TIGER's T5 (results in "
+                         "quality-DATASET-cpu-tiger*)")
     ap.add_argument("--response-only", action="store_true",
                     help="--cpu diagnostic: train on the response's loss only (the protocol trains on prompt + "
                          "response; the cached effort scores stay prompt + response)")

@@ -190,7 +190,13 @@ class TigerBackend:
             previous = served  # judged under its own IDs
         items, vectors = self.embed(wanted)
         ids = SemanticIds(rqvae_config(tc, t.seed))
-        fit = ids.fit(items, vectors)
+        epochs = tc.rqvae_epochs
+
+        def fitting(epoch: int, loss: float) -> None:
+            if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
+                progress(f"semantic IDs: RQ-VAE epoch {epoch + 1}/{epochs}, loss {loss:.4g} ({len(items):,} items)")
+
+        fit = ids.fit(items, vectors, progress=fitting)
         progress(f"semantic IDs for {len(items)} items: reconstruction error {fit.reconstruction[-1]:.4g}, "
                  f"collision rate {fit.collision_rate:.3f}")
         tiger = TigerModel.build(ids, d_model=tc.d_model, layers=tc.layers, heads=tc.heads, history=tc.history,
