@@ -58,6 +58,7 @@ import platform
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -400,7 +401,8 @@ class TigerBench(CpuBench):
 
     def __init__(self, data: Data, protocol: Protocol, out: Path) -> None:
         super().__init__(data, protocol, out)
-        self.registry = AdapterRegistry(out / "no-versions")  # every arm starts from scratch: nothing is saved here
+        self.scratch = Path(tempfile.mkdtemp(prefix="quality-tiger-"))
+        self.registry = AdapterRegistry(self.scratch / "adapters")  # empty: every arm starts from scratch
         self.backend = TigerBackend(self.settings(0), data.catalog, self.llm)
         self.effort = self.backend.effort(self.registry)  # fits the IDs on the whole catalogue, once
         batches = self.effort.make_batch
@@ -409,8 +411,9 @@ class TigerBench(CpuBench):
         say(f"semantic IDs for {len(self.ids.ids):,} items, collision rate {self.ids.collision_rate:.3f}")
 
     def settings(self, seed: int) -> Settings:
+        """TIGER's defaults; the state directory (where the effort model is kept) is this run's scratch."""
         return load_config(overrides={"trainer.backend": "tiger", "trainer.base_model": self.p.base_model,
-                                      "trainer.seed": seed})
+                                      "trainer.seed": seed, "checkpoint.state_dir": str(self.scratch)})
 
     def effort_scorer(self) -> EffortScorer:
         return self.effort
@@ -502,9 +505,15 @@ def summarise(records: dict[str, dict[int, dict[str, Any]]], meta: dict[str, Any
 def markdown(summary: dict[str, Any]) -> str:
     gates = summary["gates"]
     tiger = summary["protocol"].get("backend") == "tiger"
+    if tiger:
+        t = summary["tiger"]
+        training = (f"a fresh T5 per arm, {t['epochs']} epochs (d_model {t['d_model']}, {t['layers']} layers; IDs "
+                    f"{t['levels']} × {t['codes']} codes on {summary['base_model']} title embeddings)")
+    else:
+        training = f"{summary['epochs']} epochs"
     lines = [f"# Quality on {summary['dataset']} (--cpu protocol{', TIGER arms' if tiger else ''})", "",
              f"{summary['date']}, commit {summary['commit']}, {summary['cores']} cores, {summary['base_model']}; "
-             f"pool {summary['pool']:,}, budget {summary['budget']}, {summary['epochs']} epochs, "
+             f"pool {summary['pool']:,}, budget {summary['budget']}, {training}, "
              f"{summary['users']:,} test users × {summary['candidates']} candidates. Primary metric: {PRIMARY} "
              "(share of the 19 negatives the target outranks; 0.5 = chance), candidates scored by "
              f"{summary['protocol']['score']}.", ""]
@@ -631,6 +640,8 @@ def write_summary(records: dict[str, dict[int, dict[str, Any]]], protocol: Proto
             "scoring_timings_s": bench.timings, "wall_s": arm_seconds,
             "this_invocation_s": time.perf_counter() - started,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]])}
+    if isinstance(bench, TigerBench):
+        meta["tiger"] = bench.settings(0).trainer.tiger.model_dump()
     summary = summarise(records, meta)
     if protocol.backend == "bigrec":  # TIGER's candidates are ID tuples of one length: titles play no part
         summary["length_confound"] = length_confound(data, bench.builder, records)

@@ -1,9 +1,11 @@
 """TIGER's effort score: the T5 loss's gradient norm on the last decoder layer's cross-attention output, per
 sample from one batched backward pass, on a fixed model (the serving version, or the fresh one a first refresh
-builds); items without an ID are read by the ID the quantiser would give them, and nothing is assigned."""
+builds), kept in the state directory across restarts; items without an ID are read by the ID the quantiser
+would give them, and nothing is assigned."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,20 +55,27 @@ def test_batched_norms_equal_a_per_sample_autograd_loop(fresh: EffortScorer) -> 
     assert all(p.grad is None for p in fresh.model.parameters())  # left as found
 
 
-def test_the_model_is_fixed_so_effort_is_a_function_of_the_sample(tmp_path: Path, fresh: EffortScorer) -> None:
-    """Two builds on the same empty registry agree exactly (seeded IDs and T5); after a refresh the scorer uses
-    the serving version's T5, whose effort differs."""
+def test_the_model_is_kept_in_the_state_directory_so_effort_is_a_function_of_the_sample(tmp_path: Path,
+                                                                                        fresh: EffortScorer) -> None:
+    """A fresh build is seeded (two state directories agree exactly); the model is kept in the state directory,
+    so a restart after a promotion still scores with it; without the kept model, the serving version is taken."""
+    from recsift.trainer.tiger.backend import EFFORT_DIR
+
     cfg = tiger_settings(state_with_coreset(tmp_path))
-    again = TigerBackend(cfg, catalog(101), tiny()).effort(registry_for(cfg))
-    first = fresh(samples())
-    assert again(samples()).tolist() == first.tolist()
+    first = TigerBackend(cfg, catalog(101), tiny()).effort(registry_for(cfg))
+    assert first(samples()).tolist() == fresh(samples()).tolist()
+    assert (cfg.checkpoint.state_dir / EFFORT_DIR / "semantic_ids.safetensors").is_file()
     assert refresh(cfg, "manual", catalog(101), llm=tiny()).outcome == "promoted"
+    restarted = TigerBackend(cfg, catalog(106), tiny()).effort(registry_for(cfg))  # the catalogue grew, too
+    assert restarted(samples()).tolist() == first(samples()).tolist()
+
+    shutil.rmtree(cfg.checkpoint.state_dir / EFFORT_DIR)  # an operator asks for the serving version
     served = TigerBackend(cfg, catalog(101), tiny()).effort(registry_for(cfg))
     serving = registry_for(cfg).current()
     assert serving is not None
     saved = load_tiger(serving.path, 5).model.state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in served.model.state_dict().items())
-    assert served(samples()).tolist() != first.tolist()
+    assert served(samples()).tolist() != first(samples()).tolist()
 
 
 def test_an_item_without_an_id_is_read_by_its_peeked_id_and_nothing_is_assigned(fresh: EffortScorer) -> None:

@@ -15,6 +15,7 @@ other items; the outcome's train record says why.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from recsift.vocab import SemanticIdMetric
 log = logging.getLogger(__name__)
 
 IDS_FILE = "semantic_ids.safetensors"
+EFFORT_DIR = "tiger-effort"  # the effort model of a state directory (its T5 and IDs), kept across restarts
 
 
 def rqvae_config(t: TigerConfig, seed: int) -> RQVAEConfig:
@@ -204,11 +206,21 @@ class TigerBackend:
         return TigerRefreshModel(tiger, serving.name if serving else None, self.cfg, self.catalog, previous, retrain)
 
     def effort(self, registry: AdapterRegistry) -> EffortScorer:
-        """The effort scorer on the serving version's T5, or on the fresh one a first refresh builds
-        (:mod:`recsift.trainer.tiger.effort`)."""
-        tiger = self.open(registry, (), log.info).tiger
+        """The effort scorer (:mod:`recsift.trainer.tiger.effort`) on the model kept in the state directory
+        (``EFFORT_DIR``), so that every run and restart on that state scores effort with one model; the first
+        time, the serving version's T5, or the fresh one a first refresh builds, is kept there."""
+        kept = self.cfg.checkpoint.state_dir / EFFORT_DIR
+        if (kept / IDS_FILE).is_file():
+            tiger, source = load_tiger(kept, self.cfg.trainer.tiger.history), f"the model kept in {kept}"
+        else:
+            opened = self.open(registry, (), log.info)
+            fresh = opened.serving is None or opened.ids_retrained is not None
+            tiger, source = opened.tiger, "a fresh seeded T5" if fresh else f"serving version {opened.serving}"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{EFFORT_DIR}-", dir=kept.parent))
+            opened.save(tmp)
+            tmp.rename(kept)  # whole or absent: a crash mid-save leaves only a temporary directory
         block = cross_attention_block(tiger.model)
-        serving = registry.current()
-        log.info("TIGER effort on %s, block %s", serving.name if serving else "a fresh seeded T5", block)
+        log.info("TIGER effort on %s, block %s", source, block)
         return EffortScorer(tiger.model, TigerBatches(tiger, lambda items: self.embed(items, cached=False)),
                             block=block, batch_size=self.cfg.trainer.effort_batch_size, losses=t5_losses)

@@ -11,9 +11,10 @@ through the decoder's cross-attention, and its last output projection is where i
 would be the other candidate; its gradient norm mostly tracks the loss itself (how far the ID tokens' softmax is
 from one-hot), not what the sample asks the model to change in how it reads a history.
 
-The model is fixed for the run, so a sample's effort is a function of the sample alone (cached by sample id,
-nothing to checkpoint): the registry's serving TIGER version when there is one, else the fresh seeded T5 and
-the semantic IDs a first refresh builds (:meth:`TigerBackend.effort` opens it as a refresh would). An item the
+The model is fixed for a state directory, so a sample's effort is a function of the sample alone (cached by
+sample id), in one run and across restarts: the first time, the registry's serving TIGER version, or the fresh
+seeded T5 and semantic IDs a first refresh builds, is saved in the state directory, and every later start loads
+it (:meth:`TigerBackend.effort`; delete ``state/tiger-effort`` to take the serving version again). An item the
 model has no ID for is read with the ID the quantiser would give it (:meth:`SemanticIds.peek`), without
 assigning it.
 """
