@@ -36,7 +36,7 @@ def js_divergence(p: Counter[str] | dict[str, float], q: Counter[str] | dict[str
 def sliced_wasserstein(x: np.ndarray, y: np.ndarray, projections: int = 64, seed: int = 0) -> float:
     if not len(x) or not len(y):
         return 0.0
-    import ot  # POT imports scipy.stats and networkx (about 1.5 s): only a service that measures drift pays it
+    import ot  # POT imports scipy.stats and networkx: only a service that measures drift pays for them
 
     return float(ot.sliced_wasserstein_distance(np.asarray(x, np.float64), np.asarray(y, np.float64),
                                                 n_projections=projections, seed=seed))

@@ -180,7 +180,7 @@ class BigRecBackend:
         """The base model with a fresh seeded LoRA adapter (DEALRec's effort model), BIGRec prompts; the registry's
         adapters are not used."""
         t = self.cfg.trainer
-        llm = self.llm = self.llm or load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
+        llm = self.llm or load_llm(t.base_model, t.cache_dir, t.dtype, t.device)
         model = add_lora(llm.model, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, t.seed)
         builder = builder_for(llm.encode, self.catalog.title, llm.eos_token_id, llm.pad_token_id, t)
         return EffortScorer(model, builder.batch, batch_size=t.effort_batch_size, autocast_dtype=llm.autocast_dtype)

@@ -15,7 +15,8 @@ from recsift.scoring.effort import EffortScorer
 from recsift.stream.windows import Sample
 from recsift.trainer.refresh import refresh, registry_for
 from recsift.trainer.tiger.backend import TigerBackend, load_tiger
-from recsift.trainer.tiger.effort import TigerBatches, cross_attention_block, t5_losses
+from recsift.trainer.tiger.effort import TigerBatches, cross_attention_block
+from recsift.trainer.tiger.generator import id_losses
 from tests.trainer.test_refresh import state_with_coreset, tiny
 from tests.trainer.test_tiger_refresh import catalog, tiger_settings
 
@@ -44,11 +45,11 @@ def test_the_block_is_the_last_decoder_layers_cross_attention_output(tmp_path: P
 
 def test_batched_norms_equal_a_per_sample_autograd_loop(fresh: EffortScorer) -> None:
     batched = EffortScorer(fresh.model, fresh.make_batch, block=fresh.block_name, batch_size=5, cache_size=0,
-                           losses=t5_losses)(samples())
+                           losses=id_losses)(samples())
     fresh.model.eval()
     expected = []
     for s in samples():
-        (g,) = torch.autograd.grad(t5_losses(fresh.model, fresh.make_batch([s]))[0], fresh.block.weight)
+        (g,) = torch.autograd.grad(id_losses(fresh.model, fresh.make_batch([s]))[0], fresh.block.weight)
         expected.append(g.double().norm().item())
     assert batched.tolist() == pytest.approx(expected, rel=1e-5)
     assert (batched > 0).all() and len(set(batched.tolist())) == len(samples())
@@ -93,4 +94,4 @@ def test_an_item_without_an_id_is_read_by_its_peeked_id_and_nothing_is_assigned(
     assert torch.isfinite(fresh([unknown])).all()
     # the same sample again, in a new batch: the same effort (a function of the sample, not of arrival order)
     assert EffortScorer(fresh.model, batches, block=fresh.block_name, cache_size=0,
-                        losses=t5_losses)([unknown]).tolist() == fresh([unknown]).tolist()
+                        losses=id_losses)([unknown]).tolist() == fresh([unknown]).tolist()

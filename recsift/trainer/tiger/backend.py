@@ -34,8 +34,8 @@ from recsift.trainer.evaluate import candidate_metrics, negative_sampler
 from recsift.trainer.llm import LLM, load_llm
 from recsift.trainer.recommender import title_embeddings
 from recsift.trainer.registry import AdapterRegistry, check_backend
-from recsift.trainer.tiger.effort import TigerBatches, cross_attention_block, t5_losses
-from recsift.trainer.tiger.generator import TigerModel
+from recsift.trainer.tiger.effort import TigerBatches, cross_attention_block
+from recsift.trainer.tiger.generator import TigerModel, id_losses
 from recsift.trainer.tiger.rqvae import RQVAEConfig, SemanticIds
 from recsift.vocab import SemanticIdMetric
 
@@ -223,4 +223,4 @@ class TigerBackend:
         block = cross_attention_block(tiger.model)
         log.info("TIGER effort on %s, block %s", source, block)
         return EffortScorer(tiger.model, TigerBatches(tiger, lambda items: self.embed(items, cached=False)),
-                            block=block, batch_size=self.cfg.trainer.effort_batch_size, losses=t5_losses)
+                            block=block, batch_size=self.cfg.trainer.effort_batch_size, losses=id_losses)

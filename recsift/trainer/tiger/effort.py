@@ -1,9 +1,9 @@
 """TIGER's effort score: how hard the T5 finds a sample, as the norm of its loss gradient on one block.
 
 effort_i = ‖∂ loss_i / ∂ W‖₂, where loss_i is the mean cross-entropy of the target's ID tokens given the history
-(the loss a refresh trains) and W is the output projection ``o`` of the last decoder layer's cross-attention.
-The same batched per-sample gradient as BIGRec's (:class:`recsift.scoring.effort.EffortScorer`) applies: W is
-linear, so each row's gradient is Σ_t g_tᵀ a_t.
+(the loss a refresh trains, :func:`~recsift.trainer.tiger.generator.id_losses`) and W is the output projection
+``o`` of the last decoder layer's cross-attention. The same batched per-sample gradient as BIGRec's
+(:class:`recsift.scoring.effort.EffortScorer`) applies: W is linear, so each row's gradient is Σ_t g_tᵀ a_t.
 
 Why that block: DEALRec measures the LLM's gradient on the last layer's LoRA-B of ``v_proj``, the last place
 where the sample's context enters the prediction. In TIGER's T5 the history reaches the generated ID only
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from recsift.stream.windows import Sample
-from recsift.trainer.tiger.generator import EOS, PAD, TigerModel
+from recsift.trainer.tiger.generator import EOS, TigerModel, pad
 
 _BLOCK = re.compile(r"decoder\.block\.(\d+)\.layer\.1\.EncDecAttention\.o$")
 
@@ -39,12 +39,6 @@ def cross_attention_block(model: nn.Module) -> str:
     if not found:
         raise ValueError("the model has no decoder cross-attention (a T5 encoder-decoder is needed)")
     return max(found)[1]
-
-
-def t5_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Each row's mean token cross-entropy of its labels (the target's ID tokens), [B] float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
-    return nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], reduction="none").mean(1)
 
 
 class TigerBatches:
@@ -71,8 +65,6 @@ class TigerBatches:
         for h in histories:
             rows.append([tok for sid in ids[at:at + len(h)] for tok in t.tokens(sid)] or [EOS])
             at += len(h)
-        input_ids = torch.full((len(rows), max(len(r) for r in rows)), PAD, dtype=torch.long)
-        for b, r in enumerate(rows):
-            input_ids[b, :len(r)] = torch.tensor(r)
+        input_ids, mask = pad(rows)
         labels = torch.tensor([t.tokens(sid) for sid in ids[at:]], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != PAD).long(), "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -25,6 +25,21 @@ from recsift.trainer.tiger.rqvae import SemanticIds
 PAD, EOS = 0, 1
 
 
+def pad(rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Token rows right-padded into input ids ``[B, T]`` and their attention mask."""
+    ids = torch.full((len(rows), max(len(r) for r in rows)), PAD, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, (ids != PAD).long()
+
+
+def id_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Each row's mean token cross-entropy of its labels (the target's ID tokens), [B] float32; grad enabled (the
+    caller sets the mode)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], reduction="none").mean(1)
+
+
 class PrefixTrie:
     """The valid token sequences (one per item) and, for any prefix of them, the tokens that may follow."""
 
@@ -95,11 +110,7 @@ class TigerModel:
         for h in histories:
             known = [self.ids.ids[i] for i in h if i in self.ids.ids][-self.history:]
             rows.append([t for sid in known for t in self.tokens(sid)] or [EOS])
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
-        return ids, (ids != PAD).long()
+        return pad(rows)
 
     def encode_targets(self, items: Sequence[str]) -> Tensor:
         """The targets' ID tokens ``[B, width]``; an item without an ID is refused."""
@@ -113,10 +124,8 @@ class TigerModel:
     def losses(self, histories: Sequence[Sequence[str]], targets: Sequence[str]) -> Tensor:
         """Per-sample mean token NLL of each target's ID given its history (grad enabled; the caller sets the mode)."""
         input_ids, mask = self.encode_histories(histories)
-        labels = self.encode_targets(targets)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, labels=labels).logits
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-        return nll.mean(1)
+        return id_losses(self.model, {"input_ids": input_ids, "attention_mask": mask,
+                                      "labels": self.encode_targets(targets)})
 
     def fit(self, histories: Sequence[Sequence[str]], targets: Sequence[str], epochs: int, batch_size: int = 64,
             lr: float = 1e-3, seed: int = 0, progress: Callable[[int, float], None] | None = None) -> list[float]:
