@@ -7,7 +7,7 @@ backward pass per batch against one pass per sample (the authors' batch size 1),
 
 Also, on identical rows (``--same-rows``, a seeded sample of Games), the cost of influence scoring against
 its physical floor: one surrogate forward pass of the per-sample losses, the per-sample gradient loop and
-the JVP path, each once on rows padded to the sample's longest (chunks of ``scorer.BUCKET`` rows in input
+the JVP path, each once on rows padded to the sample's longest (chunks of ``batching.ROWS_PER_PASS`` rows in input
 order, as the loop sees them) and once bucketed by length (the service's path). ``jvp_over_forward`` is the
 JVP's time over the forward pass's on the bucketed rows (goal ≤ 3), ``jvp_over_loop_same_rows`` the JVP's
 time over the loop's on the same padded rows, so length bucketing is not counted as the JVP's gain.
@@ -34,12 +34,13 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recsift.batching import ROWS_PER_PASS  # noqa: E402
 from recsift.data.datasets import read_dealrec_split  # noqa: E402
 from recsift.scoring.dealrec import DEALRecScorer  # noqa: E402
 from recsift.scoring.influence import InfluenceEstimator  # noqa: E402
 from recsift.scoring.registry import make_scorer  # noqa: E402
 from recsift.scoring.sasrec import SASRecSurrogate  # noqa: E402
-from recsift.scoring.scorer import BUCKET, by_length  # noqa: E402
+from recsift.scoring.scorer import by_length  # noqa: E402
 from recsift.scoring.surrogate import PAD, SeqBatch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -167,7 +168,7 @@ def same_rows_figures(surrogate: SASRecSurrogate, est: InfluenceEstimator, rows:
     model.eval()
 
     def padded(fn: Callable[[SeqBatch], Tensor]) -> Callable[[], object]:
-        chunks = torch.split(torch.arange(len(rows)), BUCKET)  # input order, full width: what the loop sees
+        chunks = torch.split(torch.arange(len(rows)), ROWS_PER_PASS)  # input order, full width: what the loop sees
         return lambda: [fn(SeqBatch(rows.seqs[c], rows.sample_ids[c])) for c in chunks]
 
     def bucketed(fn: Callable[[SeqBatch], Tensor]) -> Callable[[], object]:

@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from recsift import batching
 from recsift.batching import length_buckets
 from recsift.registry import ComponentConfig
 from recsift.scoring.surrogate import PAD, SeqBatch, Surrogate
@@ -78,16 +79,14 @@ def check_batch(batch: SeqBatch) -> None:
         raise ValueError("empty batch: nothing to score")
 
 
-BUCKET = 1024  # rows per length bucket: larger ones thrash the cache on 2 cores (bench/scoring.py)
-
-
-def by_length(fn: Callable[[SeqBatch], Tensor], batch: SeqBatch, bucket: int = BUCKET) -> Tensor:
+def by_length(fn: Callable[[SeqBatch], Tensor], batch: SeqBatch, bucket: int | None = None) -> Tensor:
     """Apply a batch-invariant scoring function to rows grouped by length, each group trimmed to its
     longest row, and return the scores in the input order. Stream histories are mostly short, so this
-    avoids computing on padding (several times faster on Games)."""
+    avoids computing on padding (several times faster on Games). ``bucket``: rows per call of ``fn``
+    (default ``batching.ROWS_PER_PASS``)."""
     check_batch(batch)
     out = torch.empty(len(batch), dtype=torch.float64)
-    for chunk in length_buckets((batch.seqs != PAD).sum(1), bucket):
+    for chunk in length_buckets((batch.seqs != PAD).sum(1), bucket or batching.ROWS_PER_PASS):
         out[chunk] = fn(batch.select(chunk)).double()
     return out
 

@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol, cast
 import torch
 from torch import Tensor, nn
 
+from recsift import batching
 from recsift.batching import length_buckets
 from recsift.scoring.sampling import TensorReservoir
 from recsift.scoring.surrogate import (
@@ -129,8 +130,8 @@ class SequentialSurrogate(ABC):
         self.model.eval()
         rows = batch.seqs[:, -self.max_len:]
         out = torch.empty((len(rows), self.hidden))
-        with torch.no_grad():  # rows of similar length in chunks of 1024, each trimmed to its longest row
-            for chunk in length_buckets((rows != PAD).sum(1), 1024):
+        with torch.no_grad():  # rows of similar length in chunks, each trimmed to its longest row
+            for chunk in length_buckets((rows != PAD).sum(1), batching.ROWS_PER_PASS):
                 out[chunk] = self.represent(trim_padding(rows[chunk]))
         return out
 
@@ -143,20 +144,30 @@ class SequentialSurrogate(ABC):
     # ------------------------------------------------------------------ training side
 
     def _train_step(self, seqs: Tensor) -> float:
+        """One optimiser step on the mean loss of ``seqs``. Rows beyond ``batching.ROWS_PER_PASS`` go forward and
+        backward in chunks whose gradients add up to the whole step's: a stream step has 1,024 rows, and
+        the activations kept for their backward pass were the largest part of the scoring stage's memory."""
         self.model.train()
         inputs = self.train_inputs(seqs)
         dropout_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
         with torch.random.fork_rng(devices=[]):  # dropout from our generator: reproducible, checkpointable
             torch.manual_seed(dropout_seed)
-            loss = self.model(*inputs).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"surrogate loss is {loss.item()}; refusing the update")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step = batching.ROWS_PER_PASS
+            for start in range(0, len(seqs), step):
+                losses = self.model(*(t[start:start + step] for t in inputs))
+                # one chunk: the mean, as an unchunked step computes it (the same floating-point result)
+                loss = losses.mean() if len(losses) == len(seqs) else losses.sum() / len(seqs)
+                if not torch.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(f"surrogate loss is {loss.item()}; refusing the update")
+                loss.backward()
+                total += float(loss.detach())
         self.optimizer.step()
         self.steps += 1
         self.version += 1
-        return float(loss.detach())
+        return total
 
     def partial_fit(self, batch: SeqBatch, replay_ratio: float = 1.0, max_rows: int | None = None) -> float:
         """One step on the batch plus ``replay_ratio`` as many replayed earlier sequences; then remember the
