@@ -96,16 +96,19 @@ def test_a_checkpoint_of_one_surrogate_is_refused_by_another() -> None:
 @pytest.mark.parametrize("name", sorted(SURROGATES))
 def test_every_surrogate_beats_popularity_on_ml100k(name: str, ml100k: Path) -> None:
     """Leave-last-out on ml-100k: rank every item as the one after each user's training sequence; the surrogate's
-    hit rate @10 clears 1.2× the most popular items'. On these 943 sequences GRU4Rec needs 40 epochs and BERT4Rec
-    80 (it learns from the ~20% of positions a cloze step masks): at SASRec's 20 both sit at popularity's level."""
+    hit rate @10 clears 1.2× the most popular items'. On these 943 sequences GRU4Rec and BERT4Rec learn at a
+    higher rate than SASRec's (3e-3) and BERT4Rec for longer (it learns from the ~20% of positions a cloze step
+    masks): at SASRec's 20 epochs and 1e-3 both sit at popularity's level. (Measured at 3e-3: GRU4Rec 15 epochs
+    1.77× popularity; BERT4Rec 30 epochs 0.97×, 50 epochs 1.40×.)"""
     torch.manual_seed(0)
     by_user: dict[str, list[str]] = {}
     for e in recbole_events(ml100k):
         by_user.setdefault(e.user_id, []).append(e.item_id)
     users = sorted(by_user)
-    s = make_surrogate(name, 1700, hidden=64, seed=0, dropout={"sasrec": 0.5, "gru4rec": 0.3, "bert4rec": 0.2}[name])
+    s = make_surrogate(name, 1700, hidden=64, seed=0, dropout={"sasrec": 0.5, "gru4rec": 0.3, "bert4rec": 0.2}[name],
+                       lr={"sasrec": 1e-3, "gru4rec": 3e-3, "bert4rec": 3e-3}[name])
     train = s.encode([by_user[u][:-2] for u in users], [by_user[u][-2] for u in users], range(len(users)))
-    s.fit(train.batch, epochs={"sasrec": 20, "gru4rec": 40, "bert4rec": 80}[name], batch_size=128)
+    s.fit(train.batch, epochs={"sasrec": 20, "gru4rec": 15, "bert4rec": 50}[name], batch_size=128)
     test = s.encode([by_user[u][:-2] for u in users], [by_user[u][-2] for u in users], range(len(users)), grow=False)
     scores = s.score_items(test.batch)
     scores[:, [PAD, OOV]] = -float("inf")
