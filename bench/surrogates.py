@@ -6,11 +6,16 @@ influence is scored (samples/s), and coverage-enhanced stratified sampling selec
 SASRec's run (the paper's surrogate): the share of the selected coreset both choose, the overlap a random
 selection of the same size would have (the chance level), and the rank correlation of the influence scores.
 
-What a coreset is worth to the LLM is not measured here (it takes the quality benchmark's fine-tuning arms:
-``python bench/quality.py --cpu --surrogate NAME --tag NAME``).
+What a coreset is worth to the recommender takes the quality benchmark's fine-tuning arms: run its ``dealrec``
+arm once per surrogate (``python bench/quality.py --cpu [--backend tiger] --surrogate NAME --tag NAME --arms
+dealrec``; SASRec's is the untagged run with every arm), then ``--quality tiger|bigrec`` reads those runs and adds,
+per surrogate, its coreset's rank_percentile minus SASRec's coreset's, paired by seed and test user (hierarchical
+bootstrap, 95% interval). The gates of SASRec's run decide whether the protocol can rank anything: when one fails
+the verdict is "not measurable at this scale".
 
 Usage:  python bench/surrogates.py [--dataset games|DIR] [--epochs 10] [--budget 1024] [--surrogates a,b]
-Writes ``bench/results/surrogates[-TAG].json``.
+                                   [--quality tiger|bigrec [--quality-only]]
+Writes ``bench/results/surrogates[-TAG].json`` (``--quality-only``: adds the quality section to it, nothing re-run).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality as quality_bench  # noqa: E402
 
 from recsift.config import load_config  # noqa: E402
 from recsift.data.datasets import resolve_dataset  # noqa: E402
@@ -48,6 +56,45 @@ def read_jsonl(path: Path, key: str) -> dict[int, float]:
     return {int(r["sample_id"]): float(r[key]) for r in map(json.loads, path.read_text().splitlines())}
 
 
+def quality(dataset: str, backend: str, names: list[str]) -> dict[str, Any]:
+    """Each surrogate's DEALRec coreset against SASRec's after fine-tuning, from the quality benchmark's runs
+    (``quality-DATASET-cpu[-tiger][-NAME]``): the per-user records of its ``dealrec`` arm, paired by seed."""
+    base = f"quality-{dataset}-cpu{'-tiger' if backend == 'tiger' else ''}"
+    reference = json.loads((RESULTS / f"{base}.json").read_text())
+    records: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in names:
+        run = base if name == "sasrec" else f"{base}-{name}"
+        files = sorted((RESULTS / run).glob("dealrec-s*.json"))
+        if not files:
+            sys.exit(f"no dealrec arm in bench/results/{run}/: run bench/quality.py --cpu"
+                     f"{' --backend tiger' if backend == 'tiger' else ''} --surrogate {name} --tag {name} --arms dealrec")
+        summary = json.loads((RESULTS / f"{run}.json").read_text())
+        runs = {r["seed"]: r for r in map(json.loads, map(Path.read_text, files))}
+        protocol = summary["protocol"]  # SASRec's but for the surrogate: the same pool, users and candidates
+        if {k: v for k, v in protocol.items() if k != "surrogate"} != \
+                {k: v for k, v in reference["protocol"].items() if k != "surrogate"} or \
+                protocol.get("surrogate", "sasrec") != name or any(r["protocol"] != summary["protocol_key"]
+                                                                   for r in runs.values()):
+            sys.exit(f"bench/results/{run}: not SASRec's protocol with the {name} surrogate: {protocol}")
+        records[name] = runs
+    measurable = bool(reference["gates"]["measurable"])
+    out: dict[str, Any] = {"backend": backend, "runs": base, "metric": quality_bench.PRIMARY,
+                           "gates (SASRec's run)": reference["gates"], "surrogates": {}}
+    for name in names:
+        row: dict[str, Any] = {"seeds": sorted(records[name]),
+                               quality_bench.PRIMARY: float(np.mean([r["mean"][quality_bench.PRIMARY]
+                                                                     for r in records[name].values()]))}
+        if name != "sasrec":
+            c = quality_bench.compare(records, name, "sasrec")[quality_bench.PRIMARY]
+            row["minus_sasrec"] = {"diff": c["diff"], "ci95": c["ci95"], "per_seed": c["per_seed"]}
+            row["verdict"] = ("not measurable at this scale" if not measurable else
+                              "no difference detected" if not c["significant"] else
+                              "better than SASRec's" if c["diff"] > 0 else "worse than SASRec's")
+        out["surrogates"][name] = row
+        say(f"quality, {name}: {json.dumps(row)}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="games", help="a shared dataset's name or a directory in DEALRec format")
@@ -55,6 +102,10 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--surrogates", default=",".join(SURROGATES), help="comma-separated; sasrec is the reference")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--quality", choices=("tiger", "bigrec"),
+                    help="add each surrogate's coreset quality vs SASRec's from the quality benchmark's runs")
+    ap.add_argument("--quality-only", action="store_true", help="with --quality: add it to the existing results "
+                    "file, re-running nothing")
     args = ap.parse_args()
     names = args.surrogates.split(",")
     unknown = [n for n in names if n not in SURROGATES]
@@ -62,6 +113,16 @@ def main() -> None:
         sys.exit(f"--surrogates must name registered surrogates ({', '.join(SURROGATES)}) and include sasrec")
     cfg = load_config()
     path = resolve_dataset(args.dataset, cfg.stream.data_dir)
+    target = RESULTS / f"surrogates{'-' + args.tag if args.tag else ''}.json"
+    if args.quality_only:
+        if not args.quality:
+            sys.exit("--quality-only needs --quality tiger|bigrec")
+        kept = json.loads(target.read_text())
+        kept["quality"] = quality(path.name, args.quality, names)
+        kept["quality_command"] = " ".join(["python bench/surrogates.py", *sys.argv[1:]])
+        target.write_text(json.dumps(kept, indent=1))
+        say(f"wrote {target}")
+        return
     strata = stratified_options(cfg)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "dataset": path.name,
                            "command": " ".join(["python bench/surrogates.py", *sys.argv[1:]]),
@@ -93,8 +154,9 @@ def main() -> None:
                                                                  torch.tensor([ref_scores[i] for i in ids]))
             out["surrogates"][name] = row
             say(f"{name}: {json.dumps(row)}")
+    if args.quality:
+        out["quality"] = quality(path.name, args.quality, names)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / f"surrogates{'-' + args.tag if args.tag else ''}.json"
     target.write_text(json.dumps(out, indent=1))
     say(f"wrote {target}")
 
