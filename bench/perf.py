@@ -51,23 +51,25 @@ def say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
-def service_rss(pid: int) -> tuple[int, int]:
-    """(RSS of the service: the process and its fetch child; RSS of the embedded tansu broker), bytes.
-    The broker stands in for Kafka and keeps the whole topic in memory, so it is reported apart."""
+def service_rss(pid: int) -> tuple[int, int, int]:
+    """(RSS of the service: the process and its fetch child; RSS of the embedded tansu broker; RSS of the
+    fetch child alone), bytes. The broker stands in for Kafka and keeps the whole topic in memory, so it is
+    reported apart; the fetch child is a part of the service, reported apart as well to tell where growth is."""
     import psutil
 
     proc = psutil.Process(pid)
-    service, broker = proc.memory_info().rss, 0
-    for child in proc.children(recursive=True):
+    service, broker, child = proc.memory_info().rss, 0, 0
+    for c in proc.children(recursive=True):
         try:
-            rss = child.memory_info().rss
-            if "tansu" in child.name():
+            rss = c.memory_info().rss
+            if "tansu" in c.name():
                 broker += rss
             else:
                 service += rss
+                child += rss
         except psutil.NoSuchProcess:
             pass
-    return service, broker
+    return service, broker, child
 
 
 def growth_worker(events: int, feed_name: str = "synthetic") -> dict[str, Any]:
@@ -100,6 +102,7 @@ def growth_worker(events: int, feed_name: str = "synthetic") -> dict[str, Any]:
     marks: list[int] = []  # 100k, 300k, 1M, 3M below the stream's length, and its end
     crossed: list[dict[str, float]] = []
     rss_since_mark: list[float] = []  # the service's RSS every second since the last mark (it swings with the trims)
+    child_since_mark: list[float] = []  # its fetch child's part of it
     fills: list[float] = []
     full_at: list[float] = []  # samples scored when the coreset was first full: the end of its warm-up
     done = threading.Event()
@@ -120,7 +123,9 @@ def growth_worker(events: int, feed_name: str = "synthetic") -> dict[str, Any]:
             if started is None and n > 0:
                 started = time.perf_counter()
             if started is not None and time.perf_counter() - last_rss >= 1.0:
-                rss_since_mark.append(service_rss(os.getpid())[0])
+                total, _, child = service_rss(os.getpid())
+                rss_since_mark.append(total)
+                child_since_mark.append(child)
                 last_rss = time.perf_counter()
             now_fill = fill()
             if not full_at and now_fill >= 1.0:
@@ -128,15 +133,19 @@ def growth_worker(events: int, feed_name: str = "synthetic") -> dict[str, Any]:
             if full_at:  # after warm-up: every poll
                 fills.append(now_fill)
             if started is not None and n >= marks[len(crossed)]:
-                rss, broker_rss = service_rss(os.getpid())
+                rss, broker_rss, child_rss = service_rss(os.getpid())
                 between = sorted(rss_since_mark) or [rss]
+                children = sorted(child_since_mark) or [child_rss]
                 crossed.append({"events": n, "seconds": time.perf_counter() - started, "rss_bytes": rss,
                                 "rss_median_bytes": between[len(between) // 2], "rss_max_bytes": between[-1],
+                                "fetch_child_rss_bytes": child_rss,
+                                "fetch_child_rss_median_bytes": children[len(children) // 2],
                                 "broker_rss_bytes": broker_rss, "scored": gauge("recsift_samples_scored_total"),
                                 "coreset_fill": now_fill})
                 rss_since_mark.clear()
+                child_since_mark.clear()
                 say(f"growth: {n:,.0f} events at {crossed[-1]['seconds']:.0f} s, service RSS {rss / 2**20:.0f} MB "
-                    f"(broker {broker_rss / 2**20:.0f} MB), coreset {now_fill:.1%} full")
+                    f"(fetch child {child_rss / 2**20:.0f} MB; broker {broker_rss / 2**20:.0f} MB), coreset {now_fill:.1%} full")
             time.sleep(0.25)  # polling the registry costs the GIL: more often would slow the run it measures
 
     with EmbeddedBroker() as broker:
@@ -158,7 +167,9 @@ def growth_worker(events: int, feed_name: str = "synthetic") -> dict[str, Any]:
         segments.append({"from": previous["events"], "to": point["events"],
                          "events_per_s": (point["events"] - previous["events"]) / (point["seconds"] - previous["seconds"]),
                          "rss_mb": point["rss_bytes"] / 2**20, "rss_median_mb": point["rss_median_bytes"] / 2**20,
-                         "rss_max_mb": point["rss_max_bytes"] / 2**20, "broker_rss_mb": point["broker_rss_bytes"] / 2**20})
+                         "rss_max_mb": point["rss_max_bytes"] / 2**20,
+                         "fetch_child_rss_median_mb": point["fetch_child_rss_median_bytes"] / 2**20,
+                         "broker_rss_mb": point["broker_rss_bytes"] / 2**20})
         previous = point
     out: dict[str, Any] = {
         "feed": feed.name,
@@ -175,6 +186,10 @@ def growth_worker(events: int, feed_name: str = "synthetic") -> dict[str, Any]:
         out["rss_growth_300k_to_3M"] = by_events[3_000_000]["rss_median_bytes"] / by_events[300_000]["rss_median_bytes"] - 1
         out["rss_growth_300k_to_3M_at_marks"] = by_events[3_000_000]["rss_bytes"] / by_events[300_000]["rss_bytes"] - 1
         out["rss_max_growth_300k_to_3M"] = by_events[3_000_000]["rss_max_bytes"] / by_events[300_000]["rss_max_bytes"] - 1
+        # the same, the fetch child left out: where the growth is
+        main = {m: by_events[m]["rss_median_bytes"] - by_events[m]["fetch_child_rss_median_bytes"]
+                for m in (300_000, 3_000_000)}
+        out["rss_growth_300k_to_3M_without_fetch_child"] = main[3_000_000] / main[300_000] - 1
     if len(segments) >= 3:  # per-event cost after warm-up (the first segment fills the coreset): last vs second
         out["per_event_cost_growth"] = segments[1]["events_per_s"] / segments[-1]["events_per_s"] - 1
     # side by side in this run: the scoring stage alone on the same stream, from the same start

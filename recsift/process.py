@@ -3,6 +3,7 @@ A leaf: it imports nothing of recsift."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -10,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -41,6 +43,28 @@ def log_to_stderr(level: int = logging.INFO) -> None:
     # kafka-python's event-loop timing notes ("Task ... ran for 0.118s") are nothing a user can act on
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a second otherwise
+
+
+@contextlib.contextmanager
+def one_torch_pool() -> Iterator[int]:
+    """While open, the calling thread runs torch on one thread; yields the count it had (torch's default, or
+    ``OMP_NUM_THREADS``) for the one thread that does the heavy work to take with ``torch.set_num_threads``.
+
+    Why: torch's OpenMP runtime (libgomp) keeps a pool of worker threads for each thread that runs a parallel
+    op, and once the pools' threads outnumber the cores it cuts its spin-wait to about a hundred iterations,
+    so at the end of every parallel region the threads sleep and must be woken. A service whose ingest thread
+    ran one parallel op (building the surrogate, a checkpoint) has two pools on two cores, and its scoring
+    thread then slept ~150,000 times per 150k events (``bench/results/torch-pools.json``). The service
+    opens this before it builds anything, so its ingest thread never makes a pool."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.get_num_threads()  # a thread takes its count at its first parallel call from the last one set anywhere:
+    try:  # this fixes the calling thread's now, before the heavy thread sets its own
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 def release_free_memory() -> int:

@@ -32,6 +32,7 @@ from recsift.data.synthetic import SyntheticStream
 from recsift.lock import DirectoryLock
 from recsift.monitoring.http import Endpoints, HttpServer
 from recsift.monitoring.metrics import Metrics
+from recsift.process import one_torch_pool
 from recsift.scoring.effort import EffortScorer
 from recsift.scoring.registry import SCORERS, make_scorer, make_surrogate
 from recsift.scoring.stage import (
@@ -314,10 +315,11 @@ def build_stream_scorer(cfg: Settings, catalog: Catalog) -> StreamScorer:
 
 
 def build_scoring(cfg: Settings, scorer: StreamScorer, *, downstream: Sequence[ScoredHandler] = (),
-                  metrics: Metrics | None = None) -> tuple[ScoringStage, ScoringStore]:
+                  metrics: Metrics | None = None, threads: int | None = None) -> tuple[ScoringStage, ScoringStore]:
     """The batching stage around ``scorer``, handing scored batches to ``downstream``, and its checkpoint
-    participant."""
-    stage = ScoringStage(scorer, batch_size=cfg.scoring.batch_size, downstream=downstream, metrics=metrics)
+    participant; ``threads``: the torch threads of the thread it runs in (None: leave them)."""
+    stage = ScoringStage(scorer, batch_size=cfg.scoring.batch_size, downstream=downstream, metrics=metrics,
+                         threads=threads)
     return stage, ScoringStore(scorer, stage)
 
 
@@ -624,6 +626,8 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
     with ExitStack() as stack:
         # one worker per state directory; with scoring on, this process also refreshes: one per registry
         stack.enter_context(DirectoryLock(cfg.checkpoint.state_dir, Role.WORKER))
+        # torch's threads: a pool for the scoring thread only, none for this (ingest) thread
+        threads = stack.enter_context(one_torch_pool()) if cfg.scoring.enabled else None
         if refreshes:
             stack.enter_context(DirectoryLock(registry_for(cfg).root, Role.TRAINER))
         check_saved_surrogate(cfg)
@@ -647,7 +651,8 @@ def run(cfg: Settings, max_events: int | None = None, metrics: Metrics | None = 
             scorer = build_stream_scorer(cfg, catalog)
             selection, coreset_store = build_selection(cfg, catalog, rescore=scorer.rescore, metrics=metrics,
                                                        on_drift=signals.drift)
-            stage, store = build_scoring(cfg, scorer, downstream=[selection, signals.scored], metrics=metrics)
+            stage, store = build_scoring(cfg, scorer, downstream=[selection, signals.scored], metrics=metrics,
+                                         threads=threads)
             participants = [store, coreset_store]
             if cfg.stream.coreset_topic:
                 coreset_store.publisher = build_publisher(cfg, metrics)

@@ -1,4 +1,5 @@
-"""Child-process hygiene: a child whose parent died while it was still starting never runs on as an orphan."""
+"""Process hygiene: a child whose parent died while it was still starting never runs on as an orphan; torch's
+threads make one pool, the heavy thread's."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,3 +62,51 @@ def test_a_child_orphaned_before_its_guard_kills_itself(tmp_path: Path, guard: C
         time.sleep(0.1)
     assert marker.exists() == survives
     assert not alive(pid) or survives
+
+
+POOLS = """
+import sys, threading
+from pathlib import Path
+import torch
+from recsift.process import one_torch_pool
+
+def tasks():
+    return len(list(Path("/proc/self/task").iterdir()))
+
+def work():  # elementwise over 1M floats: torch runs it on its OpenMP pool
+    torch.randn(1_000_000).exp_().sum()
+
+def heavy(threads, out):
+    torch.set_num_threads(threads)
+    work()
+    out.append(tasks())  # while this thread (and so its pool) is alive
+
+base, out = tasks(), []
+if sys.argv[1] == "one":
+    with one_torch_pool() as threads:
+        work()  # the ingest thread's own torch work
+        t = threading.Thread(target=heavy, args=(threads, out)); t.start(); t.join()
+else:  # the negative control: both threads on torch's default
+    threads = torch.get_num_threads()
+    work()
+    t = threading.Thread(target=heavy, args=(threads, out)); t.start(); t.join()
+print(out[0] - base - 1, threads, torch.get_num_threads())
+"""
+
+
+def test_one_torch_pool_leaves_the_heavy_threads_pool_the_only_one() -> None:
+    """In a fresh interpreter (pytest's own threads have pools already): inside ``one_torch_pool`` the calling
+    thread's torch work makes no OpenMP pool, so only the heavy thread's ``threads - 1`` workers exist, and the
+    caller gets its count back afterwards. Without it, both threads make a pool."""
+    def run(mode: str) -> tuple[int, int, int]:
+        out = subprocess.run([sys.executable, "-c", POOLS, mode], capture_output=True, text=True, check=True,
+                             timeout=120)
+        pooled, threads, after = map(int, out.stdout.split())
+        return pooled, threads, after
+
+    pooled, threads, after = run("one")
+    if threads < 2:
+        pytest.skip("one core: torch makes no pool")
+    assert pooled == threads - 1 and after == threads
+    pooled_without, _, _ = run("none")
+    assert pooled_without >= 2 * (threads - 1), pooled_without

@@ -455,18 +455,37 @@ def test_a_30s_broker_outage_is_reported_and_survived(tmp_path: Path) -> None:
         assert offsets_done(tmp_path / "state", topic) == 30_000
 
 
-def test_a_run_scores_on_the_configured_surrogate_and_a_state_of_another_is_refused(tmp_path: Path) -> None:
+def test_a_run_scores_on_the_configured_surrogate_and_a_state_of_another_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`scoring.surrogate: gru4rec` runs the whole service on GRU4Rec (its checkpoint says so); the same state
-    directory under another surrogate is refused with a clear error before anything is consumed."""
+    directory under another surrogate is refused with a clear error before anything is consumed. While it
+    runs, the ingest thread runs torch on one thread and the scoring thread on torch's default
+    (``recsift.process.one_torch_pool``); the ingest thread has its count back afterwards."""
+    import torch
+
     from recsift.config import ConfigError, load_config
+    from recsift.scoring.stage import ScoringStage
     from recsift.service import run
+
+    default = torch.get_num_threads()
+    seen: dict[str, set[int]] = {"ingest": set(), "scoring": set()}
+    score = ScoringStage._score
+
+    def spied(self: ScoringStage, samples: list) -> None:
+        seen["scoring"].add(torch.get_num_threads())
+        score(self, samples)
+
+    monkeypatch.setattr(ScoringStage, "_score", spied)
 
     overrides = {"stream.partitions": 1, "monitoring.port": 0, "scoring.batch_size": 500, "scoring.scorer.depth": 10,
                  "scoring.reestimate_every": 2, "selection.budget": BUDGET, "selection.selector.strata": 8,
                  "selection.coverage_clusters": 4, "trainer.drift_thresholds": {"target_js": 1e9, "embedding_sw": 1e9},
                  "checkpoint.state_dir": str(tmp_path), "scoring.hidden": 16}
-    summary = run(load_config(overrides={**overrides, "scoring.surrogate": "gru4rec"}), max_events=2_000)
+    summary = run(load_config(overrides={**overrides, "scoring.surrogate": "gru4rec"}), max_events=2_000,
+                  progress=lambda _: seen["ingest"].add(torch.get_num_threads()))
     assert summary.scored >= 500 and summary.coreset == BUDGET
+    assert seen == {"ingest": {1}, "scoring": {default}} and torch.get_num_threads() == default
     states = component_states(tmp_path, {**overrides, "scoring.surrogate": "gru4rec"})
     assert states["scorer"].part("surrogate").meta["surrogate"] == "gru4rec"
     with pytest.raises(ConfigError, match="holds a gru4rec surrogate, not bert4rec"):

@@ -18,6 +18,7 @@ restart scores exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,15 +191,22 @@ class ScoringStage:
     """
 
     def __init__(self, scorer: StreamScorer, *, batch_size: int, downstream: Sequence[ScoredHandler] = (),
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, threads: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
+        if threads is not None and threads < 1:
+            raise ValueError("threads must be positive")
         self.scorer, self.batch_size, self.downstream, self.metrics = scorer, batch_size, list(downstream), metrics
+        self.threads = threads  # torch threads of the thread that calls it (the service's scoring thread)
+        self._threads_of: int | None = None  # the thread they were set in
         self.pending: list[Sample] = []
         self.scored = 0
         self.busy_s = 0.0
 
     def __call__(self, batch: Sequence[Sample]) -> None:
+        if self.threads is not None and self._threads_of != threading.get_ident():
+            torch.set_num_threads(self.threads)  # per calling thread: see recsift.process.one_torch_pool
+            self._threads_of = threading.get_ident()
         self.pending.extend(batch)
         while len(self.pending) >= self.batch_size:
             ready, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
