@@ -44,7 +44,9 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+# the services a test starts share this machine's cores: one torch thread each, as for workers that share a
+# host (README, "Several workers"); each spins while it waits for its own torch workers
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 BUDGET = 64
 
 

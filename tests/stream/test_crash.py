@@ -63,7 +63,9 @@ def final_state(state: Path) -> dict[str, object]:
     return out
 
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+# the services a test starts share this machine's cores: one torch thread each, as for workers that share a
+# host (README, "Several workers"); each spins while it waits for its own torch workers
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def test_sigkill_at_random_points_ends_in_the_same_state_as_an_uninterrupted_run(
