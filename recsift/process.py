@@ -1,5 +1,5 @@
-"""Child-process hygiene shared by every process recsift starts (the broker, the fetcher, the refresh).
-A leaf: it imports nothing of recsift."""
+"""Process hygiene: for every child process recsift starts (the broker, the fetcher, the refresh), for the
+C heap, and for torch's threads. A leaf: it imports nothing of recsift."""
 
 from __future__ import annotations
 
