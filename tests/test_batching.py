@@ -1,11 +1,12 @@
-"""Length buckets hold rows of similar length, every row exactly once."""
+"""Length buckets hold rows of similar length, every row exactly once; a training step's passes are buckets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from recsift.batching import length_buckets
+from recsift import batching
+from recsift.batching import length_buckets, step_chunks
 
 
 def padded_share(lengths: torch.Tensor, chunks: list[torch.Tensor]) -> float:
@@ -32,3 +33,13 @@ def test_buckets_cut_padding_and_keep_every_row_once() -> None:
 def test_bucket_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         length_buckets(torch.tensor([1, 2]), 0)
+
+
+def test_a_step_that_fits_one_pass_is_one_pass_in_input_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = torch.tensor([3, 1, 2])
+    assert [c.tolist() for c in step_chunks(lengths, 3)] == [[0, 1, 2]]
+    assert [c.tolist() for c in step_chunks(lengths, 2)] == [[1, 2], [0]]
+    monkeypatch.setattr(batching, "TRAIN_BUCKETS", False)  # the step before: input order
+    assert [c.tolist() for c in step_chunks(lengths, 2)] == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="positive"):
+        step_chunks(lengths, 0)

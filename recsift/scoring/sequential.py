@@ -145,18 +145,25 @@ class SequentialSurrogate(ABC):
 
     def _train_step(self, seqs: Tensor) -> float:
         """One optimiser step on the mean loss of ``seqs``. Rows beyond ``batching.ROWS_PER_PASS`` go forward and
-        backward in chunks whose gradients add up to the whole step's: a stream step has 1,024 rows, and
-        the activations kept for their backward pass were the largest part of the scoring stage's memory."""
+        backward in passes whose gradients add up to the whole step's: a stream step has 1,024 rows, and
+        the activations kept for their backward pass were the largest part of the scoring stage's memory.
+        The passes group rows of similar length, each trimmed to its longest row (``batching.step_chunks``):
+        a row's loss does not depend on its padding, so only the dropout masks' layout changes, not the step.
+        On short-history streams the longest row of 1,024 set the width of every pass before."""
         self.model.train()
         inputs = self.train_inputs(seqs)
         dropout_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        lengths = (seqs != PAD).sum(1)
+        chunks = batching.step_chunks(lengths, batching.ROWS_PER_PASS)
         with torch.random.fork_rng(devices=[]):  # dropout from our generator: reproducible, checkpointable
             torch.manual_seed(dropout_seed)
-            step = batching.ROWS_PER_PASS
-            for start in range(0, len(seqs), step):
-                losses = self.model(*(t[start:start + step] for t in inputs))
+            for chunk in chunks:
+                # every input is right-aligned with the rows (left padding): drop the columns that are padding
+                # in all of this pass's rows; one pass keeps the step's own width (the unchunked step, as it was)
+                drop = 0 if len(chunks) == 1 else seqs.shape[1] - max(2, int(lengths[chunk].max()))
+                losses = self.model(*(t[chunk][:, drop:] for t in inputs))
                 # one chunk: the mean, as an unchunked step computes it (the same floating-point result)
                 loss = losses.mean() if len(losses) == len(seqs) else losses.sum() / len(seqs)
                 if not torch.isfinite(loss):

@@ -3,6 +3,7 @@ better than popularity; deliberately broken surrogates fail the checks they brea
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from recsift import batching
 from recsift.config import ScoringConfig
 from recsift.data.datasets import recbole_events
 from recsift.scoring.checks import (
@@ -116,3 +118,42 @@ def test_every_surrogate_beats_popularity_on_ml100k(name: str, ml100k: Path) -> 
     popular = [s.vocab.lookup(i) for i, _ in Counter(i for u in users for i in by_user[u][:-1]).most_common(10)]
     pop = sum(int(t) in popular for t in truth.tolist()) / len(truth)
     assert hit > pop * 1.2, (name, hit, pop)
+
+
+def _one_step(surrogate: SequentialSurrogate, seqs: list[list[str]], rows_per_pass: int, buckets: bool,
+              monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Tensor], list[int]]:
+    """The gradient of one training step on ``seqs`` and the width of each of its passes."""
+    monkeypatch.setattr(batching, "ROWS_PER_PASS", rows_per_pass)
+    monkeypatch.setattr(batching, "TRAIN_BUCKETS", buckets)
+    widths: list[int] = []
+    surrogate.model.register_forward_pre_hook(lambda _, args: widths.append(int(args[0].shape[1])))
+    surrogate.partial_fit(surrogate.encode([s[:-1] for s in seqs], [s[-1] for s in seqs], range(len(seqs))).batch)
+    return {k: p.grad.clone() for k, p in surrogate.model.named_parameters() if p.grad is not None}, widths
+
+
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+def test_a_training_step_in_length_buckets_is_the_step_in_one_pass(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's passes group rows by length and trim each to its longest row; the gradient is the one-pass
+    step's (dropout off: its masks are the only draw whose layout the passes change). A control: a network
+    whose losses depend on the padding (the leaky GRU) gets another gradient from the same passes."""
+    rnd = random.Random(4)
+    seqs = [[f"i{rnd.randrange(50)}" for _ in range(rnd.choice([2, 3, 3, 4, 13]))] for _ in range(100)]
+
+    def build() -> SequentialSurrogate:
+        return make_surrogate(name, 60, hidden=8, layers=2, heads=2, max_len=12, dropout=0.0, seed=0, replay=64)
+
+    whole, one_width = _one_step(build(), seqs, 1000, True, monkeypatch)
+    ordered, ordered_widths = _one_step(build(), seqs, 16, False, monkeypatch)
+    bucketed, bucketed_widths = _one_step(build(), seqs, 16, True, monkeypatch)
+    assert one_width == [13] and ordered_widths == [13] * 7  # input order: a long row in every pass
+    assert len(bucketed_widths) == 7 and min(bucketed_widths) == 2 and max(bucketed_widths) == 13
+    for k, g in whole.items():
+        assert torch.allclose(ordered[k], g, rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(bucketed[k], g, rtol=1e-4, atol=1e-6), k
+
+    def leaky() -> SequentialSurrogate:
+        return _LeakySurrogate(60, hidden=8, max_len=12, dropout=0.0, seed=0, replay=64)
+
+    whole, _ = _one_step(leaky(), seqs, 1000, True, monkeypatch)
+    bucketed, _ = _one_step(leaky(), seqs, 16, True, monkeypatch)
+    assert not all(torch.allclose(bucketed[k], g, rtol=1e-4, atol=1e-6) for k, g in whole.items())
