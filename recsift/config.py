@@ -135,7 +135,8 @@ class StreamConfig(_Section):
     # file source
     file_path: Path | None = None
     file_format: Literal["auto", "jsonl", "csv", "inter", "dealrec", "movielens"] = "auto"
-    dead_letter_path: Path = Path("state/dead_letter.jsonl")
+    dead_letter_path: Path | None = Field(None, description="where the file source writes its dead letters (JSON "
+                                          "lines); unset: <checkpoint.state_dir>/dead_letter.jsonl")
     # validation
     catalog_path: Path | None = None
     unknown_items: Literal["reject", "accept"] = "accept"

@@ -213,7 +213,9 @@ class Ingest:
         handlers = list(handlers or [])
         dead_letters: DeadLetterSink
         if cfg.stream.source == "file":
-            dead_letters = FileDeadLetterSink(cfg.stream.dead_letter_path)
+            # beside the run's other state: two runs with their own state directories never share the file
+            dead_letters = FileDeadLetterSink(cfg.stream.dead_letter_path
+                                              or cfg.checkpoint.state_dir / "dead_letter.jsonl")
         else:
             dead_letters = KafkaDeadLetterSink(cfg.stream, embedded)
         validator = Validator(

@@ -49,6 +49,10 @@ def test_file_replay_dead_letters_bad_lines_to_a_file(tmp_path: Path, capsys: py
     assert [r["payload"] for r in records] == list(bad)
     assert [r["reason"] for r in records] == ["malformed_json", "missing_field", "invalid_field"]
     assert [r["source"]["offset"] for r in records] == [10, 47, 84]
+    # unset, the dead letters go into the run's own state directory (not a ./state shared by every run)
+    assert run("--input", str(src), "--state-dir", str(tmp_path / "own")) == 0
+    own = [json.loads(line) for line in (tmp_path / "own" / "dead_letter.jsonl").read_text().splitlines()]
+    assert [r["payload"] for r in own] == list(bad)
 
 
 def test_a_restart_resumes_at_the_checkpoint_and_matches_one_uninterrupted_run(tmp_path: Path) -> None:
