@@ -16,6 +16,9 @@ from recsift.stream.broker import EmbeddedBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("RECSIFT_TEST_DATA", ROOT.parent / "shared" / "data"))
+# The environment of the services a test starts. They share this machine's cores: one torch thread each, as for
+# workers that share a host (README, "Several workers"); each spins while it waits for its own torch workers.
+SERVICE_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def kafka_settings(broker: EmbeddedBroker, topic: str, tmp: Path | None = None, **overrides: Any) -> Settings:

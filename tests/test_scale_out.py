@@ -25,8 +25,9 @@ from recsift.stream.checkpoint import Checkpoint, StreamStateStore
 from recsift.stream.dedup import DedupIndex
 from recsift.stream.kafka import keyed, produce_events
 from recsift.stream.windows import StreamState
+from tests.helpers import SERVICE_ENV as ENV
 from tests.helpers import kafka_settings, wait_for
-from tests.test_service import ENV, db_rows, kafka_args, offsets_done
+from tests.test_service import db_rows, kafka_args, offsets_done
 
 DEDUP = 400_000  # remembers every id of ml-100k: what each partition remembers does not depend on the split
 # window.idle_flush_s off: when that processing-time flush fires decides which samples are still buffered at

@@ -33,7 +33,6 @@ from recsift.stream.kafka import ensure_topic, produce_events
 from tests.helpers import (
     MONITORING,
     PROMETHEUS,
-    ROOT,
     call,
     kafka_settings,
     prom_query,
@@ -42,11 +41,9 @@ from tests.helpers import (
     start_prometheus,
     wait_for,
 )
+from tests.helpers import SERVICE_ENV as ENV
 
 pytestmark = pytest.mark.slow
-# the services a test starts share this machine's cores: one torch thread each, as for workers that share a
-# host (README, "Several workers"); each spins while it waits for its own torch workers
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 BUDGET = 64
 
 

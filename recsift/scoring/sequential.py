@@ -160,10 +160,11 @@ class SequentialSurrogate(ABC):
         with torch.random.fork_rng(devices=[]):  # dropout from our generator: reproducible, checkpointable
             torch.manual_seed(dropout_seed)
             for chunk in chunks:
-                # every input is right-aligned with the rows (left padding): drop the columns that are padding
-                # in all of this pass's rows; one pass keeps the step's own width (the unchunked step, as it was)
-                drop = 0 if len(chunks) == 1 else seqs.shape[1] - max(2, int(lengths[chunk].max()))
-                losses = self.model(*(t[chunk][:, drop:] for t in inputs))
+                if len(chunks) == 1:  # the whole step in one pass: its inputs as they are (the unchunked step)
+                    losses = self.model(*inputs)
+                else:  # every input is right-aligned with the rows (left padding): drop the columns that are
+                    drop = seqs.shape[1] - max(2, int(lengths[chunk].max()))  # padding in all this pass's rows
+                    losses = self.model(*(t[chunk][:, drop:] for t in inputs))
                 # one chunk: the mean, as an unchunked step computes it (the same floating-point result)
                 loss = losses.mean() if len(losses) == len(seqs) else losses.sum() / len(seqs)
                 if not torch.isfinite(loss):

@@ -17,7 +17,8 @@ import pytest
 from recsift.data.datasets import recbole_events
 from recsift.stream.broker import EmbeddedBroker
 from recsift.stream.kafka import keyed, produce_events
-from tests.helpers import ROOT, kafka_settings
+from tests.helpers import SERVICE_ENV as ENV
+from tests.helpers import kafka_settings
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +62,6 @@ def final_state(state: Path) -> dict[str, object]:
     }
     conn.close()
     return out
-
-
-# the services a test starts share this machine's cores: one torch thread each, as for workers that share a
-# host (README, "Several workers"); each spins while it waits for its own torch workers
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def test_sigkill_at_random_points_ends_in_the_same_state_as_an_uninterrupted_run(
