@@ -1,9 +1,10 @@
 """Where the service's memory goes: `recsift run` on the synthetic stream (embedded broker, no refreshes),
 probed every ``--step`` events: RSS, the C heap (glibc ``mallinfo2``: in use, free inside its arenas,
 mmapped), Python objects by type (growth since the last probe), CPU seconds per thread and per child
-process, and with ``--tracemalloc`` the Python allocation sites that grew.
+process, with ``--tracemalloc`` the Python allocation sites that grew, and with ``--census`` the bytes held by
+torch tensors and numpy arrays that Python can reach, by shape (what the C heap's growth is made of, if arrays).
 
-Usage:  python bench/memory.py [--events 600000] [--step 100000] [--tracemalloc] [--tag NAME]
+Usage:  python bench/memory.py [--events 600000] [--step 100000] [--tracemalloc] [--census] [--tag NAME]
 Writes ``bench/results/memory[-NAME].json``.
 """
 
@@ -64,11 +65,48 @@ def children_cpu() -> dict[str, float]:
     return out
 
 
+def array_census() -> dict[str, float]:
+    """MB held by torch tensors and numpy arrays reachable from Python's tracked objects, by type, dtype and shape
+    (one storage counted once, however many views share it)."""
+    import numpy as np
+    import torch
+
+    seen: set[int] = set()
+    sizes: Counter[str] = Counter()
+
+    def count(obj: object) -> None:
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                return
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            kind = f"tensor {str(obj.dtype).removeprefix('torch.')} {tuple(obj.shape)}"
+        elif isinstance(obj, np.ndarray):
+            base = obj
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            key, nbytes = id(base), base.nbytes
+            kind = f"ndarray {obj.dtype} {obj.shape}"
+        else:
+            return
+        if key and key not in seen:
+            seen.add(key)
+            sizes[kind] += nbytes
+
+    for obj in gc.get_objects():
+        count(obj)
+        for ref in gc.get_referents(obj):  # arrays are not tracked by gc themselves: found through their holders
+            count(ref)
+    return {k: v / 2**20 for k, v in sizes.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=600_000)
     ap.add_argument("--step", type=int, default=100_000)
     ap.add_argument("--tracemalloc", action="store_true", help="Python allocation sites too (slows the run)")
+    ap.add_argument("--census", action="store_true", help="tensor and array bytes by shape at each probe")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     from recsift import service
@@ -107,10 +145,20 @@ def main() -> None:
                 row["traced_growth_mb"] = [(str(s.traceback), round(s.size_diff / 2**20, 2))
                                            for s in snap.compare_to(last["snap"], "lineno")[:8]]
             last["snap"] = snap
+        if args.census:
+            census = array_census()
+            row["arrays_mb"] = sum(census.values())
+            if "census" in last:
+                growth = Counter({k: v - last["census"].get(k, 0.0) for k, v in census.items()})
+                row["array_growth_mb"] = [(k, round(v, 2)) for k, v in growth.most_common(8)]
+            else:
+                row["array_largest_mb"] = [(k, round(v, 2)) for k, v in Counter(census).most_common(12)]
+            last["census"] = census
         row["cpu_s_by_thread"], row["cpu_s_by_child"] = thread_cpu(), children_cpu()
         probes.append(row)
         print(f"[{time.strftime('%H:%M:%S')}] {events:,.0f} events: RSS {row['rss_mb']:,.0f} MB, heap in use "
-              f"{row['heap_in_use_mb']:,.0f} MB, free in arenas {row['heap_free_mb']:,.0f} MB", file=sys.stderr, flush=True)
+              f"{row['heap_in_use_mb']:,.0f} MB, free in arenas {row['heap_free_mb']:,.0f} MB"
+              + (f", arrays {row['arrays_mb']:,.0f} MB" if args.census else ""), file=sys.stderr, flush=True)
 
     def sampler() -> None:
         mark = args.step

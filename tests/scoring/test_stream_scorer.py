@@ -46,6 +46,16 @@ def test_batches_are_learned_scored_and_versioned() -> None:
     assert scorer([]) == []
 
 
+def test_a_scored_sample_owns_its_embedding_so_keeping_it_does_not_keep_its_batch() -> None:
+    """The coreset and the validation reservoir keep a few samples of every batch for long: a view into the batch's
+    embedding matrix would keep the whole matrix alive with each of them (the service's memory grew with the stream)."""
+    out = make()(sample_batches()[0])
+    for o in out:
+        assert o.embedding.base is None and o.embedding.flags.owndata
+        assert o.embedding.nbytes == 16 * 4
+    assert not np.shares_memory(out[0].embedding, out[1].embedding)
+
+
 @pytest.mark.slow
 def test_a_restart_from_the_checkpoint_scores_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
     batches = sample_batches()
