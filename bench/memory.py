@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def children_cpu() -> dict[str, float]:
 
 def array_census() -> dict[str, float]:
     """MB held by torch tensors and numpy arrays reachable from Python's tracked objects, by type, dtype and shape
-    (one storage counted once, however many views share it)."""
+    (one buffer counted once, by its address, however many views share it: a tensor and its ``.numpy()`` too)."""
     import numpy as np
     import torch
 
@@ -86,7 +87,7 @@ def array_census() -> dict[str, float]:
             base = obj
             while isinstance(base.base, np.ndarray):
                 base = base.base
-            key, nbytes = id(base), base.nbytes
+            key, nbytes = base.__array_interface__["data"][0], base.nbytes
             kind = f"ndarray {obj.dtype} {obj.shape}"
         else:
             return
@@ -94,10 +95,12 @@ def array_census() -> dict[str, float]:
             seen.add(key)
             sizes[kind] += nbytes
 
-    for obj in gc.get_objects():
-        count(obj)
-        for ref in gc.get_referents(obj):  # arrays are not tracked by gc themselves: found through their holders
-            count(ref)
+    with warnings.catch_warnings():  # isinstance() on torch's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            count(obj)
+            for ref in gc.get_referents(obj):  # arrays are not tracked by gc themselves: found through their holders
+                count(ref)
     return {k: v / 2**20 for k, v in sizes.items()}
 
 
