@@ -105,7 +105,7 @@ class StreamScorer:
         efforts = effort.tolist() if effort is not None else [float("nan")] * len(kept)
         # Each sample gets its own copy of its row: a view would keep the batch's whole [rows, hidden] matrix alive
         # for as long as the coreset or the validation reservoir keeps the sample, one matrix per batch they draw
-        # from, which grew the service's memory with the stream (bench/results/memory-census.json).
+        # from, which grew the service's memory with the stream (bench/results/memory-census-before.json).
         return [
             ScoredSample(samples[i], o, scores.version, embeddings[row].copy(), r, e)
             for row, (i, o, r, e) in enumerate(zip(kept, overall.tolist(), scores.values.tolist(), efforts, strict=True))
