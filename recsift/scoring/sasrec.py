@@ -31,6 +31,7 @@ Departures, and why:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -71,8 +72,11 @@ class SASRec(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
         init_xavier(self)
 
-    def features(self, inputs: Tensor) -> Tensor:
-        """Hidden states ``[B, L, H]`` for input rows ``[B, L]`` (L ≤ max_len, left-padded)."""
+    def features(self, inputs: Tensor, last_only: bool = False) -> Tensor:
+        """Hidden states ``[B, L, H]`` for input rows ``[B, L]`` (L ≤ max_len, left-padded). ``last_only``: the
+        last position's state alone, ``[B, 1, H]``; the last block then computes only that position's query and
+        feed-forward (every earlier block still needs all positions, as the last one's keys), which is what a
+        row's representation reads."""
         length = inputs.shape[1]
         x = self.item_emb(inputs) * math.sqrt(self.hidden)
         x = x + self.pos_emb.weight[self.max_len - length:].unsqueeze(0)
@@ -85,9 +89,12 @@ class SASRec(nn.Module):
         eye = torch.eye(length, dtype=torch.bool)
         mask = self.get_buffer("causal_mask")[:length, :length].unsqueeze(0) | (pad.unsqueeze(1) & ~eye)
         mask = mask.repeat_interleave(self.heads, dim=0)
-        for norm, attention, fnorm, ffn in zip(self.attention_norms, self.attentions, self.forward_norms,
-                                               self.forwards, strict=True):
+        last_block = len(self.attentions) - 1
+        for block, (norm, attention, fnorm, ffn) in enumerate(zip(self.attention_norms, self.attentions,
+                                                                  self.forward_norms, self.forwards, strict=True)):
             q = norm(x)
+            if last_only and block == last_block:
+                q, mask, keep = q[:, -1:], mask[:, -1:], keep[:, -1:]
             out, _ = attention(q, x, x, attn_mask=mask, need_weights=False)
             x = fnorm(q + out)
             x = ffn(x) * keep
@@ -105,6 +112,10 @@ class SASRecSurrogate(CausalSurrogate):
 
     def network(self, rows: int) -> nn.Module:
         return SASRec(rows, self.hidden, self.layers, self.heads, self.max_len, self.dropout)
+
+    def represent(self, rows: Tensor) -> Tensor:
+        """The state after the whole row, computed for the last position only."""
+        return cast(SASRec, self.model).features(rows, last_only=True)[:, -1]
 
     def influence_block(self) -> list[str]:
         """DEALRec's parameter block: the output projection of the last attention layer."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import pytest
 import torch
 
-from recsift.scoring.sasrec import SASRecSurrogate
-from recsift.scoring.surrogate import OOV, SeqBatch, Surrogate, hashed_negatives
+from recsift.scoring.sasrec import SASRec, SASRecSurrogate
+from recsift.scoring.surrogate import OOV, PAD, SeqBatch, Surrogate, hashed_negatives
 from recsift.state import State, differences
 
 
@@ -140,3 +141,23 @@ def test_bad_input_is_refused() -> None:
         s.model.item_emb.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="refusing the update"):
         s.partial_fit(batch)
+
+
+
+def test_sasrec_represents_a_row_by_its_last_position_alone_as_the_full_forward_does() -> None:
+    """`represent` runs the last block for the last position only; the state is the full forward's last one,
+    on rows of every padding, after training moved the weights away from their initialisation."""
+    s, batch = random_surrogate(seed=3)
+    s.fit(batch, epochs=2, batch_size=32)
+    model = cast(SASRec, s.model)
+    model.eval()
+    rows = batch.seqs[:, -20:]
+    assert len(set((rows != PAD).sum(1).tolist())) > 10  # rows of many paddings
+    with torch.no_grad():
+        full = model.features(rows)[:, -1]
+        last = model.features(rows, last_only=True)
+        assert last.shape == (len(rows), 1, 16)
+        torch.testing.assert_close(last[:, 0], full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.represent(rows), full, rtol=1e-5, atol=1e-5)
+        # the last position still attends to the whole row: without its keys the state is another one
+        assert not torch.allclose(model.features(rows[:, -1:])[:, -1], full, atol=1e-3)
