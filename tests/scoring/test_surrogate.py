@@ -143,10 +143,9 @@ def test_bad_input_is_refused() -> None:
         s.partial_fit(batch)
 
 
-
 def test_sasrec_represents_a_row_by_its_last_position_alone_as_the_full_forward_does() -> None:
     """`represent` runs the last block for the last position only; the state is the full forward's last one,
-    on rows of every padding, after training moved the weights away from their initialisation."""
+    on rows of many lengths, after training moved the weights away from their initialisation."""
     s, batch = random_surrogate(seed=3)
     s.fit(batch, epochs=2, batch_size=32)
     model = cast(SASRec, s.model)
