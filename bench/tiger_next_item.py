@@ -7,9 +7,9 @@ before its held-out last item (``--targets N``: each user's last N pairs only). 
 epochs, constrained beam search ranks the whole catalogue after each user's history, and the hit rate @10 of
 the held-out item is set beside two popularity baselines on the same users and item: the 10 items most
 often in the training sequences (MostPop, the usual baseline) and the 10 most frequent among each user's
-last 20 training targets (recent popularity, the baseline of this benchmark's first results file, which is
-stronger on ml-100k, whose last items are recent films). A bootstrap over users gives each difference's 95%
-interval. (``TigerModel.fit`` builds its optimiser per call, so Adam's moments restart at every evaluation;
+last 20 training targets (recent popularity, the baseline of this benchmark's first results file, the
+stronger of the two on ml-100k). A bootstrap over users gives each difference's 95% interval.
+(``TigerModel.fit`` builds its optimiser per call, so Adam's moments restart at every evaluation;
 ``--eval-every`` = ``--epochs`` trains in one piece.)
 
 This is the benchmark behind issue 17's "TIGER beats popularity on ml-100k": the model that learns it trains
