@@ -107,6 +107,7 @@ def main() -> None:
         for j in range(first, len(seq)):
             histories.append(seq[max(0, j - args.history):j])
             targets.append(seq[j])
+    # each user's sequence before the held-out item (all the training data: popularity is counted on it too)
     test_h, test_t = [by_user[u][:-1] for u in users], [by_user[u][-1] for u in users]
     say(f"{len(users):,} users, {len(targets):,} training pairs, {len(catalog):,} catalogue items")
 
